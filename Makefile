@@ -1,0 +1,33 @@
+# Every target creates/refreshes the local virtualenv itself.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# glibc returns large MoE temporaries to the OS on every step unless told otherwise; page faults then
+# cost more than the arithmetic (see docs). jemalloc/tcmalloc users can override these.
+export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
+export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
+export MALLOC_TOP_PAD_ ?= 268435456
+
+.PHONY: venv test bench quickstart replicate clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -c "import finemoe, torch, scipy, tokenizers"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/finemoe bench moe-layer
+	$(PY) -m pytest -q -m slow tests -k bench || test $$? -eq 5
+
+quickstart: $(STAMP)
+	$(VENV)/bin/finemoe quickstart
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

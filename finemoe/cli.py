@@ -1,0 +1,40 @@
+"""`finemoe` command line: parse arguments and dispatch; each command lives in finemoe/commands/."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from finemoe.errors import FinemoeError
+
+# Each module defines register(subparsers) and keeps heavy imports (torch, scipy) inside its handler,
+# so `finemoe plan` never pays for torch.
+COMMANDS = (
+    "params",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finemoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"finemoe.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FinemoeError as e:
+        print(f"finemoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"finemoe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Decoder-only pre-norm Transformer with a dense or fine-grained MoE FFN in each block.
+
+Paper setting (§2 of the notes): learned absolute positions, heads of width 64, untied head without
+bias, every FFN replaced by an MoE whose output goes through a LayerNorm. RoPE is an option.
+
+FFN contract: an FFN module maps x[B, T, d] -> (y[B, T, d], aux) where aux is a dict of scalar
+tensors (`lb_loss`, `z_loss`: differentiable, unweighted) and detached diagnostics (`load`: per-expert
+fraction of routed slots). Dense FFNs return an empty dict.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finemoe.config import ModelConfig
+from finemoe.errors import ConfigError
+from finemoe.io import atomic_path, write_json_atomic
+from finemoe.nn.init import trunc_normal_
+
+ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.dense_bias)
+        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.dense_bias)
+        self.act = ACT[cfg.activation]
+        trunc_normal_(self.fc1.weight, cfg.d_model, cfg.init_scale)
+        trunc_normal_(self.fc2.weight, cfg.d_ff, cfg.init_scale)
+        for lin in (self.fc1, self.fc2):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return self.fc2(self.act(self.fc1(x))), {}
+
+
+def rope_cache(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    ang = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    T = x.shape[-2]
+    c, s = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
+    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        trunc_normal_(self.qkv.weight, cfg.d_model, cfg.init_scale)
+        trunc_normal_(self.proj.weight, cfg.d_model, cfg.init_scale)
+        self.rope = cfg.pos_emb == "rope"
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        if self.rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        if moe:
+            from finemoe.nn.moe import MoE  # only MoE models need the routing code
+
+            self.ffn = MoE(cfg)
+        else:
+            self.ffn = DenseFFN(cfg)
+
+    def forward(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, dict]:
+        x = x + self.attn(self.ln1(x), rope)
+        y, aux = self.ffn(self.ln2(x))
+        return x + y, aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        trunc_normal_(self.tok_emb.weight, 1, cfg.init_scale)
+        if cfg.pos_emb == "learned":
+            self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+            trunc_normal_(self.pos_emb.weight, 1, cfg.init_scale)
+        else:
+            cos, sin = rope_cache(cfg.seq_len, cfg.d_model // cfg.heads)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_block(i)) for i in range(cfg.n_blocks))
+        self.ln_f = nn.LayerNorm(cfg.d_model) if cfg.final_norm else nn.Identity()
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        trunc_normal_(self.head.weight, cfg.d_model, cfg.init_scale)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        B, T = idx.shape
+        if T > self.cfg.seq_len:
+            raise ConfigError(f"sequence of {T} tokens exceeds the model's seq_len={self.cfg.seq_len}")
+        x = self.tok_emb(idx)
+        rope = None
+        if self.cfg.pos_emb == "learned":
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+        else:
+            rope = (self.rope_cos, self.rope_sin)
+        auxes = []
+        for block in self.blocks:
+            x, aux = block(x, rope)
+            if aux:
+                auxes.append(aux)
+        logits = self.head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return ModelOutput(logits, loss, _mean_aux(auxes))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _mean_aux(auxes: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Average each aux term over MoE layers; `load` becomes [n_layers, n_experts]."""
+    if not auxes:
+        return {}
+    out = {}
+    for key in auxes[0]:
+        vals = [a[key] for a in auxes]
+        out[key] = torch.stack(vals) if key == "load" else torch.stack(vals).mean()
+    return out
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    return Transformer(cfg)
+
+
+def save_pretrained(model: Transformer, directory: str | Path) -> None:
+    """Write config.json + model.safetensors, each atomically."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_json_atomic(directory / "config.json", model.cfg.to_dict())
+
+
+def load_pretrained(directory: str | Path, map_location: str = "cpu") -> Transformer:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg_path, weights = directory / "config.json", directory / "model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise ConfigError(f"{p} not found; point at a folder written by save_pretrained (config.json + model.safetensors)")
+    model = Transformer(ModelConfig.from_dict(json.loads(cfg_path.read_text())))
+    model.load_state_dict(load_file(str(weights), device=map_location))
+    return model

@@ -1,0 +1,25 @@
+import json
+import subprocess
+import sys
+
+from finemoe.cli import main
+
+
+def test_params_json_matches_paper(capsys):
+    assert main(["params", "--d-model", "512", "--n-blocks", "8", "--expansion-rate", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["active_params"] == 25_165_824
+    assert out["total_params"] == 1_082_130_432
+    assert out["router_params"] == 512 * 64 * 8
+    assert out["n_experts"] == 64 and out["expert_width"] == 2048
+    assert out["flops_per_token"] == 72 * 512**2 * 8 + 14 * 512 * 64 * 8
+
+
+def test_bad_granularity_is_one_line_exit_2():
+    r = subprocess.run(
+        [sys.executable, "-m", "finemoe", "params", "--d-model", "256", "--n-blocks", "4", "-G", "3"],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "granularity" in r.stderr
