@@ -7,7 +7,7 @@ from finemoe.errors import DataError
 
 @pytest.fixture
 def tf(tmp_path):
-    write_tokens(tmp_path / "t.bin", np.arange(1000) % 50, vocab_size=50)
+    write_tokens(tmp_path / "t.bin", np.arange(1000), vocab_size=1000)
     return TokenFile(tmp_path / "t.bin")
 
 
