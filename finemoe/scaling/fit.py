@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from finemoe.errors import DataError
 from finemoe.scaling.laws import DenseLaw, GranularityLaw, MoELaw
@@ -238,6 +239,15 @@ def fit(pts: Points, law: str = "moe", *, fixed: dict[str, float] | None = None,
         derived: Callable[[Any], dict[str, float]] | None = None) -> FitResult:
     """Fit one law. `derived(law_object)` maps a fitted law to named quantities (e.g. optimal G at a
     budget) whose bootstrap percentiles are reported beside the coefficients'."""
+    # Thousands of tiny solves: threaded BLAS inside L-BFGS-B only adds contention (10-50x slower on a
+    # busy machine), so run single-threaded; bootstrap refits are the unit of parallelism, not BLAS.
+    with threadpool_limits(1):
+        return _fit(pts, law, fixed, huber_delta, space, n_polish, holdout, bootstrap, bootstrap_fraction,
+                    percentiles, seed, derived)
+
+
+def _fit(pts, law, fixed, huber_delta, space, n_polish, holdout, bootstrap, bootstrap_fraction, percentiles, seed,
+         derived) -> FitResult:
     fixed = dict(fixed or {})
     if space not in ("loss", "log"):
         raise DataError(f"space must be 'loss' or 'log', got {space!r}")
