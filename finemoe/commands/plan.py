@@ -90,7 +90,8 @@ def paper_table(coeffs, s) -> dict:
     from finemoe.scaling import plan as P
 
     if abs(s.expansion_rate - 64) > 0 or s.c_f != 6 or s.c_r != 14 or s.aspect != 64:
-        raise ConfigError("--paper-table uses the paper's setting: leave --expansion-rate, --c-f, --c-r and --aspect at defaults")
+        raise ConfigError("--paper-table recomputes Table 2 (E=64, c_f=6, c_r=14, aspect 64): use an E=64 coefficient set "
+                          "and leave --expansion-rate, --c-f, --c-r and --aspect at their defaults")
     rows = []
     for label, n_act, D, G, F, L in P.PAPER_TABLE2:
         p = P.optimum_for_active(coeffs.require("moe"), n_act, s)
