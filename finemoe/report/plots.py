@@ -155,9 +155,6 @@ def savings_figure(coeffs, s: P.Settings, marks: Sequence[float], path) -> None:
 
 
 def fit_figure(res, path) -> None:
-    if res.law == "granularity":
-        fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    else:
-        fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
     pred_vs_obs(ax, res)
     _save(fig, path)

@@ -271,7 +271,7 @@ def _fit(pts, law, fixed, huber_delta, space, n_polish, holdout, bootstrap, boot
     if holdout:
         res.holdout = _holdout(spec, pts, fixed, huber_delta, space, theta, holdout, law)
     if bootstrap:
-        res.bootstrap = _bootstrap(spec, pts, fixed, huber_delta, space, theta, bootstrap, bootstrap_fraction,
+        res.bootstrap = _bootstrap(spec, law, pts, fixed, huber_delta, space, theta, bootstrap, bootstrap_fraction,
                                    percentiles, seed, derived)
     return res
 
@@ -302,7 +302,7 @@ def _holdout(spec, pts, fixed, delta, space, theta, frac, law) -> dict[str, Any]
             "index": test}
 
 
-def _bootstrap(spec, pts, fixed, delta, space, theta, n, frac, percentiles, seed, derived) -> dict[str, Any]:
+def _bootstrap(spec, law, pts, fixed, delta, space, theta, n, frac, percentiles, seed, derived) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     size = max(1, int(round(frac * len(pts))))
     rows: list[dict[str, float]] = []
@@ -310,7 +310,7 @@ def _bootstrap(spec, pts, fixed, delta, space, theta, n, frac, percentiles, seed
     for _ in range(n):
         sample = pts.take(rng.integers(0, len(pts), size))  # with replacement, as the paper's code
         try:
-            validate(sample, spec_name(spec), fixed)
+            validate(sample, law, fixed)
             t, _ = _solve(spec, sample, fixed, delta, space, theta[None, :], 1)
         except DataError:
             skipped += 1
@@ -327,10 +327,6 @@ def _bootstrap(spec, pts, fixed, delta, space, theta, n, frac, percentiles, seed
         "n": len(rows), "skipped": skipped, "fraction": frac, "percentiles": list(percentiles),
         "values": {k: [float(np.percentile(v, q)) for q in percentiles] for k, v in table.items()},
     }
-
-
-def spec_name(spec: _Law) -> str:
-    return next(k for k, v in _LAWS.items() if v is spec)
 
 
 def _fit_groups(pts, fixed, delta, space, n_polish) -> FitResult:

@@ -171,8 +171,7 @@ def optimum_for_active(law: MoELaw, n_act: float, s: Settings = Settings()) -> P
         if hi > lo + 200:
             raise ConfigError(f"no budget gives an optimum with {n_act:.3g} active params under these coefficients")
     x = brentq(h, lo, hi, xtol=1e-12, rtol=1e-14)
-    p = optimum(law, math.exp(x), s)
-    return p
+    return optimum(law, math.exp(x), s)
 
 
 def _check_budget(flops: float) -> None:
@@ -204,8 +203,9 @@ def _pow2_near(g: float) -> int:
 def architecture(law: MoELaw, plan: Plan, s: Settings = Settings(), head_dim: int = 64, ff_mult: int = 4) -> Architecture:
     """Round a continuous plan to a model one can build, spending the same budget.
 
-    d_model is a multiple of head_dim (n_heads = d_model / head_dim) and of ff_mult*... such that the
-    expert width ff_mult*d_model/G is a multiple of 8; n_blocks is an integer near d_model/aspect.
+    d_model is a multiple of head_dim (n_heads = d_model / head_dim) and makes the expert width
+    ff_mult*d_model/G a multiple of 8; n_blocks is an integer near d_model/aspect. A continuous G is
+    rounded to the nearest power of two.
     Among the neighbouring choices the one with the lowest predicted loss wins; tokens are what the
     budget buys for that model, and loss and FLOPs are recomputed for it.
     """

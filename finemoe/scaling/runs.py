@@ -1,7 +1,8 @@
 """Load a run table (CSV, or the sweep's SQLite store with a `runs` table) into fit points.
 
 Columns used: total_params (N), tokens (D), granularity (G), the loss column, and when present
-`status` (only 'done' rows) and `ffn` ('moe' | 'dense', selecting the rows a law applies to).
+`status` (only 'done' rows) and `ffn` ('moe' | 'dense', selecting the rows a law applies to;
+without it every row is used).
 """
 
 from __future__ import annotations
