@@ -1,0 +1,151 @@
+"""`finemoe plan`: the compute-optimal fine-grained MoE for a FLOPs budget, or the paper's Table 2."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from finemoe.commands.common import add_json_flag, emit, positive_float, positive_int
+
+
+def add_law_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by `plan` and `savings`: which coefficients and which FLOPs model."""
+    p.add_argument("--coefficients", default="paper", metavar="NAME|FILE.json",
+                   help="paper (Table 1, default), paper-precise, paper-holdout, paper-e16, or a `finemoe fit --out` file")
+    p.add_argument("--expansion-rate", "-E", type=positive_int, default=None,
+                   help="E (default: the coefficient set's, 64 for the paper's)")
+    p.add_argument("--c-f", type=positive_float, default=6.0, help="FLOPs per active parameter per token (6)")
+    p.add_argument("--c-r", type=float, default=14.0, help="routing FLOPs per router weight per token (14; paper: 6..20)")
+    p.add_argument("--aspect", type=positive_float, default=64.0, help="d_model / n_blocks (64, the paper's)")
+    p.add_argument("--granularities", default="1,2,4,8,16,32,64,128,256",
+                   help="comma-separated G values searched (default powers of two 1..256)")
+    p.add_argument("--continuous-g", action="store_true",
+                   help="optimise G as a real number between the smallest and largest --granularities")
+
+
+def load_law_args(args: argparse.Namespace):
+    from finemoe.errors import ConfigError
+    from finemoe.scaling.laws import load_coefficients
+    from finemoe.scaling.plan import Settings
+
+    coeffs = load_coefficients(args.coefficients)
+    try:
+        gs = tuple(float(x) for x in args.granularities.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--granularities must be comma-separated numbers >= 1, got {args.granularities!r}") from None
+    if args.c_r < 0:
+        raise ConfigError(f"--c-r must be >= 0, got {args.c_r}")
+    E = args.expansion_rate or coeffs.expansion_rate
+    s = Settings(expansion_rate=E, c_f=args.c_f, c_r=args.c_r, aspect=args.aspect, granularities=gs,
+                 continuous_g=args.continuous_g)
+    return coeffs, s
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="compute-optimal MoE (N, D, G) and a buildable architecture for a FLOPs budget")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--flops", type=positive_float, help="training budget in FLOPs, e.g. 1e20")
+    what.add_argument("--paper-table", action="store_true", help="recompute the paper's Table 2 beside the printed values")
+    add_law_args(p)
+    p.add_argument("--plot", metavar="OUT.png", help="also draw loss vs FLOPs and iso-FLOP curves over G")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def _plan_dict(P) -> dict:
+    return {"granularity": P.granularity, "active_params": P.active_params, "total_params": P.total_params,
+            "tokens": P.tokens, "loss": P.loss, "flops": P.flops, "d_model": P.d_model, "n_blocks": P.n_blocks}
+
+
+def run(args: argparse.Namespace) -> int:
+    from finemoe.scaling import plan as P
+
+    coeffs, s = load_law_args(args)
+    if args.paper_table:
+        out = paper_table(coeffs, s)
+        emit(args, out, _human_table)
+    else:
+        cmp = P.compare(coeffs, args.flops, s)
+        arch = P.architecture(coeffs.moe, cmp.moe, s)
+        out = {"coefficients": coeffs.name, "budget": args.flops, **_plan_dict(cmp.moe),
+               "architecture": asdict(arch),
+               "dense": None if cmp.dense is None else {**_plan_dict(cmp.dense), "flops_multiple": cmp.dense_flops_multiple},
+               "g1": {**_plan_dict(cmp.g1), "flops_multiple": cmp.g1_flops_multiple},
+               "settings": asdict(s)}
+        if out["dense"] is not None:
+            out["dense"].pop("granularity")
+        emit(args, out, _human_plan)
+    if args.plot:
+        from finemoe.report.plots import plan_figure
+
+        marks = [r["flops"] for r in out["rows"]] if args.paper_table else [args.flops]
+        plan_figure(coeffs, s, marks, args.plot)
+        if not args.json:
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def paper_table(coeffs, s) -> dict:
+    from finemoe.errors import ConfigError
+    from finemoe.scaling import plan as P
+
+    if abs(s.expansion_rate - 64) > 0 or s.c_f != 6 or s.c_r != 14 or s.aspect != 64:
+        raise ConfigError("--paper-table recomputes Table 2 (E=64, c_f=6, c_r=14, aspect 64): use an E=64 coefficient set "
+                          "and leave --expansion-rate, --c-f, --c-r and --aspect at their defaults")
+    rows = []
+    for label, n_act, D, G, F, L in P.PAPER_TABLE2:
+        p = P.optimum_for_active(coeffs.require("moe"), n_act, s)
+        rows.append({"row": label, "active_params": p.active_params, "total_params": p.total_params,
+                     "granularity": p.granularity, "tokens": p.tokens, "flops": p.flops, "loss": p.loss,
+                     "printed": {"granularity": G, "tokens": D, "flops": F, "loss": L},
+                     "tokens_rel_err": p.tokens / D - 1, "flops_rel_err": p.flops / F - 1, "loss_err": p.loss - L})
+    return {"coefficients": coeffs.name, "expansion_rate": s.expansion_rate, "rows": rows}
+
+
+def _si(x: float) -> str:
+    for unit, v in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= v:
+            return f"{x / v:.2f}{unit}"
+    return f"{x:.3g}"
+
+
+def _g(x: float) -> str:
+    return f"{x:g}" if float(x).is_integer() else f"{x:.2f}"
+
+
+def _human_plan(o: dict) -> str:
+    a = o["architecture"]
+    lines = [
+        f"compute-optimal MoE for {o['budget']:.3g} FLOPs (coefficients: {o['coefficients']}, E={o['settings']['expansion_rate']:g})",
+        f"  granularity G        {_g(o['granularity'])}",
+        f"  active params N_act  {_si(o['active_params'])}",
+        f"  total params N       {_si(o['total_params'])}",
+        f"  tokens D             {_si(o['tokens'])}",
+        f"  predicted loss       {o['loss']:.4f}",
+        "buildable architecture (same budget)",
+        f"  d_model {a['d_model']}, n_blocks {a['n_blocks']}, n_heads {a['n_heads']}, "
+        f"{a['n_experts']} experts x width {a['expert_width']} (G={a['granularity']})",
+        f"  N_act {_si(a['active_params'])}, N {_si(a['total_params'])}, tokens {_si(a['tokens'])}, "
+        f"FLOPs {a['flops']:.4g}, loss {a['loss']:.4f}",
+    ]
+    g1 = o["g1"]
+    lines.append(f"G=1 MoE at this budget: loss {g1['loss']:.4f}; needs {g1['flops_multiple']:.2f}x the FLOPs to match")
+    if o["dense"] is not None:
+        d = o["dense"]
+        lines.append(f"dense at this budget: N {_si(d['total_params'])}, D {_si(d['tokens'])}, loss {d['loss']:.4f}; "
+                     f"needs {d['flops_multiple']:.1f}x the FLOPs to match")
+    return "\n".join(lines)
+
+
+def _human_table(o: dict) -> str:
+    head = f"Table 2 recomputed with coefficients {o['coefficients']} (ours / printed)"
+    cols = f"{'N':<10} {'G':>9} {'D':>19} {'dD':>7} {'FLOPs':>19} {'dF':>7} {'loss':>13} {'dL':>7}"
+    lines = [head, cols]
+    for r in o["rows"]:
+        pr = r["printed"]
+        lines.append(
+            f"{r['row']:<10} {_g(r['granularity']):>4}/{pr['granularity']:<4} "
+            f"{_si(r['tokens']):>9}/{_si(pr['tokens']):<9} {r['tokens_rel_err']:+7.2%} "
+            f"{r['flops']:9.3e}/{pr['flops']:<9.3g} {r['flops_rel_err']:+7.2%} "
+            f"{r['loss']:.3f}/{pr['loss']:<7.3f} {r['loss_err']:+7.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""Load a run table (CSV, or the sweep's SQLite store with a `runs` table) into fit points.
+
+Columns used: total_params (N), tokens (D), granularity (G), the loss column, and when present
+`status` (only 'done' rows) and `ffn` ('moe' | 'dense', selecting the rows a law applies to;
+without it every row is used).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from finemoe.errors import DataError
+from finemoe.scaling.fit import Points
+
+LOSS_COLUMNS = ("train_loss", "val_loss")
+
+
+def read_table(path: str | Path) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"results {path}: no such file; pass a runs CSV or the sweep's SQLite store")
+    with open(path, "rb") as f:
+        magic = f.read(16)
+    if magic == b"SQLite format 3\x00":
+        try:
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            con.row_factory = sqlite3.Row
+            try:
+                rows = [dict(r) for r in con.execute("SELECT * FROM runs")]
+            finally:
+                con.close()
+        except sqlite3.Error as e:
+            raise DataError(f"results {path}: cannot read table 'runs' from the SQLite store ({e})") from None
+        return rows
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"results {path}: not a CSV with a header row nor a SQLite store ({e})") from None
+
+
+def _num(v) -> float:
+    if v is None or v == "":
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def load_points(path: str | Path, law: str = "moe", loss_column: str = "train_loss") -> Points:
+    """Rows that a law applies to: finished runs of the right FFN kind. Dense rows get G = 1."""
+    rows = read_table(path)
+    if not rows:
+        raise DataError(f"results {path}: the table has no rows")
+    cols = set(rows[0])
+    need = ["total_params", "tokens", loss_column] + (["granularity"] if law != "dense" else [])
+    missing = [c for c in need if c not in cols]
+    if missing:
+        raise DataError(f"results {path}: missing column(s) {missing}; have {sorted(cols)}")
+    if "status" in cols:
+        rows = [r for r in rows if str(r["status"]).strip().lower() == "done"]
+    if "ffn" in cols:
+        want = "dense" if law == "dense" else "moe"
+        rows = [r for r in rows if str(r["ffn"]).strip().lower() == want]
+    if not rows:
+        raise DataError(f"results {path}: no finished ('done') {'dense' if law == 'dense' else 'moe'} runs to fit the {law} law")
+    N = np.array([_num(r["total_params"]) for r in rows])
+    D = np.array([_num(r["tokens"]) for r in rows])
+    G = np.array([_num(r.get("granularity", 1)) if law != "dense" else 1.0 for r in rows])
+    y = np.array([_num(r[loss_column]) for r in rows])
+    return Points(N, D, G, y)
