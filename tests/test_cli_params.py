@@ -23,3 +23,10 @@ def test_bad_granularity_is_one_line_exit_2():
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "granularity" in r.stderr
+
+
+def test_argparse_mistakes_are_one_line_exit_2():
+    r = subprocess.run([sys.executable, "-m", "finemoe", "params", "--d-model", "-5", "--n-blocks", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "--d-model" in r.stderr and "--help" in r.stderr
