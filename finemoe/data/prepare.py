@@ -136,6 +136,7 @@ def prepare(
             "seconds": {"documents": round(t_docs - t0, 2), "tokenizer": round(t_tok - t_docs, 2),
                         "encode": round(t_enc - t_tok, 2), "total": round(time.perf_counter() - t0, 2)},
         })
+        _make_readable(tmp)
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -214,6 +215,15 @@ def _totals(stats: dict) -> dict:
     out["sources"] = {s: add([stats[sp][s] for sp in ("train", "val") if s in stats[sp]]) for s in sources}
     out["total"] = add([out["train"]["total"], out["val"]["total"]])
     return out
+
+
+def _make_readable(folder: Path) -> None:
+    """Temp files are created private (0600/0700); give the result the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

@@ -120,5 +120,9 @@ def read_lazyload(rdx: bytes, rdb: bytes) -> dict[str, object]:
     compressed = (index.get("compressed") or [1])[0]
     out = {}
     for name, (offset, length) in index["variables"].items():
-        out[name] = unserialize(_decompress(rdb[offset : offset + length], compressed))
+        try:
+            raw = _decompress(rdb[offset : offset + length], compressed)
+        except (zlib.error, OSError, EOFError, lzma.LZMAError, struct.error) as e:
+            raise DataError(f"R lazy-load object {name!r} does not decompress ({e}); the .rdb file is damaged") from None
+        out[name] = unserialize(raw)
     return out
