@@ -15,6 +15,7 @@ COMMANDS = (
     "plan",
     "savings",
     "fit",
+    "data",
 )
 
 
