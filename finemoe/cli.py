@@ -12,6 +12,8 @@ from finemoe.errors import FinemoeError
 # so `finemoe plan` never pays for torch.
 COMMANDS = (
     "params",
+    "train",
+    "generate",
 )
 
 
