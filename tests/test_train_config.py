@@ -1,6 +1,6 @@
 import pytest
 
-from _train_fixtures import cli
+from finemoe.cli import main
 from finemoe.errors import ConfigError
 from finemoe.train.config import TrainConfig
 
@@ -39,10 +39,14 @@ def test_bad_configs_name_the_problem(data, match):
         TrainConfig.from_dict(data)
 
 
-def test_cli_bad_input_is_one_line_exit_2(tmp_path):
-    r = cli("train", str(tmp_path / "missing.yaml"))
-    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
     p = tmp_path / "c.yaml"
     p.write_text("tokens: 100\n")
-    r = cli("train", str(p), "junk")
-    assert r.returncode == 2 and "key=value" in r.stderr
+    assert main(["train", str(p), "junk"]) == 2
+    err = capsys.readouterr().err
+    assert "key=value" in err and len(err.strip().splitlines()) == 1
+    p.write_text("tokens: [1\n")
+    assert main(["train", str(p)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err

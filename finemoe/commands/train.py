@@ -20,9 +20,10 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from finemoe.train.config import TrainConfig
+
+    cfg = TrainConfig.from_yaml(args.config, args.overrides)  # a bad config fails before torch loads
     from finemoe.train.trainer import train
 
-    cfg = TrainConfig.from_yaml(args.config, args.overrides)
     record = train(cfg, resume=args.resume, quiet=args.quiet or args.json)
     record = {k: v for k, v in record.items() if k != "config"}
     emit(args, record, _human)
