@@ -46,9 +46,10 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # matrices only: not norms, biases or embeddings
     grad_clip: float | None = 0.5
-    # MoE auxiliary losses, added to the LM loss when the FFN reports them (Expert Choice needs none)
+    # MoE auxiliary losses, added to the LM loss when the FFN reports them. The paper uses Expert Choice
+    # with no auxiliary loss (its lb_loss is zero); the balance weight matters for token choice only.
     lb_loss_weight: float = 0.01
-    z_loss_weight: float = 0.001
+    z_loss_weight: float = 0.0
     # logging, evaluation, checkpoints
     eval_every: int = 200  # steps; also at the end
     eval_batches: int = 8
