@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from _train_fixtures import ROOT, make_data, read_metrics, tiny_config, write_config
@@ -61,3 +62,29 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     a, b = read_metrics(tmp_path / "kill"), read_metrics(tmp_path / "ref")
     assert [r["step"] for r in a] == list(range(1, STEPS + 1))  # no lost or duplicated lines
     assert [(r["loss"], r["lr"], r.get("val_loss")) for r in a] == [(r["loss"], r["lr"], r.get("val_loss")) for r in b]
+
+
+def test_moe_run_interrupted_and_resumed_is_bit_identical(tmp_path, monkeypatch):
+    pytest.importorskip("finemoe.nn.moe")
+    from finemoe.train import trainer
+
+    data = make_data(tmp_path / "data")
+    model = {"ffn": "moe", "expansion_rate": 4, "granularity": 2}
+    base = tiny_config(data, tmp_path / "ref", steps=24, ckpt_every=5, eval_every=8, model=model)
+    ref = train(TrainConfig.from_dict(base), quiet=True)
+
+    cfg = TrainConfig.from_dict({**base, "out_dir": str(tmp_path / "cut")})
+    real_step = trainer._Run._step
+
+    def crash_at_13(self, step):
+        if step == 13:
+            raise KeyboardInterrupt  # a crash mid-run, after the step-10 checkpoint
+        return real_step(self, step)
+
+    monkeypatch.setattr(trainer._Run, "_step", crash_at_13)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, quiet=True)
+    monkeypatch.setattr(trainer._Run, "_step", real_step)
+    resumed = train(cfg, resume=True, quiet=True)
+    assert resumed["train_loss"] == ref["train_loss"] and resumed["val_loss"] == ref["val_loss"]
+    assert [r["loss"] for r in read_metrics(tmp_path / "cut")] == [r["loss"] for r in read_metrics(tmp_path / "ref")]
