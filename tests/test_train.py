@@ -128,3 +128,14 @@ def test_moe_run_end_to_end(data, tmp_path):
     rec = train(TrainConfig.from_dict(tiny_config(data, tmp_path / "run", steps=10, model=model)), quiet=True)
     assert rec["status"] == "done" and rec["granularity"] == 2 and rec["total_params"] > rec["active_params"]
     assert all("imbalance" in r for r in read_metrics(tmp_path / "run"))
+
+
+def test_progress_bar_on_a_terminal_only(data, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    train(TrainConfig.from_dict(tiny_config(data, tmp_path / "a", steps=5)))
+    err = capsys.readouterr().err
+    assert "5/5" in err and "tok_s" in err and "loss" in err
+    train(TrainConfig.from_dict(tiny_config(data, tmp_path / "b", steps=5)), quiet=True)
+    assert capsys.readouterr().err == ""
