@@ -167,6 +167,8 @@ class _Run:
         distributed.barrier(self.dist)  # every rank has read the checkpoint before rank 0 rewrites it
         if main:
             out.mkdir(parents=True, exist_ok=True)
+            for stale in out.glob(".*.tmp"):  # a kill mid-write leaves its temp file behind
+                stale.unlink(missing_ok=True)
             write_json_atomic(out / "config.json", cfg.to_dict())
             tok = Path(cfg.data_dir) / "tokenizer.json"
             if tok.is_file() and not (out / "tokenizer.json").is_file():
