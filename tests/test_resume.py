@@ -55,7 +55,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     finally:
         torch.set_num_threads(threads)
 
-    assert 0 < killed_at < STEPS
+    assert 0 < killed_at < STEPS, f"kill_at={kill_at} killed_at={killed_at}"
     assert resumed["status"] == ref["status"] == "done" and resumed["steps"] == STEPS
     assert resumed["train_loss"] == ref["train_loss"]  # exact, not approximate
     assert resumed["val_loss"] == ref["val_loss"]
