@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/finemoe bench moe-layer
 	$(PY) benchmarks/bench_fit.py
+	$(PY) benchmarks/bench_train.py
 	$(PY) -m pytest -q -m slow tests -k bench || test $$? -eq 5
 
 quickstart: $(STAMP)

@@ -16,6 +16,8 @@ COMMANDS = (
     "savings",
     "fit",
     "data",
+    "train",
+    "generate",
 )
 
 

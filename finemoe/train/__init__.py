@@ -1,0 +1,1 @@
+"""Training: the loop, LR schedule, checkpoint/resume, metrics log, DDP and sampling."""

@@ -1,0 +1,210 @@
+"""Training configuration: one validated dataclass, nesting the ModelConfig, loadable from YAML.
+
+Defaults follow the paper's training setup (paper notes §3): AdamW with weight decay 0.1 and the code's
+betas (0.9, 0.999), peak LR 2e-4 with linear warmup over 1% of steps and cosine decay to 10% of peak
+over the whole run, gradient clipping at 0.5. The token budget `tokens` (D) fixes the run length:
+steps = tokens // (batch_size * seq_len), and the schedule is stretched to exactly that many steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types as types_mod
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finemoe.config import ModelConfig
+from finemoe.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "bf16")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    out_dir: str = "runs/run"
+    data_dir: str = "data"  # holds train.bin/val.bin (+ .json sidecars) and tokenizer.json
+    train_file: str = "train.bin"
+    val_file: str | None = "val.bin"  # None: no validation
+    tokens: int = 10_000_000  # D, the token budget; sets the run length and the schedule
+    batch_size: int = 16  # global sequences per step, split across DDP ranks
+    seed: int = 0
+    # optimizer and schedule
+    lr: float = 2e-4
+    final_lr_fraction: float = 0.1
+    warmup_fraction: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # matrices only: not norms, biases or embeddings
+    grad_clip: float | None = 0.5
+    # MoE auxiliary losses, added to the LM loss when the FFN reports them. The paper uses Expert Choice
+    # with no auxiliary loss (its lb_loss is zero); the balance weight matters for token choice only.
+    lb_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    # logging, evaluation, checkpoints
+    eval_every: int = 200  # steps; also at the end
+    eval_batches: int = 8
+    ckpt_every: int = 200  # steps; also at the end
+    smooth_window: int | None = None  # steps in the final train loss; None: max(1, 10% of steps)
+    smooth_fraction: float = 0.1
+    # execution
+    device: str = "auto"
+    dtype: str = "auto"  # fp32 on CPU, bf16 autocast on CUDA
+    compile: bool = False
+    threads: int | None = None  # torch intra-op threads; None: torch's default
+    deterministic: bool = False  # torch.use_deterministic_algorithms (CPU runs are reproducible anyway)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
+        _check(isinstance(self.model, ModelConfig), "model must be a mapping of ModelConfig fields")
+        object.__setattr__(self, "betas", tuple(self.betas))
+        _check(self.tokens >= 1, f"tokens (the budget D) must be >= 1, got {self.tokens}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(
+            self.steps >= 1,
+            f"tokens={self.tokens} is less than one step of batch_size*seq_len="
+            f"{self.tokens_per_step}; raise tokens or lower batch_size/seq_len",
+        )
+        _check(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
+        _check(0 <= self.final_lr_fraction <= 1, f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+        _check(0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"betas must be two numbers in [0, 1), got {list(self.betas)}",
+        )
+        _check(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        _check(self.lb_loss_weight >= 0 and self.z_loss_weight >= 0, "lb_loss_weight and z_loss_weight must be >= 0")
+        _check(self.eval_every >= 1 and self.ckpt_every >= 1, "eval_every and ckpt_every must be >= 1 (steps)")
+        _check(self.eval_batches >= 1, f"eval_batches must be >= 1, got {self.eval_batches}")
+        _check(self.smooth_window is None or self.smooth_window >= 1, f"smooth_window must be >= 1 or null, got {self.smooth_window}")
+        _check(0 < self.smooth_fraction <= 1, f"smooth_fraction must be in (0, 1], got {self.smooth_fraction}")
+        _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.threads is None or self.threads >= 1, f"threads must be >= 1 or null, got {self.threads}")
+        _check(bool(self.out_dir), "out_dir must be a folder path")
+
+    @property
+    def seq_len(self) -> int:
+        return self.model.seq_len
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.model.seq_len
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.tokens_per_step
+
+    @property
+    def warmup_steps(self) -> int:
+        """round(1% of steps), as the paper's code (`lr_warmup_steps = round(0.01 * n_steps)`)."""
+        return round(self.warmup_fraction * self.steps)
+
+    @property
+    def window(self) -> int:
+        """Steps averaged into the final train loss (the paper fits the smoothed train loss)."""
+        if self.smooth_window is not None:
+            return min(self.smooth_window, self.steps)
+        return max(1, int(self.smooth_fraction * self.steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "TrainConfig":
+        data = dict(data or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown training key(s) {unknown}; valid keys: {sorted(known)}")
+        if "model" in data:
+            m = data["model"]
+            _check(isinstance(m, (dict, ModelConfig)), "model must be a mapping of ModelConfig fields")
+            data["model"] = m if isinstance(m, ModelConfig) else ModelConfig.from_dict(_coerce_all(ModelConfig, m))
+        try:
+            return cls(**_coerce_all(cls, data))
+        except TypeError as e:  # e.g. a list where a number belongs
+            raise ConfigError(f"invalid training config: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "TrainConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/tiny.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        _check(isinstance(data, dict), f"{path} must hold a mapping of training keys")
+        return cls.from_dict(apply_overrides(data, overrides or []))
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` / `model.key=value` strings; values are parsed as YAML scalars."""
+    import yaml
+
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        _check(bool(sep) and bool(key), f"override {item!r} must look like key=value or model.key=value")
+        value = yaml.safe_load(text) if text else None
+        parts = key.split(".")
+        _check(len(parts) <= 2 and (len(parts) == 1 or parts[0] == "model"), f"override key {key!r}: only model.<key> nests")
+        if len(parts) == 2:
+            data.setdefault("model", {})
+            _check(isinstance(data["model"], dict), "model must be a mapping")
+            data["model"][parts[1]] = value
+        else:
+            data[key] = value
+    return data
+
+
+def _coerce_all(cls, data: dict[str, Any]) -> dict[str, Any]:
+    """YAML reads `2e-4` as a string and users write `1e7` for an int: convert by the field's type."""
+    hints = typing.get_type_hints(cls)
+    return {k: _coerce(k, v, hints.get(k)) for k, v in data.items()}
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    if value is None or hint is None:
+        return value
+    args = typing.get_args(hint)
+    types = set(args) if typing.get_origin(hint) in (typing.Union, types_mod.UnionType) else {hint}
+    if float in types and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if int in types and isinstance(value, (float, str)) and not isinstance(value, bool):
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(f)
+    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
+        return tuple(_coerce(name, v, a) for v, a in zip(value, args))
+    return value
+
+
+__all__ = ["TrainConfig", "apply_overrides"]

@@ -1,0 +1,60 @@
+"""Data parallelism under torchrun: one process per rank, gradients averaged by DDP.
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them the run is a single process. Every rank draws
+its rows of the same global batch (TokenFile.batch), so a run is the same for any world size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device_type: str) -> Dist:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); a no-op without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(d.local_rank)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return d
+
+
+def teardown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Average a tensor over ranks (identity for one process)."""
+    if not d.enabled:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / d.world_size
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()

@@ -1,0 +1,340 @@
+"""The training loop: one run of a TrainConfig to its token budget, resumable bit for bit.
+
+The run's outputs live in `out_dir`: `metrics.jsonl` (one line per step, validation every eval_every
+steps and at the end), `ckpt.pt` (every ckpt_every steps and at the end), `config.json` (the resolved
+TrainConfig), `model/` (safetensors weights at the end) and `final.json`, the record a scaling-law fit
+reads. `train_loss` in it is the paper's fitting target: the mean train loss over the last
+`cfg.window` steps (10% of the run by default; the paper's code averages the last 1000 steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from finemoe.accounting import exact_params, paper_counts
+from finemoe.data.tokens import TokenFile
+from finemoe.errors import ConfigError, DataError
+from finemoe.io import write_json_atomic
+from finemoe.nn.model import Transformer, save_pretrained
+from finemoe.train import checkpoint, distributed
+from finemoe.train.config import TrainConfig
+from finemoe.train.metrics import METRICS_NAME, MetricsLog, Smoother, finite_or_none, imbalance
+from finemoe.train.schedule import WarmupCosine
+
+FINAL_NAME = "final.json"
+# Settings that may change between a run and its resumption without changing its numbers.
+RESUMABLE_CHANGES = {"out_dir", "data_dir", "device", "compile", "threads", "eval_every", "ckpt_every", "deterministic"}
+
+
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Run `cfg` to its token budget (or to divergence) and return the final record.
+
+    With resume=True a run continues from `out_dir/ckpt.pt` if there is one (and a finished run just
+    returns its record), so a sweep can call this again after any crash.
+    """
+    device = resolve_device(cfg.device)
+    dist = distributed.setup(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    try:
+        return _Run(cfg, device, dist, quiet).run(resume)
+    finally:
+        distributed.teardown(dist)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available; use device: cpu or auto")
+    return torch.device(name)
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on CUDA by default; fp32 on CPU (no AMX on typical CPUs: bf16 GEMM is slower)."""
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if dtype == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (attention, FFN, experts, router, head); not norms, biases or embeddings."""
+    no_decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, rest = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and id(p) not in no_decay else rest).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, device: torch.device, dist: distributed.Dist, quiet: bool):
+        self.cfg, self.device, self.dist, self.quiet = cfg, device, dist, quiet
+        self.out = Path(cfg.out_dir)
+        self.autocast = autocast_for(cfg, device)
+        self.counts = paper_counts(cfg.model)
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _open_data(self) -> tuple[TokenFile, TokenFile | None]:
+        cfg, data = self.cfg, Path(self.cfg.data_dir)
+        train = TokenFile(data / cfg.train_file)
+        val = TokenFile(data / cfg.val_file) if cfg.val_file else None
+        for tf in (train, val):
+            if tf is not None and tf.vocab_size > cfg.model.vocab_size:
+                raise DataError(
+                    f"{tf.path} uses a vocabulary of {tf.vocab_size} but model.vocab_size={cfg.model.vocab_size}; "
+                    f"set model.vocab_size to at least {tf.vocab_size}"
+                )
+        train.check_fits(cfg.batch_size, cfg.seq_len)
+        if cfg.batch_size % self.dist.world_size:
+            raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {self.dist.world_size} processes")
+        if val is not None and val.n_windows(cfg.seq_len) < self.dist.world_size:
+            raise DataError(f"{val.path} holds fewer than {self.dist.world_size} sequences of {cfg.seq_len + 1} tokens; use more validation text")
+        return train, val
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        seed_everything(cfg.seed)
+        self.model = Transformer(cfg.model).to(self.device)
+        self.fwd = torch.compile(self.model) if cfg.compile else self.model
+        self.step_model = self.fwd
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_model = DDP(self.fwd, device_ids=ids)
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.AdamW(
+            param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, WarmupCosine(cfg.steps, cfg.warmup_steps, cfg.final_lr_fraction)
+        )
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        saved = ckpt["config"]
+        now = self.cfg.to_dict()
+        diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+        if diff:
+            raise ConfigError(
+                f"{self.out / checkpoint.CKPT_NAME} was written with a different config ({', '.join(diff)} differ); "
+                "resume with the same config or pick a new out_dir"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        checkpoint.set_rng_state(ckpt["rng"])
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self, resume: bool) -> dict[str, Any]:
+        cfg, out, main = self.cfg, self.out, self.dist.main
+        final_path, ckpt_path = out / FINAL_NAME, out / checkpoint.CKPT_NAME
+        if resume and final_path.is_file():
+            return json.loads(final_path.read_text())
+        if not resume and (final_path.exists() or ckpt_path.exists()):
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another out_dir")
+        self.train_data, self.val_data = self._open_data()
+        self._build()
+
+        start, history, elapsed, train_time = 0, [], 0.0, 0.0
+        if resume and ckpt_path.is_file():
+            ckpt = checkpoint.load(ckpt_path)
+            self._restore(ckpt)
+            start, history = ckpt["step"], ckpt["losses"]
+            elapsed, train_time = ckpt["elapsed"], ckpt["train_time"]
+        distributed.barrier(self.dist)  # every rank has read the checkpoint before rank 0 rewrites it
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in out.glob(".*.tmp"):  # a kill mid-write leaves its temp file behind
+                stale.unlink(missing_ok=True)
+            write_json_atomic(out / "config.json", cfg.to_dict())
+            tok = Path(cfg.data_dir) / "tokenizer.json"
+            if tok.is_file() and not (out / "tokenizer.json").is_file():
+                shutil.copyfile(tok, out / "tokenizer.json")  # the run folder can sample text on its own
+        log = MetricsLog(out / METRICS_NAME, start if resume else None) if main else None
+        smoother = Smoother(cfg.window, history)
+        status, val_loss, completed = "done", None, start
+        t_start = time.perf_counter()
+        bar = self._progress(start)
+        try:
+            for step in range(start, cfg.steps):
+                t0 = time.perf_counter()
+                rec = self._step(step)
+                dt = time.perf_counter() - t0
+                train_time += dt
+                if rec is None:
+                    status = "diverged"
+                    if main:
+                        log.write({"step": step + 1, "status": status})
+                    break
+                rec.update(
+                    loss_smooth=smoother.add(rec["loss"]),
+                    tokens_per_s=cfg.tokens_per_step / dt,
+                    flops_per_s=self.counts["flops_per_token"] * cfg.tokens_per_step / dt,
+                    time_s=elapsed + time.perf_counter() - t_start,
+                )
+                done = completed = step + 1
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    val_loss = self.evaluate()
+                    rec["val_loss"] = val_loss
+                if main:
+                    log.write(rec)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss_smooth']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+                if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                    self._save(done, list(smoother.losses), elapsed + time.perf_counter() - t_start, train_time)
+        finally:
+            if bar is not None:
+                bar.close()
+            if log is not None:
+                log.close()
+
+        if status == "done" and start == cfg.steps:  # killed after the last checkpoint, before final.json
+            val_loss = self.evaluate()
+        trained = completed * cfg.tokens_per_step
+        record = self._record(status, smoother.value if status == "done" else math.nan, val_loss if status == "done" else None,
+                              trained, elapsed + time.perf_counter() - t_start, train_time)
+        if main:
+            if status == "done":
+                save_pretrained(self.model, out / "model")
+            write_json_atomic(final_path, record)
+        distributed.barrier(self.dist)
+        return record
+
+    def _step(self, step: int) -> dict[str, Any] | None:
+        """One optimizer step; None if the loss or the gradient is not finite (the run diverged)."""
+        cfg = self.cfg
+        x, y = self.train_data.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed, self.dist.rank, self.dist.world_size)
+        x = torch.from_numpy(x).to(self.device, non_blocking=True)
+        y = torch.from_numpy(y).to(self.device, non_blocking=True)
+        lr = self.opt.param_groups[0]["lr"]
+        with self.autocast():
+            out = self.step_model(x, y)
+        loss, aux = out.loss, out.aux
+        total = loss
+        if "lb_loss" in aux and cfg.lb_loss_weight:
+            total = total + cfg.lb_loss_weight * aux["lb_loss"]
+        if "z_loss" in aux and cfg.z_loss_weight:
+            total = total + cfg.z_loss_weight * aux["z_loss"]
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        loss_val = distributed.mean(loss.detach().float(), self.dist).item()
+        if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):
+            return None
+        self.opt.step()
+        self.sched.step()
+        rec: dict[str, Any] = {"step": step + 1, "tokens": (step + 1) * cfg.tokens_per_step, "loss": loss_val, "lr": lr,
+                               "grad_norm": grad_norm.item()}
+        for key in ("lb_loss", "z_loss"):
+            if key in aux:
+                rec[key] = distributed.mean(aux[key].detach().float(), self.dist).item()
+        if "load" in aux:
+            rec["imbalance"] = imbalance(distributed.mean(aux["load"].detach().float(), self.dist))
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the same fixed validation batches every time (no window used twice)."""
+        if self.val_data is None:
+            return None
+        cfg, d = self.cfg, self.dist
+        n_win = self.val_data.n_windows(cfg.seq_len)
+        bs = min(cfg.batch_size, n_win - n_win % d.world_size)
+        n_batches = min(cfg.eval_batches, n_win // bs)
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for i in range(n_batches):
+            x, y = self.val_data.batch(i, bs, cfg.seq_len, cfg.seed, d.rank, d.world_size)
+            with self.autocast():
+                total += self.fwd(torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)).loss.float()
+        self.model.train()
+        return finite_or_none(distributed.mean(total / n_batches, d).item())
+
+    def _save(self, step: int, losses: list[float], elapsed: float, train_time: float) -> None:
+        if self.dist.main:
+            checkpoint.save(
+                self.out / checkpoint.CKPT_NAME,
+                model=self.model.state_dict(),
+                optimizer=self.opt.state_dict(),
+                scheduler=self.sched.state_dict(),
+                step=step,
+                losses=losses,
+                elapsed=elapsed,
+                train_time=train_time,
+                config=self.cfg.to_dict(),
+            )
+        distributed.barrier(self.dist)
+
+    def _progress(self, start: int):
+        import sys
+
+        if self.quiet or not self.dist.main or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.steps, initial=start, unit="step", dynamic_ncols=True, desc=self.out.name)
+
+    def _record(self, status: str, train_loss: float, val_loss: float | None, tokens: int, wall: float, train_time: float):
+        cfg, m = self.cfg, self.cfg.model
+        moe = m.ffn == "moe"
+        return {
+            "status": status,
+            "total_params": self.counts["total_params"],  # N, paper definition (non-embedding)
+            "active_params": self.counts["active_params"],  # N_act
+            "tokens": tokens,  # D actually trained
+            "granularity": m.granularity if moe else 0,  # 0: dense
+            "expansion_rate": m.expansion_rate if moe else 1,
+            "ffn": m.ffn,
+            "routing": m.routing if moe else None,
+            "n_experts": self.counts["n_experts"],
+            "d_model": m.d_model,
+            "n_blocks": m.n_blocks,
+            "flops": self.counts["flops_per_token"] * tokens,  # F, paper model
+            "flops_per_token": self.counts["flops_per_token"],
+            "train_loss": finite_or_none(train_loss),
+            "train_loss_window": cfg.window,
+            "val_loss": val_loss,
+            "steps": tokens // cfg.tokens_per_step,
+            "planned_steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "seq_len": cfg.seq_len,
+            "wall_time_s": wall,
+            "tokens_per_s": tokens / train_time if train_time > 0 else None,
+            "exact_params": exact_params(m)["total"],
+            "world_size": self.dist.world_size,
+            "device": _device_name(self.device),
+            "torch": torch.__version__,
+            "out_dir": str(self.out),
+            "config": cfg.to_dict(),
+        }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{torch.get_num_threads()} threads"

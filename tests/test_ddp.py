@@ -1,0 +1,45 @@
+"""Two torchrun processes (gloo, CPU) follow the loss curve of one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _train_fixtures import ROOT, make_data, read_metrics, tiny_config, write_config
+from finemoe.train.config import TrainConfig
+from finemoe.train.trainer import train
+
+STEPS = 12
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_two_process_ddp_matches_one_process(tmp_path):
+    data = make_data(tmp_path / "data")
+    base = tiny_config(data, tmp_path / "one", steps=STEPS, batch_size=8, eval_every=6, threads=1)
+    two = write_config(tmp_path / "two.yaml", {**base, "out_dir": str(tmp_path / "two")})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "finemoe", "train", str(two), "--quiet", "--json"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    threads = torch.get_num_threads()
+    try:
+        one = train(TrainConfig.from_dict(base), quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(a) == len(b) == STEPS
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4, abs=1e-5)
+    val_a = [(r["step"], r["val_loss"]) for r in a if "val_loss" in r]
+    val_b = [(r["step"], r["val_loss"]) for r in b if "val_loss" in r]
+    assert [s for s, _ in val_a] == [s for s, _ in val_b] == [6, 12]
+    assert [v for _, v in val_b] == pytest.approx([v for _, v in val_a], rel=1e-4, abs=1e-5)
+    print("max |loss diff| 1 vs 2 processes:", max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)))
+    assert a[0]["loss"] - a[-1]["loss"] > 0.3  # the curve moves, so matching it means something
+    rec = json.loads((tmp_path / "two" / "final.json").read_text())
+    assert rec["world_size"] == 2 and rec["tokens"] == one["tokens"]

@@ -1,0 +1,25 @@
+"""Smoke test of benchmarks/bench_train.py at a toy size (the real numbers come from `make bench`)."""
+
+import importlib.util
+
+from _train_fixtures import ROOT
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_train_smoke(capsys):
+    bench = _bench_module()
+    r = bench.bench(d_model=32, n_blocks=1, seq_len=16, batch_size=4, vocab=64, granularity=2, expansion_rate=2,
+                    steps=2, rounds=1, gemm_n=128)
+    assert r["gemm_flops_per_s"] > 0
+    expected = {"dense"} | ({"moe G=2"} if bench.moe_available() is None else set())
+    assert set(r["models"]) == expected
+    for m in r["models"].values():
+        assert m["tokens_per_s"] > 0 and 0 < m["mfu_paper"] < m["mfu"] and m["timed_steps"] == 2
+    assert ("skipped" in r) == (bench.moe_available() is not None)
+    assert "GEMM peak" in bench.human(r)
