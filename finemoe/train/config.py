@@ -32,7 +32,7 @@ def _check(cond: bool, msg: str) -> None:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     out_dir: str = "runs/run"
-    data_dir: str = "data"  # holds train.bin/val.bin (+ .json sidecars) and tokenizer.json
+    data_dir: str = "data/default"  # holds train.bin/val.bin (+ .json sidecars) and tokenizer.json
     train_file: str = "train.bin"
     val_file: str | None = "val.bin"  # None: no validation
     tokens: int = 10_000_000  # D, the token budget; sets the run length and the schedule
