@@ -36,7 +36,7 @@ class Dispatch:
     def __init__(self, idx: torch.Tensor, n_tokens: int):
         self.idx = idx
         self.n_tokens = n_tokens
-        self.perm = torch.argsort(idx)
+        self.perm = torch.argsort(idx, stable=True)  # fixed summation order per token
         counts = torch.bincount(idx, minlength=n_tokens)
         self.offsets = torch.cumsum(counts, 0) - counts
 
