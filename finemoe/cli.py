@@ -12,6 +12,7 @@ from finemoe.errors import FinemoeError
 # so `finemoe plan` never pays for torch.
 COMMANDS = (
     "params",
+    "bench",
 )
 
 
