@@ -30,14 +30,20 @@ ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 class Dispatch:
-    """Where each routed slot comes from: token ids `idx` [S], and the same slots sorted by token
-    (`perm`, with `offsets` of each token's first slot) so the combine is a segmented sum."""
+    """Where each slot's token comes from (`idx`), and the slots in token-major order (`perm`, with
+    `offsets` of each token's first slot) so the combine is one segmented sum per token.
 
-    def __init__(self, idx: torch.Tensor, n_tokens: int):
+    `slot_ids` [n_pairs] gives the slot of each selected (expert, token) pair of `mask` in
+    expert-major order; padding slots (if any) appear in `idx` only.
+    """
+
+    def __init__(self, idx: torch.Tensor, mask: torch.Tensor, slot_ids: torch.Tensor):
         self.idx = idx
-        self.n_tokens = n_tokens
-        self.perm = torch.argsort(idx, stable=True)  # fixed summation order per token
-        counts = torch.bincount(idx, minlength=n_tokens)
+        self.n_tokens = mask.shape[1]
+        labels = torch.empty(mask.shape, dtype=torch.long, device=mask.device)
+        labels.masked_scatter_(mask, slot_ids)
+        self.perm = labels.t().masked_select(mask.t())
+        counts = mask.sum(0)
         self.offsets = torch.cumsum(counts, 0) - counts
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,12 +132,14 @@ class Experts(nn.Module):
 
     def capacity(self, x: torch.Tensor, slots: Slots) -> torch.Tensor:
         """x [N, d] (flattened tokens), slots.idx/gates [n, C] -> sum of gated expert outputs [N, d]."""
+        n, C = slots.idx.shape
+        return self._capacity(x, slots, torch.arange(n * C, device=x.device))
+
+    def _capacity(self, x: torch.Tensor, slots: Slots, slot_ids: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
         n, C = slots.idx.shape
-        # tokens in increasing order within each expert: the gather then reads memory forward
-        idx, order = slots.idx.sort(dim=1)
-        gates = slots.gates.gather(1, order)
-        dispatch = Dispatch(idx.reshape(-1), x.shape[0])
+        gates = slots.gates
+        dispatch = Dispatch(slots.idx.reshape(-1), slots.mask, slot_ids)
         with torch.autocast(x.device.type, enabled=False):
             w1, w2 = self._weights(dtype)
             xg = gather_rows(x.to(dtype), dispatch).view(n, C, -1)
@@ -143,9 +151,9 @@ class Experts(nn.Module):
         """x [N, d], slots sorted by expert with per-expert counts -> [N, d]."""
         dtype = compute_dtype(x)
         if not self._grouped_ok(x, dtype):
-            return self.capacity(x, _pad(slots, self.w1.shape[0]))
+            return self._capacity(x, *_pad(slots, self.w1.shape[0]))
         offs = torch.cumsum(slots.counts, 0).to(torch.int32)
-        dispatch = Dispatch(slots.idx, x.shape[0])
+        dispatch = Dispatch(slots.idx, slots.mask, torch.arange(slots.idx.numel(), device=x.device))
         with torch.autocast(x.device.type, enabled=False):
             w1, w2 = self._weights(dtype)
             xs = gather_rows(x.to(dtype), dispatch)
@@ -171,8 +179,10 @@ class Experts(nn.Module):
         )
 
 
-def _pad(slots: Slots, n: int) -> Slots:
-    """Sorted slots -> fixed capacity max(counts); padding points at token 0 with gate 0 (adds 0)."""
+def _pad(slots: Slots, n: int) -> tuple[Slots, torch.Tensor]:
+    """Sorted slots -> fixed capacity max(counts); padding points at token 0 with gate 0 (adds 0).
+
+    Returns the padded slots and the padded slot of every routed pair."""
     counts = slots.counts
     cap = max(int(counts.max()), 1)
     starts = torch.cumsum(counts, 0) - counts
@@ -180,4 +190,4 @@ def _pad(slots: Slots, n: int) -> Slots:
     dest = expert * cap + torch.arange(slots.idx.numel(), device=counts.device) - starts[expert]
     idx = slots.idx.new_zeros(n * cap).index_copy(0, dest, slots.idx)
     gates = slots.gates.new_zeros(n * cap).index_copy(0, dest, slots.gates)
-    return Slots(idx.view(n, cap), gates.view(n, cap))
+    return Slots(idx.view(n, cap), gates.view(n, cap), slots.mask), dest
