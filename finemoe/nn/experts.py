@@ -135,13 +135,18 @@ class Experts(nn.Module):
         n, C = slots.idx.shape
         return self._capacity(x, slots, torch.arange(n * C, device=x.device))
 
-    def _capacity(self, x: torch.Tensor, slots: Slots, slot_ids: torch.Tensor) -> torch.Tensor:
+    def _capacity(
+        self, x: torch.Tensor, slots: Slots, slot_ids: torch.Tensor, experts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Fixed-capacity path for all experts, or for the subset `experts` (rows of slots.idx)."""
         dtype = compute_dtype(x)
         n, C = slots.idx.shape
         gates = slots.gates
         dispatch = Dispatch(slots.idx.reshape(-1), slots.mask, slot_ids)
         with torch.autocast(x.device.type, enabled=False):
             w1, w2 = self._weights(dtype)
+            if experts is not None:
+                w1, w2 = w1.index_select(0, experts), w2.index_select(0, experts)
             xg = gather_rows(x.to(dtype), dispatch).view(n, C, -1)
             h = self.act(torch.bmm(xg, w1)) * gates.to(dtype).unsqueeze(-1)
             y = torch.bmm(h, w2)
@@ -151,7 +156,11 @@ class Experts(nn.Module):
         """x [N, d], slots sorted by expert with per-expert counts -> [N, d]."""
         dtype = compute_dtype(x)
         if not self._grouped_ok(x, dtype):
-            return self._capacity(x, *_pad(slots, self.w1.shape[0]))
+            out = None
+            for part in _pad_two_level(slots):
+                y = self._capacity(x, *part)
+                out = y if out is None else out + y
+            return out
         offs = torch.cumsum(slots.counts, 0).to(torch.int32)
         dispatch = Dispatch(slots.idx, slots.mask, torch.arange(slots.idx.numel(), device=x.device))
         with torch.autocast(x.device.type, enabled=False):
@@ -179,15 +188,43 @@ class Experts(nn.Module):
         )
 
 
-def _pad(slots: Slots, n: int) -> tuple[Slots, torch.Tensor]:
-    """Sorted slots -> fixed capacity max(counts); padding points at token 0 with gate 0 (adds 0).
+def _pad_two_level(slots: Slots) -> list[tuple[Slots, torch.Tensor, torch.Tensor | None]]:
+    """Sorted (dropless) slots -> one or two fixed-capacity problems with little padding.
 
-    Returns the padded slots and the padded slot of every routed pair."""
-    counts = slots.counts
-    cap = max(int(counts.max()), 1)
+    Padding every expert to the largest count wastes a third of the expert matmuls at a typical load
+    imbalance, so: every expert gets `cap` slots, and the ranks beyond `cap` of the few heavier experts
+    form a second, smaller batch; `cap` minimises the total padded slots. Padding slots point at
+    token 0 with gate 0, so they add nothing. Returns (padded slots, slot of every routed pair,
+    expert subset or None) per part.
+    """
+    counts, idx, gates, mask = slots.counts, slots.idx, slots.gates, slots.mask
+    n, N = mask.shape
+    dev = counts.device
+    c = sorted(counts.tolist(), reverse=True)
+    # padded slots with capacity c[j] for all and an overflow batch for the j heavier experts
+    cost = [n * c[j] + j * (c[0] - c[j]) for j in range(n)]
+    j = min(range(n), key=cost.__getitem__)
+    cap = max(c[j], 1)
     starts = torch.cumsum(counts, 0) - counts
-    expert = torch.repeat_interleave(torch.arange(n, device=counts.device), counts)
-    dest = expert * cap + torch.arange(slots.idx.numel(), device=counts.device) - starts[expert]
-    idx = slots.idx.new_zeros(n * cap).index_copy(0, dest, slots.idx)
-    gates = slots.gates.new_zeros(n * cap).index_copy(0, dest, slots.gates)
-    return Slots(idx.view(n, cap), gates.view(n, cap), slots.mask), dest
+    expert = torch.repeat_interleave(torch.arange(n, device=dev), counts)
+    rank = torch.arange(idx.numel(), device=dev) - starts[expert]
+    parts = []
+    for main in (True, False):
+        sel = (rank < cap) if main else (rank >= cap)
+        e, r, t, g = expert[sel], rank[sel], idx[sel], gates[sel]
+        if main:
+            subset, local, width, rows = None, e, cap, n
+        else:
+            if e.numel() == 0:
+                break
+            subset = torch.nonzero(counts > cap).flatten()
+            pos = torch.full((n,), -1, dtype=torch.long, device=dev)
+            pos[subset] = torch.arange(subset.numel(), device=dev)
+            local, r, width, rows = pos[e], r - cap, c[0] - cap, subset.numel()
+        dest = local * width + r
+        pidx = idx.new_zeros(rows * width).index_copy(0, dest, t)
+        pg = gates.new_zeros(rows * width).index_copy(0, dest, g)
+        pmask = torch.zeros(rows, N, dtype=torch.bool, device=dev)
+        pmask[local, t] = True
+        parts.append((Slots(pidx.view(rows, width), pg.view(rows, width), pmask), dest, subset))
+    return parts
