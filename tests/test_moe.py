@@ -197,3 +197,22 @@ def test_gpu_matches_cpu(routing):
         y, aux = m(x.cuda().requires_grad_(True))
         y.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_token_choice_skewed_load_uses_overflow_batch_and_matches_reference():
+    from finemoe.nn.experts import _pad_two_level
+
+    torch.manual_seed(0)
+    m = MoE(_cfg(routing="tc", expansion_rate=4, granularity=2))
+    with torch.no_grad():
+        m.router.weight[0] = 0.5  # expert 0 wins for every token with a positive mean
+    x = torch.randn(4, 5, 16) + 1.0
+    probs = m.router(x).softmax(-1).view(20, -1)
+    slots, _ = token_choice(probs, 2)
+    assert int(slots.counts[0]) == 20 and len(_pad_two_level(slots)) == 2
+    r = torch.randn(4, 5, 16)
+    ref_y, ref_g = _grads(m, x, lambda v: reference_moe(m, v), r)
+    y, g = _grads(m, x, lambda v: m(v)[0], r)
+    torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -38,13 +38,11 @@ class Slots:
     """Routed (expert, token) pairs in expert-major order, tokens ascending within an expert.
 
     `idx` holds token ids ([n_experts, capacity] under Expert Choice, flat [n_slots] with `counts` per
-    expert under Token Choice), `gates` the fp32 softmax scores, and `mask` [n_experts, n_tokens] the
-    same selection as a boolean matrix, from which the token-major order of the combine is read.
+    expert under Token Choice) and `gates` the fp32 softmax scores.
     """
 
     idx: torch.Tensor
     gates: torch.Tensor
-    mask: torch.Tensor
     counts: torch.Tensor | None = None
 
 
@@ -84,7 +82,7 @@ def expert_choice(probs: torch.Tensor, k: int) -> Slots:
     mask.scatter_(1, b.transpose(1, 2), True)  # mask[e, b, t]: token b*T+t taken by expert e
     mask = mask.view(n, B * T)
     _, t, gates = _from_mask(mask, probs.reshape(B * T, n))
-    return Slots(t.view(n, T * k), gates.view(n, T * k), mask)
+    return Slots(t.view(n, T * k), gates.view(n, T * k))
 
 
 def token_choice(probs: torch.Tensor, k: int) -> tuple[Slots, torch.Tensor]:
@@ -100,7 +98,7 @@ def token_choice(probs: torch.Tensor, k: int) -> tuple[Slots, torch.Tensor]:
     mask = mask.t()
     e, t, gates = _from_mask(mask, probs)
     counts = torch.bincount(e, minlength=n)
-    return Slots(t, gates, mask, counts), experts
+    return Slots(t, gates, counts), experts
 
 
 def switch_lb_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
