@@ -31,6 +31,7 @@ def register(sub) -> None:
     m.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per layer (median reported)")
     m.add_argument("--routing", nargs="+", choices=["ec", "tc"], default=["ec", "tc"])
     m.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    m.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     m.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 runs under autocast")
     m.add_argument(
         "--no-reexec",
@@ -69,6 +70,8 @@ def run_moe_layer(args: argparse.Namespace) -> int:
 
     from finemoe.benchmarks.moe_layer import bench_moe_layer
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda given but CUDA is not available; use --device cpu")
     out = bench_moe_layer(
