@@ -40,7 +40,7 @@ def test_bench_bad_granularity_is_one_line_error():
 
 
 @pytest.mark.slow
-def test_bench_default_shape_table():
-    p = _run("--repeats", "3")
+def test_bench_bf16_table():
+    p = _run("--dtype", "bf16", "-G", "1", "4", "--d-model", "128", "--batch", "16", "--seq", "64", "--repeats", "2")
     assert p.returncode == 0, p.stderr
-    assert "ec/dense" in p.stdout and "allocator:" in p.stdout
+    assert "ec/dense" in p.stdout and "bfloat16" in p.stdout and "allocator:" in p.stdout

@@ -1,11 +1,11 @@
 """The expert computation, batched over all experts at once (no Python loop over experts).
 
 Two layouts of the routed (expert, token) slots:
-- fixed capacity [n_experts, C] (Expert Choice): gather the tokens, two `bmm`s, scatter-add back;
+- fixed capacity [n_experts, C] (Expert Choice): gather the tokens, two `bmm`s, combine per token;
 - sorted by expert with per-expert counts (Token Choice): two grouped GEMMs (`F.grouped_mm`) on
-  GPU; elsewhere (CPU, where grouped_mm is one mm per expert and slow backward, or unaligned rows)
-  the slots padded to the largest count and sent through the fixed-capacity path, zero gates on
-  the padding.
+  GPU; elsewhere (CPU, where grouped_mm runs one mm per expert with a 2-4x slower backward, or
+  unaligned rows) a fixed capacity for all experts plus a small overflow batch for the heavier
+  ones, both through the fixed-capacity path with zero gates on the padding.
 
 Speed notes (the G-replicated [G*N, d] tensors dominate memory traffic on CPU):
 - gather and combine are custom autograd functions, each the other's backward: index_select, and
