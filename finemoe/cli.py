@@ -18,6 +18,7 @@ COMMANDS = (
     "data",
     "train",
     "generate",
+    "bench",
 )
 
 

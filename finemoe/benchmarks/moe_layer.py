@@ -1,0 +1,92 @@
+"""fwd+bwd time of the MoE layer divided by a dense FFN of equal active FLOPs, side by side.
+
+For each granularity the dense FFN and the Expert/Token Choice layers are timed in interleaved
+rounds (dense, ec, tc, dense, ec, tc, ...), so slow drifts of a shared machine hit all of them
+alike; each time is the median over rounds. Both sides are the modules the model uses: the dense
+FFN with its biases, the MoE layer with router and output LayerNorm. Gradients flow into the input
+as they do inside a model.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from finemoe.config import ModelConfig
+from finemoe.nn.model import DenseFFN
+from finemoe.nn.moe import MoE
+
+MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
+
+
+def allocator_settings() -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in MALLOC_VARS}
+
+
+def _step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, sync: Callable[[], None]) -> float:
+    for p in layer.parameters():
+        p.grad = None
+    x.grad = None
+    sync()
+    t0 = time.perf_counter()
+    out = layer(x)
+    y = out[0] if isinstance(out, tuple) else out
+    y.backward(dy)
+    sync()
+    return time.perf_counter() - t0
+
+
+def bench_moe_layer(
+    granularities=(1, 2, 4, 8, 16),
+    d_model: int = 512,
+    expansion_rate: int = 16,
+    batch: int = 32,
+    seq: int = 256,
+    repeats: int = 5,
+    warmup: int = 1,
+    routings=("ec", "tc"),
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> dict:
+    """Median fwd+bwd milliseconds per layer and the MoE/dense ratios, per granularity."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    autocast = dtype is not None and dtype != torch.float32
+    ms: dict[str, dict[str, float]] = {"dense": {}, **{r: {} for r in routings}}
+    ratios: dict[str, dict[str, float]] = {r: {} for r in routings}
+    base = ModelConfig(d_model=d_model, expansion_rate=expansion_rate, seq_len=seq)
+    for G in granularities:
+        layers = {"dense": DenseFFN(base.replace(ffn="dense")).to(dev)}
+        for r in routings:
+            layers[r] = MoE(base.replace(granularity=G, routing=r)).to(dev)
+        x = torch.randn(batch, seq, d_model, device=dev, requires_grad=True)
+        dy = torch.randn(batch, seq, d_model, device=dev)
+        times: dict[str, list[float]] = {k: [] for k in layers}
+        with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=autocast):
+            for i in range(warmup + repeats):
+                for name, layer in layers.items():
+                    t = _step(layer, x, dy, sync)
+                    if i >= warmup:
+                        times[name].append(t)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        for k, v in med.items():
+            ms[k][str(G)] = v
+        for r in routings:
+            ratios[r][str(G)] = med[r] / med["dense"]
+        del layers, x, dy
+    return {
+        "ratios": ratios,
+        "ms": ms,
+        "shape": {"d_model": d_model, "expansion_rate": expansion_rate, "batch": batch, "seq": seq},
+        "repeats": repeats,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dtype": str(dtype or torch.float32).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "allocator": allocator_settings(),
+    }

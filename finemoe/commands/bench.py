@@ -1,0 +1,109 @@
+"""`finemoe bench moe-layer`: MoE layer fwd+bwd time over a dense FFN of equal active FLOPs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from finemoe.commands.common import add_json_flag, emit, positive_int
+from finemoe.errors import ConfigError
+
+# glibc hands large temporaries back to the OS after every step unless told otherwise, and the page
+# faults then cost more than the MoE arithmetic; these are the settings the Makefile exports.
+GLIBC_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": "1073741824",
+    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+    "MALLOC_TOP_PAD_": "268435456",
+}
+REEXEC_MARK = "FINEMOE_BENCH_REEXEC"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks measured side by side in one run")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    m = bsub.add_parser("moe-layer", help="MoE layer fwd+bwd time / dense FFN of equal active FLOPs")
+    m.add_argument("--granularities", "-G", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16])
+    m.add_argument("--d-model", type=positive_int, default=512)
+    m.add_argument("--expansion-rate", "-E", type=positive_int, default=16)
+    m.add_argument("--batch", type=positive_int, default=32)
+    m.add_argument("--seq", type=positive_int, default=256)
+    m.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per layer (median reported)")
+    m.add_argument("--routing", nargs="+", choices=["ec", "tc"], default=["ec", "tc"])
+    m.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    m.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    m.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 runs under autocast")
+    m.add_argument(
+        "--no-reexec",
+        action="store_true",
+        help="do not restart with glibc malloc thresholds raised when they are unset",
+    )
+    add_json_flag(m)
+    m.set_defaults(func=run_moe_layer)
+
+
+def _allocator_tuned() -> bool:
+    return all(k in os.environ for k in GLIBC_MALLOC) or "LD_PRELOAD" in os.environ
+
+
+def _maybe_reexec(args: argparse.Namespace) -> None:
+    """Restart the process with the Makefile's malloc settings, so a bare `finemoe bench` measures
+    the same thing as `make bench`; only for a real command line (never inside another program)."""
+    if args.no_reexec or _allocator_tuned() or os.environ.get(REEXEC_MARK):
+        return
+    if sys.argv[1:3] != ["bench", "moe-layer"]:
+        print("finemoe bench: warning: glibc malloc thresholds unset; ratios may be distorted", file=sys.stderr)
+        return
+    env = {**os.environ, **GLIBC_MALLOC, REEXEC_MARK: "1"}
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "finemoe", *sys.argv[1:]], env)
+
+
+def run_moe_layer(args: argparse.Namespace) -> int:
+    from finemoe.config import ModelConfig
+
+    for g in args.granularities:  # fail on a bad shape before any timing
+        ModelConfig(d_model=args.d_model, expansion_rate=args.expansion_rate, granularity=g, seq_len=args.seq)
+    _maybe_reexec(args)
+
+    import torch
+
+    from finemoe.benchmarks.moe_layer import bench_moe_layer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda given but CUDA is not available; use --device cpu")
+    out = bench_moe_layer(
+        granularities=tuple(args.granularities),
+        d_model=args.d_model,
+        expansion_rate=args.expansion_rate,
+        batch=args.batch,
+        seq=args.seq,
+        repeats=args.repeats,
+        routings=tuple(args.routing),
+        device=args.device,
+        dtype=torch.bfloat16 if args.dtype == "bf16" else None,
+    )
+    emit(args, out, _human)
+    return 0
+
+
+def _human(o: dict) -> str:
+    s = o["shape"]
+    routings = list(o["ratios"])
+    head = f"{'G':>3}  {'dense ms':>9}" + "".join(f"  {r + ' ms':>9}  {r + '/dense':>9}" for r in routings)
+    lines = [
+        f"MoE layer fwd+bwd / dense FFN, d_model={s['d_model']} E={s['expansion_rate']} "
+        f"tokens={s['batch']}x{s['seq']}, {o['device']} {o['dtype']}, {o['threads']} threads, "
+        f"median of {o['repeats']}",
+        head,
+    ]
+    for g in o["ms"]["dense"]:
+        row = f"{g:>3}  {o['ms']['dense'][g]:9.1f}"
+        for r in routings:
+            row += f"  {o['ms'][r][g]:9.1f}  {o['ratios'][r][g]:9.2f}"
+        lines.append(row)
+    alloc = ", ".join(f"{k}={v}" for k, v in o["allocator"].items() if v is not None) or "glibc defaults"
+    lines.append(f"allocator: {alloc}")
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Smoke test of `finemoe bench moe-layer` at a tiny shape: JSON structure and sane ratios."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # exercise the re-exec
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "finemoe", "bench", "moe-layer", *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+
+
+def test_bench_json_structure_and_positive_ratios():
+    p = _run("--json", "-G", "1", "2", "--d-model", "32", "-E", "2", "--batch", "4", "--seq", "8", "--repeats", "2")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert set(out["ratios"]) == {"ec", "tc"}
+    for r in ("ec", "tc"):
+        assert set(out["ratios"][r]) == {"1", "2"}
+        assert all(math.isfinite(v) and v > 0 for v in out["ratios"][r].values())
+        assert set(out["ms"][r]) == {"1", "2"}
+    assert set(out["ms"]["dense"]) == {"1", "2"} and out["threads"] >= 1 and out["device"] == "cpu"
+    assert out["allocator"]["MALLOC_MMAP_THRESHOLD_"] is not None  # re-executed with tuned malloc
+
+
+def test_bench_bad_granularity_is_one_line_error():
+    p = _run("-G", "3", "--d-model", "32")
+    assert p.returncode == 2 and "granularity G=3 must divide" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_bench_bf16_table():
+    p = _run("--dtype", "bf16", "-G", "1", "4", "--d-model", "128", "--batch", "16", "--seq", "64", "--repeats", "2")
+    assert p.returncode == 0, p.stderr
+    assert "ec/dense" in p.stdout and "bfloat16" in p.stdout and "allocator:" in p.stdout

@@ -1,0 +1,219 @@
+"""The MoE layer against a slow loop-over-experts reference, a dense FFN, and its routing contracts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finemoe.config import ModelConfig
+from finemoe.nn.model import DenseFFN
+from finemoe.nn.moe import MoE
+from finemoe.nn.routing import ec_tokens_per_expert, expert_choice, token_choice
+
+ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+def _cfg(**kw):
+    base = dict(d_model=16, expansion_rate=2, granularity=2, seq_len=8)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def reference_moe(m: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Slow, obviously-correct loop over groups, experts and tokens (same routing rules as MoE)."""
+    cfg = m.cfg
+    B, T, d = x.shape
+    n = cfg.n_experts
+    probs = (x.reshape(-1, d) @ m.router.weight.t()).softmax(-1).view(B, T, n)
+    w1, w2, act = m.experts.w1, m.experts.w2, ACT[cfg.activation]
+    contrib = {(b, t): [] for b in range(B) for t in range(T)}
+    k = ec_tokens_per_expert(B, cfg.expansion_rate, cfg.capacity_factor) if cfg.routing == "ec" else None
+    if k is not None:
+        for t in range(T):
+            for e in range(n):
+                vals, bs = probs[:, t, e].topk(k)
+                for v, b in zip(vals, bs.tolist()):
+                    contrib[b, t].append(v * (act(x[b, t] @ w1[e]) @ w2[e]))
+    else:
+        top = cfg.k_tokens_choice if cfg.routing == "tc" else m.small_group_top_k()
+        for b in range(B):
+            for t in range(T):
+                vals, es = probs[b, t].topk(top)
+                for v, e in zip(vals, es.tolist()):
+                    contrib[b, t].append(v * (act(x[b, t] @ w1[e]) @ w2[e]))
+    out = torch.stack(
+        [torch.stack(c).sum(0) if c else x.new_zeros(d) for c in (contrib[b, t] for b in range(B) for t in range(T))]
+    ).view(B, T, d)
+    return m.ln(out)
+
+
+def _grads(m, x, fn, r):
+    m.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = fn(x)
+    (y * r).sum().backward()
+    return y.detach(), [x.grad] + [p.grad.clone() for p in m.parameters()]
+
+
+CASES = [  # (routing, E, G, B, extra)
+    ("ec", 1, 1, 4, {}),
+    ("ec", 2, 2, 6, {}),
+    ("ec", 3, 4, 6, {}),
+    ("ec", 4, 2, 6, {}),  # k = round(1.5) = 2
+    ("ec", 2, 4, 4, {"capacity_factor": 1.5, "activation": "gelu"}),
+    ("ec", 4, 2, 2, {}),  # group too small: token-choice fallback
+    ("tc", 1, 1, 3, {}),
+    ("tc", 2, 2, 3, {}),
+    ("tc", 3, 4, 2, {}),
+    ("tc", 2, 4, 2, {"top_k": 3, "activation": "silu"}),
+]
+
+
+@pytest.mark.filterwarnings("ignore:expert choice group")  # the small-group case warns by design
+@pytest.mark.parametrize("routing,E,G,B,extra", CASES)
+def test_matches_reference_outputs_and_grads(routing, E, G, B, extra):
+    torch.manual_seed(E * 10 + G + B)
+    m = MoE(_cfg(routing=routing, expansion_rate=E, granularity=G, **extra))
+    x = torch.randn(B, 5, 16)
+    r = torch.randn(B, 5, 16)
+    ref_y, ref_g = _grads(m, x, lambda v: reference_moe(m, v), r)
+    for grouped in (False, True):  # padded bmm and grouped GEMM give the same answer
+        m.experts.use_grouped_mm = grouped
+        y, g = _grads(m, x, lambda v: m(v)[0], r)
+        torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-4)
+        for a, b in zip(g, ref_g):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_expert_choice_takes_exactly_k_per_expert_per_group():
+    torch.manual_seed(0)
+    B, T, n, k = 8, 5, 6, 3
+    probs = torch.randn(B, T, n).softmax(-1)
+    slots = expert_choice(probs, k)
+    assert slots.idx.shape == (n, T * k)
+    b, t = slots.idx // T, slots.idx % T
+    for e in range(n):
+        for pos in range(T):
+            chosen = b[e][t[e] == pos]
+            assert len(chosen) == k and len(set(chosen.tolist())) == k
+            assert set(chosen.tolist()) == set(probs[:, pos, e].topk(k).indices.tolist())
+    torch.testing.assert_close(slots.gates, probs.permute(2, 1, 0).reshape(n, -1).gather(1, t * B + b))
+
+
+def test_token_choice_gives_every_token_exactly_k_experts_no_drops():
+    torch.manual_seed(0)
+    N, n, k = 50, 8, 3
+    probs = torch.randn(N, n).softmax(-1)
+    slots, experts = token_choice(probs, k)
+    assert slots.idx.numel() == N * k and int(slots.counts.sum()) == N * k
+    assert torch.equal(torch.bincount(slots.idx, minlength=N), torch.full((N,), k))
+    expert_of_slot = torch.repeat_interleave(torch.arange(n), slots.counts)
+    for tok in range(N):
+        mine = expert_of_slot[slots.idx == tok]
+        assert sorted(mine.tolist()) == sorted(probs[tok].topk(k).indices.tolist())
+    assert torch.equal(torch.bincount(experts.flatten(), minlength=n), slots.counts)
+
+
+@pytest.mark.parametrize("routing", ["ec", "tc"])
+def test_single_expert_equals_dense_ffn_plus_layernorm(routing):
+    torch.manual_seed(0)
+    cfg = _cfg(routing=routing, expansion_rate=1, granularity=1)
+    moe, dense = MoE(cfg), DenseFFN(cfg.replace(ffn="dense", dense_bias=False))
+    with torch.no_grad():
+        dense.fc1.weight.copy_(moe.experts.w1[0].t())
+        dense.fc2.weight.copy_(moe.experts.w2[0].t())
+    x = torch.randn(4, 5, 16)
+    y, aux = moe(x)
+    torch.testing.assert_close(y, F.layer_norm(dense(x)[0], (16,)), atol=1e-5, rtol=1e-5)
+    assert torch.equal(aux["load"], torch.ones(1))
+
+
+def test_small_group_falls_back_to_token_choice_not_zeros():
+    torch.manual_seed(0)
+    m = MoE(_cfg(expansion_rate=4, granularity=2, moe_out_norm=False))
+    assert ec_tokens_per_expert(1, 4, 1.0) is None and ec_tokens_per_expert(4, 4, 1.0) == 1
+    x = torch.randn(1, 5, 16)
+    m.eval()
+    y, aux = m(x)
+    assert (y.abs().sum(-1) > 0).all()  # every token got its top-G experts
+    assert int((aux["load"] * 10).round().sum()) == 10  # 5 tokens x G=2 slots
+    torch.testing.assert_close(y, reference_moe(m, x))
+    m.train()
+    with pytest.warns(UserWarning, match="top-2 experts"):
+        import finemoe.nn.routing as routing
+
+        routing._warned_small_group = False
+        m(x)
+
+
+def test_aux_losses_are_tensors_and_load_sums_to_one():
+    torch.manual_seed(0)
+    for routing in ("ec", "tc"):
+        m = MoE(_cfg(routing=routing, expansion_rate=4))
+        y, aux = m(torch.randn(8, 5, 16))
+        for key in ("lb_loss", "z_loss"):
+            assert aux[key].dim() == 0 and torch.isfinite(aux[key])
+        assert aux["load"].shape == (8,) and not aux["load"].requires_grad
+        torch.testing.assert_close(aux["load"].sum(), torch.tensor(1.0))
+        assert aux["z_loss"].requires_grad
+        if routing == "tc":
+            assert 0.5 < aux["lb_loss"] < 2.0  # n * sum_e f_e P_e is 1 when balanced; near it at init
+            aux["lb_loss"].backward()
+            assert m.router.weight.grad.abs().sum() > 0
+
+
+def test_router_stays_fp32_and_grads_finite_under_bf16_autocast():
+    torch.manual_seed(0)
+    for routing in ("ec", "tc"):
+        m = MoE(_cfg(routing=routing, expansion_rate=4, granularity=2))
+        x = torch.randn(8, 5, 16, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert m.router(x).dtype == torch.float32
+            y, aux = m(x)
+            loss = y.float().square().mean() + aux["z_loss"] + aux["lb_loss"]
+        loss.backward()
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+        for p in m.parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_init_std_follows_paper_fan_ins():
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=64, expansion_rate=4, granularity=8)
+    m = MoE(cfg)
+    for w, fan_in in ((m.router.weight, 64), (m.experts.w1, 64), (m.experts.w2, cfg.d_ff)):
+        assert abs(w.std().item() / (0.1 / fan_in) ** 0.5 - 1) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("routing", ["ec", "tc"])
+def test_gpu_matches_cpu(routing):
+    torch.manual_seed(0)
+    m = MoE(_cfg(routing=routing, expansion_rate=4, granularity=2))
+    x = torch.randn(8, 5, 16)
+    y_cpu = m(x)[0]
+    y_gpu = m.cuda()(x.cuda())[0]
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, atol=1e-4, rtol=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, aux = m(x.cuda().requires_grad_(True))
+        y.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_token_choice_skewed_load_uses_overflow_batch_and_matches_reference():
+    from finemoe.nn.experts import _pad_two_level
+
+    torch.manual_seed(0)
+    m = MoE(_cfg(routing="tc", expansion_rate=4, granularity=2))
+    with torch.no_grad():
+        m.router.weight[0] = 0.5  # expert 0 wins for every token with a positive mean
+    x = torch.randn(4, 5, 16) + 1.0
+    probs = m.router(x).softmax(-1).view(20, -1)
+    slots, _ = token_choice(probs, 2)
+    assert int(slots.counts[0]) == 20 and len(_pad_two_level(slots)) == 2
+    r = torch.randn(4, 5, 16)
+    ref_y, ref_g = _grads(m, x, lambda v: reference_moe(m, v), r)
+    y, g = _grads(m, x, lambda v: m(v)[0], r)
+    torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
