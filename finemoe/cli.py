@@ -12,6 +12,9 @@ from finemoe.errors import FinemoeError
 # so `finemoe plan` never pays for torch.
 COMMANDS = (
     "params",
+    "sweep",
+    "report",
+    "quickstart",
 )
 
 
