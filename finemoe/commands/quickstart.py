@@ -29,6 +29,8 @@ def prepare_data(data_dir: str, log) -> None:
     from finemoe.errors import DataError
 
     d = Path(data_dir)
+    if (d / "train.bin").is_file() and not (d / "meta.json").is_file():
+        return  # tokens the user prepared some other way: use them as they are
     try:
         from finemoe.data.prepare import prepare
     except ImportError:

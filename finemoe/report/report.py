@@ -215,8 +215,8 @@ def fitted_coefficients(moe_res, dense_res, E: int, source: str):
     """The fitted laws as a coefficient set (`finemoe plan --coefficients FILE.json` reads its JSON)."""
     from finemoe.scaling.laws import CoefficientSet, DenseLaw, MoELaw
 
-    return CoefficientSet("fitted", MoELaw(**moe_res.params, **moe_res.fixed),
-                          DenseLaw(**dense_res.params, **dense_res.fixed) if dense_res is not None else None,
+    return CoefficientSet("fitted", MoELaw(**{**moe_res.fixed, **moe_res.params}),
+                          DenseLaw(**{**dense_res.fixed, **dense_res.params}) if dense_res is not None else None,
                           expansion_rate=E, source=source)
 
 
