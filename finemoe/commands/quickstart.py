@@ -22,8 +22,9 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def prepare_data(data_dir: str, log) -> None:
-    """Build the default corpus unless data_dir already holds prepared tokens (the builder reuses its work)."""
+def prepare_data(data_dir: str, log, vocab_size: int = 8192) -> None:
+    """Build the default corpus with a `vocab_size` BPE, unless data_dir holds tokens prepared some other
+    way; the builder itself reuses a folder built by the same request."""
     from pathlib import Path
 
     from finemoe.errors import DataError
@@ -38,7 +39,7 @@ def prepare_data(data_dir: str, log) -> None:
             return
         raise DataError(f"{d} has no train.bin and this build has no corpus builder; prepare text with "
                         "`finemoe data prepare --out DIR` or set data_dir in the spec") from None
-    prepare(out=d, log=log)
+    prepare(out=d, vocab_size=vocab_size, log=log)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     spec = specmod.load(args.spec)
 
     log(f"[1/3] corpus and tokenizer -> {spec.data_dir}")
-    prepare_data(spec.data_dir, log)
+    prepare_data(spec.data_dir, log, vocab_size=spec.runs[0].config["model"]["vocab_size"])
     log(f"      ({time.time() - t0:.0f} s)")
 
     log(f"[2/3] sweep '{spec.name}': {len(spec.runs)} runs (finished ones are reused)")

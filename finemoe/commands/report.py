@@ -23,6 +23,8 @@ def register(sub) -> None:
     p.add_argument("--budgets", type=positive_float, nargs="+", help="FLOPs budgets for the planner table")
     p.add_argument("--coefficients", default="paper", help="published set to compare against (default: paper)")
     p.add_argument("--title", help="report title")
+    p.add_argument("--name", default="report.md", help="Markdown file name inside --out (default report.md)")
+    p.add_argument("--note", action="append", default=[], help="a line quoted under the title (repeatable)")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else results.parent / "report"
     opts = ReportOptions(loss=args.loss, bootstrap=args.bootstrap, holdout=args.holdout_best, fix_c=args.fix_c,
                          budgets=tuple(args.budgets or DEFAULT_BUDGETS), paper_coefficients=args.coefficients,
-                         title=args.title)
+                         title=args.title, notes=list(args.note), filename=args.name)
     path = build_report(results, out, opts)
     pngs = sorted(str(p) for p in path.parent.glob("*.png"))
     emit(args, {"report": str(path), "figures": pngs}, lambda o: f"report: {o['report']}")

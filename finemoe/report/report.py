@@ -29,6 +29,7 @@ class ReportOptions:
     paper_coefficients: str = "paper"
     title: str | None = None
     notes: list[str] = field(default_factory=list)
+    filename: str = "report.md"
 
 
 def _num(x: Any, fmt: str = ".4f") -> str:
@@ -288,6 +289,8 @@ def build_report(results: str | Path, out_dir: str | Path, options: ReportOption
             fitted = fitted_coefficients(moe_res, dense_res, E, f"finemoe report {results}")
             write_text_atomic(out / "coefficients.json", json.dumps(fitted.to_dict(), indent=2) + "\n")
         md += ["## Planner: fitted law vs the paper's coefficients", "", _plan_section(fitted, o), ""]
-    path = out / "report.md"
+    if "/" in o.filename or not o.filename.endswith(".md"):
+        raise DataError(f"report name {o.filename!r} must be a plain file name ending in .md")
+    path = out / o.filename
     write_text_atomic(path, "\n".join(md).rstrip() + "\n")
     return path
