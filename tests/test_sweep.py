@@ -259,3 +259,11 @@ def test_real_trainer_sweep(tmp_path):
     for row in Store(s.store).rows():
         assert row["train_loss"] > 0 and row["tokens"] == 2048 and row["flops"] > 0 and row["device"]
         assert Path(json.loads(row["config"])["out_dir"], "final.json").is_file()
+
+
+def test_slurm_without_a_cluster_is_a_clear_error(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
+    s = specmod.expand(_raw(tmp_path, tokens=[1000], granularities=[1], dense=False))
+    with pytest.raises(ConfigError, match="executor"):
+        run_sweep(s, executor="slurm", log=lambda *_: None)

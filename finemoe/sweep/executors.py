@@ -122,7 +122,10 @@ class SlurmExecutor:
             raise ConfigError("the slurm executor needs submitit: pip install submitit") from None
         if not run_ids:
             return
-        ex = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
+        try:
+            ex = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
+        except Exception as e:  # no sbatch on this machine, an unknown cluster name
+            raise ConfigError(f"cannot use the {self.cluster} executor here ({e}); use --executor local") from None
         try:
             ex.update_parameters(**self.params)
         except (ValueError, TypeError) as e:
