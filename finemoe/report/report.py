@@ -144,6 +144,15 @@ def _coef_table(res, names: Sequence[str]) -> str:
     return _table(["coefficient", "value", f"bootstrap p{pct[0]:g}–p{pct[-1]:g}"], rows)
 
 
+def degenerate(res) -> str | None:
+    """Why a fit cannot be read as a law (an exponent far outside the plausible range, or a coefficient
+    that ran off to infinity trading against another), or None."""
+    p = res.params
+    bad = [f"{k}={p[k]:.3g}" for k in ("alpha", "beta", "gamma") if k in p and not 0 < p[k] < 3]
+    bad += [f"{k}={p[k]:.3g}" for k in ("a", "b", "g") if k in p and p[k] > 1e6]
+    return ", ".join(bad) or None
+
+
 def _fit_summary(res) -> str:
     parts = [f"{res.n_points} runs, in-sample RMSE {res.rmse:.4f}"]
     if res.holdout:
@@ -168,7 +177,12 @@ def _moe_section(done, out: Path, o: ReportOptions):
     text = [_coef_table(res, ["g", "gamma", "a", "alpha", "b", "beta", "c"]), "", _fit_summary(res)]
     g = res.params.get("gamma")
     ci = (res.bootstrap or {}).get("values", {}).get("gamma")
-    if g is not None:
+    bad = degenerate(res)
+    if bad:
+        text.append(f"\n**Degenerate fit** ({bad}): these runs do not pin down every term of Eq. 9 (too few "
+                    "distinct N or D); read γ from the per-(N, D) fits above, and the planner's fitted column "
+                    "as meaningless.")
+    elif g is not None:
         verdict = ("finer experts help (γ > 0" + (f", interval [{ci[0]:.3g}, {ci[1]:.3g}] above 0)" if ci and ci[0] > 0.01 else ")")
                    if g > 0.01 else "no measurable benefit of granularity (γ ≈ 0)")
         text.append(f"\nFitted γ = {g:.3f}: {verdict}. Paper (Table 1): γ = 0.58.")
@@ -185,7 +199,9 @@ def _dense_section(done, out: Path, o: ReportOptions):
     except (FinemoeError, ValueError) as e:
         return f"Eq. 1 not fitted: {e}", None
     fit_figure(res, out / "fit_dense.png")
-    return "\n".join([_coef_table(res, ["a", "alpha", "b", "beta", "c"]), "", _fit_summary(res),
+    bad = degenerate(res)
+    warn = f"\n**Degenerate fit** ({bad}): too few distinct N or D to identify Eq. 1." if bad else ""
+    return "\n".join([_coef_table(res, ["a", "alpha", "b", "beta", "c"]), "", _fit_summary(res) + warn,
                       "\n![predicted vs observed, Eq. 1](fit_dense.png)"]), res
 
 

@@ -78,7 +78,8 @@ def loss_vs_flops(df, path: str | Path, loss: str = "train_loss") -> Path:
     if not dense.empty:
         ax.plot(dense.flops, dense[loss], "ks", ms=6, mfc="none", label="dense")
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs=(2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.LogFormatterSciNotation(labelOnlyBase=False))
     ax.set_xlabel("training FLOPs (paper model)")
     ax.set_ylabel(f"{loss.replace('_', ' ')} (nats)")
     ax.set_title("observed loss vs compute")
