@@ -1,1 +1,1 @@
-"""Figures and the Markdown report assembled from a results store."""
+"""Figures and reports built from run tables and fitted laws."""
