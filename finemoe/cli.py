@@ -19,6 +19,9 @@ COMMANDS = (
     "train",
     "generate",
     "bench",
+    "sweep",
+    "report",
+    "quickstart",
 )
 
 

@@ -1,0 +1,312 @@
+"""The Markdown report of a results store: runs, granularity curves, fitted laws, planner answers.
+
+A thin assembler: fitting lives in finemoe.scaling.fit, planning in finemoe.scaling.plan, figures in
+finemoe.report.plots / run_plots. A section whose law the data cannot identify says why instead of
+failing the report, so a partial sweep still gets a report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from finemoe.errors import DataError, FinemoeError
+from finemoe.io import write_text_atomic
+
+DEFAULT_BUDGETS = (1e15, 1e17, 1e19, 1e21)
+
+
+@dataclass
+class ReportOptions:
+    loss: str = "train_loss"  # the paper fits the smoothed train loss
+    bootstrap: int = 100
+    holdout: float = 0.2
+    fix_c: float | None = None  # Eq. 9 / Eq. 1 with the irreducible loss c fixed (small sweeps)
+    budgets: Sequence[float] = DEFAULT_BUDGETS
+    paper_coefficients: str = "paper"
+    title: str | None = None
+    notes: list[str] = field(default_factory=list)
+    filename: str = "report.md"
+
+
+def _num(x: Any, fmt: str = ".4f") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return format(x, fmt)
+
+
+def _si(x: Any) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    for div, suf in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suf}"
+    return f"{x:.3g}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _points(df, loss: str):
+    from finemoe.scaling.fit import Points
+
+    g = df.granularity.where(df.ffn == "moe", 1).astype(float)
+    return Points(df.total_params.astype(float).to_numpy(), df.tokens.astype(float).to_numpy(),
+                  g.to_numpy(), df[loss].astype(float).to_numpy())
+
+
+# -- sections ------------------------------------------------------------------------------------
+
+
+def _summary(df, source: str) -> str:
+    counts = df.status.value_counts().to_dict()
+    devices = sorted({str(d) for d in df.device.dropna().unique()})
+    versions = sorted({str(v) for v in df.code_version.dropna().unique()}) if "code_version" in df else []
+    wall = df.wall_time_s.fillna(0).sum()
+    lines = [
+        f"- results: `{source}`",
+        "- runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
+        f"- devices: {', '.join(devices) or '–'}",
+        f"- code: {', '.join(versions) or '–'}",
+        f"- total training wall time: {wall / 3600:.2f} h ({wall:.0f} s)",
+    ]
+    return "\n".join(lines)
+
+
+def _runs_table(df, loss: str) -> str:
+    d = df.copy()
+    d["_g"] = d.granularity.where(d.ffn == "moe", 0)
+    d = d.sort_values(["d_model", "n_blocks", "tokens", "_g"])
+    rows = []
+    for r in d.itertuples():
+        kind = "dense" if r.ffn == "dense" else f"E{int(r.expansion_rate)} G{int(r.granularity)}"
+        lines = r.error.strip().splitlines() if isinstance(r.error, str) else []
+        err = lines[-1][:60] if lines and r.status != "done" else ""
+        rows.append([r.run_id, f"{int(r.d_model)}×{int(r.n_blocks)}", kind, _si(r.total_params), _si(r.active_params),
+                     _si(r.tokens), _si(r.flops), _num(r.train_loss), _num(r.val_loss),
+                     _num(r.wall_time_s, ".0f"), r.status + (f": {err}" if err else "")])
+    return _table(["run", "d×blocks", "FFN", "N", "N_act", "D", "FLOPs", "train loss", "val loss", "wall s", "status"], rows)
+
+
+def _granularity_section(done, out: Path, o: ReportOptions) -> tuple[str, list[dict]]:
+    from finemoe.report.run_plots import loss_vs_granularity
+    from finemoe.scaling.fit import fit
+
+    moe = done[done.ffn == "moe"]
+    groups: list[dict] = []
+    text = []
+    try:
+        res = fit(_points(moe, o.loss), law="granularity", holdout=None)
+        groups = res.groups
+        text.append(_table(
+            ["N", "D", "runs", "g", "γ", "h", "RMSE"],
+            [[_si(g["N"]), _si(g["D"]), g["n_points"], _num(g["g"], ".3f"), _num(g["gamma"], ".3f"), _num(g["h"], ".3f"),
+              _num(g["rmse"], ".4f")] for g in groups]))
+        gam = [g["gamma"] for g in groups]
+        text.append(f"\nγ per (N, D) ranges {min(gam):.3f}–{max(gam):.3f} (paper: γ > 0 means finer experts help).")
+    except (FinemoeError, ValueError) as e:
+        text.append(f"Eq. 4 not fitted: {e}")
+    if not moe.empty:
+        loss_vs_granularity(done, groups, out / "loss_vs_granularity.png", o.loss)
+        text.insert(0, "![loss vs G](loss_vs_granularity.png)\n")
+    return "\n".join(text), groups
+
+
+def _law_fit(pts, law: str, o: ReportOptions, n_min: int):
+    from finemoe.scaling.fit import fit
+
+    fixed = {"c": o.fix_c} if o.fix_c is not None else None
+    n_free = (7 if law == "moe" else 5) - (1 if fixed else 0)
+    holdout = o.holdout if len(pts) - round(o.holdout * len(pts)) >= n_free + 1 else None
+    try:
+        return fit(pts, law=law, fixed=fixed, holdout=holdout, bootstrap=o.bootstrap if len(pts) >= n_min else 0)
+    except DataError as e:
+        if "bootstrap" not in str(e):
+            raise
+        return fit(pts, law=law, fixed=fixed, holdout=holdout, bootstrap=0)  # intervals impossible, fit still is
+
+
+def _coef_table(res, names: Sequence[str]) -> str:
+    bs = (res.bootstrap or {}).get("values", {})
+    pct = (res.bootstrap or {}).get("percentiles", [10, 90])
+    rows = []
+    for k in names:
+        v = res.params.get(k, res.fixed.get(k))
+        lo_hi = bs.get(k)
+        ci = f"[{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else ("fixed" if k in res.fixed else "–")
+        rows.append([k, _num(v, ".4g"), ci])
+    return _table(["coefficient", "value", f"bootstrap p{pct[0]:g}–p{pct[-1]:g}"], rows)
+
+
+def degenerate(res) -> str | None:
+    """Why a fit cannot be read as a law (an exponent far outside the plausible range, or a coefficient
+    that ran off to infinity trading against another), or None."""
+    p = res.params
+    bad = [f"{k}={p[k]:.3g}" for k in ("alpha", "beta", "gamma") if k in p and not 0 < p[k] < 3]
+    bad += [f"{k}={p[k]:.3g}" for k in ("a", "b", "g") if k in p and p[k] > 1e6]
+    return ", ".join(bad) or None
+
+
+def _fit_summary(res) -> str:
+    parts = [f"{res.n_points} runs, in-sample RMSE {res.rmse:.4f}"]
+    if res.holdout:
+        parts.append(f"held-out best {res.holdout['fraction']:.0%} ({res.holdout['n_heldout']} runs) RMSE "
+                     f"{res.holdout['rmse']:.4f} after refitting without them")
+    else:
+        parts.append("too few runs to hold any out")
+    if res.bootstrap:
+        parts.append(f"{res.bootstrap['n']} bootstrap refits")
+    return "; ".join(parts) + "."
+
+
+def _moe_section(done, out: Path, o: ReportOptions):
+    from finemoe.report.plots import fit_figure
+
+    moe = done[done.ffn == "moe"]
+    try:
+        res = _law_fit(_points(moe, o.loss), "moe", o, 8)
+    except (FinemoeError, ValueError) as e:
+        return f"Eq. 9 not fitted: {e}", None
+    fit_figure(res, out / "fit_moe.png")
+    text = [_coef_table(res, ["g", "gamma", "a", "alpha", "b", "beta", "c"]), "", _fit_summary(res)]
+    g = res.params.get("gamma")
+    ci = (res.bootstrap or {}).get("values", {}).get("gamma")
+    bad = degenerate(res)
+    if bad:
+        text.append(f"\n**Degenerate fit** ({bad}): these runs do not pin down every term of Eq. 9 (too few "
+                    "distinct N or D); read γ from the per-(N, D) fits above, and the planner's fitted column "
+                    "as meaningless.")
+    elif g is not None:
+        verdict = ("finer experts help (γ > 0" + (f", interval [{ci[0]:.3g}, {ci[1]:.3g}] above 0)" if ci and ci[0] > 0.01 else ")")
+                   if g > 0.01 else "no measurable benefit of granularity (γ ≈ 0)")
+        text.append(f"\nFitted γ = {g:.3f}: {verdict}. Paper (Table 1): γ = 0.58.")
+    text.append("\n![predicted vs observed, Eq. 9](fit_moe.png)")
+    return "\n".join(text), res
+
+
+def _dense_section(done, out: Path, o: ReportOptions):
+    from finemoe.report.plots import fit_figure
+
+    dense = done[done.ffn == "dense"]
+    try:
+        res = _law_fit(_points(dense, o.loss), "dense", o, 6)
+    except (FinemoeError, ValueError) as e:
+        return f"Eq. 1 not fitted: {e}", None
+    fit_figure(res, out / "fit_dense.png")
+    bad = degenerate(res)
+    warn = f"\n**Degenerate fit** ({bad}): too few distinct N or D to identify Eq. 1." if bad else ""
+    return "\n".join([_coef_table(res, ["a", "alpha", "b", "beta", "c"]), "", _fit_summary(res) + warn,
+                      "\n![predicted vs observed, Eq. 1](fit_dense.png)"]), res
+
+
+def _equal_flops_section(done, out: Path, o: ReportOptions) -> str:
+    from finemoe.report.run_plots import loss_vs_flops
+
+    rows = []
+    for (d, n, D), at in done.groupby(["d_model", "n_blocks", "tokens"]):
+        dense, moe = at[at.ffn == "dense"], at[at.ffn == "moe"]
+        if dense.empty or moe.empty:
+            continue
+        best = moe.loc[moe[o.loss].idxmin()]
+        g1 = moe[moe.granularity == 1]
+        dl = float(dense[o.loss].iloc[0])
+        rows.append([f"{int(d)}×{int(n)}", _si(D), _num(dl), _num(float(g1[o.loss].iloc[0])) if not g1.empty else "–",
+                     int(best.granularity), _num(float(best[o.loss])), _num(float(best[o.loss]) - dl, "+.4f"),
+                     _num(float(best.flops) / float(dense.flops.iloc[0]), ".3f")])
+    loss_vs_flops(done, out / "loss_vs_flops.png", o.loss)
+    text = ["![loss vs FLOPs](loss_vs_flops.png)", ""]
+    if rows:
+        text.append("Same size and tokens: MoE adds expert parameters at (almost) the dense model's FLOPs; the "
+                    "last column is the MoE's FLOPs ÷ dense FLOPs (router cost 14·E·G/(72·d)).\n")
+        text.append(_table(["d×blocks", "D", "dense", "MoE G=1", "best G", "best MoE", "best − dense", "FLOPs ratio"], rows))
+    return "\n".join(text)
+
+
+def fitted_coefficients(moe_res, dense_res, E: int, source: str):
+    """The fitted laws as a coefficient set (`finemoe plan --coefficients FILE.json` reads its JSON)."""
+    from finemoe.scaling.laws import CoefficientSet, DenseLaw, MoELaw
+
+    return CoefficientSet("fitted", MoELaw(**{**moe_res.fixed, **moe_res.params}),
+                          DenseLaw(**{**dense_res.fixed, **dense_res.params}) if dense_res is not None else None,
+                          expansion_rate=E, source=source)
+
+
+def _plan_section(fitted, o: ReportOptions) -> str:
+    from finemoe.scaling import plan as P
+    from finemoe.scaling.laws import load_coefficients
+
+    sets = []
+    if fitted is not None:
+        E = fitted.expansion_rate
+        sets.append((f"fitted here (E={E})", fitted, P.Settings(expansion_rate=E)))
+    paper = load_coefficients(o.paper_coefficients)
+    sets.append((f"paper `{o.paper_coefficients}` (E={paper.expansion_rate})", paper,
+                 P.Settings(expansion_rate=paper.expansion_rate)))
+    rows = []
+    for F in o.budgets:
+        row = [f"{F:.0e}"]
+        for _, coeffs, s in sets:
+            try:
+                c = P.compare(coeffs, F, s)
+                row += [f"{c.moe.granularity:g}", _si(c.moe.active_params), _si(c.moe.tokens), _num(c.moe.loss, ".3f"),
+                        _num(c.dense_flops_multiple, ".2f") + "×" if c.dense_flops_multiple else "–"]
+            except (FinemoeError, ValueError, ArithmeticError) as e:
+                row += ["–", "–", "–", f"({str(e)[:40]})", "–"]
+        rows.append(row)
+    header = ["FLOPs"]
+    for name, _, _ in sets:
+        header += [f"G ({name})", "N_act", "D", "loss", "dense ×"]
+    note = ("Compute-optimal (N, D, G) per budget (d_model = 64·n_blocks, G over powers of two). "
+            "'dense ×' is the dense compute needed to reach the MoE optimum's loss. A law fitted on a few "
+            "small runs is extrapolated far outside its data here: read its column as what the fit implies, "
+            "not as a prediction.")
+    return note + "\n\n" + _table(header, rows)
+
+
+# -- assembly ------------------------------------------------------------------------------------
+
+
+def build_report(results: str | Path, out_dir: str | Path, options: ReportOptions | None = None) -> Path:
+    """Write `report.md` and its PNGs into out_dir; returns the Markdown path."""
+    from finemoe.sweep.store import load_runs
+
+    o = options or ReportOptions()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = load_runs(results)
+    if df.empty:
+        raise DataError(f"{results} holds no runs; run a sweep first")
+    if o.loss not in df.columns:
+        raise DataError(f"{results} has no column {o.loss!r}; use train_loss or val_loss")
+    done = df[(df.status == "done") & df[o.loss].notna()].copy()
+    md = [f"# {o.title or 'finemoe sweep report'}", "", _summary(df, str(results)), ""]
+    md += [f"> {n}" for n in o.notes]
+    md += ["", "## Runs", "", _runs_table(df, o.loss), ""]
+    if done.empty:
+        md += ["No finished runs yet: nothing to fit."]
+    else:
+        E = int(done[done.ffn == "moe"].expansion_rate.mode().iloc[0]) if (done.ffn == "moe").any() else 64
+        gran, _ = _granularity_section(done, out, o)
+        md += ["## Loss vs granularity per (N, D) — Eq. 4: L = g/G^γ + h", "", gran, ""]
+        md += ["## MoE vs dense at equal compute", "", _equal_flops_section(done, out, o), ""]
+        c_note = f" with c fixed at {o.fix_c}" if o.fix_c is not None else ""
+        moe_text, moe_res = _moe_section(done, out, o)
+        md += [f"## Eq. 9: L = c + (g/G^γ + a)·N^−α + b·D^−β{c_note}", "", moe_text, ""]
+        dense_text, dense_res = _dense_section(done, out, o)
+        md += [f"## Eq. 1 (dense): L = c + a·N^−α + b·D^−β{c_note}", "", dense_text, ""]
+        fitted = None
+        if moe_res is not None:
+            fitted = fitted_coefficients(moe_res, dense_res, E, f"finemoe report {results}")
+            write_text_atomic(out / "coefficients.json", json.dumps(fitted.to_dict(), indent=2) + "\n")
+        md += ["## Planner: fitted law vs the paper's coefficients", "", _plan_section(fitted, o), ""]
+    if "/" in o.filename or not o.filename.endswith(".md"):
+        raise DataError(f"report name {o.filename!r} must be a plain file name ending in .md")
+    path = out / o.filename
+    write_text_atomic(path, "\n".join(md).rstrip() + "\n")
+    return path

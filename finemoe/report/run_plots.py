@@ -1,0 +1,88 @@
+"""Figures of observed runs (paper Fig. 3a/4 manner): loss vs G per (N, D), and loss vs FLOPs by kind.
+
+Plots take a pandas DataFrame of finished runs (the store's columns) and draw headless to PNG.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from finemoe.io import atomic_path  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def _fmt(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.0f}k"
+
+
+def loss_vs_granularity(df, groups: list[dict], path: str | Path, loss: str = "train_loss") -> Path:
+    """One panel per model size: observed loss vs G for each token budget, the fitted Eq. 4 curve
+    g/G^γ + h through it, and the dense model at the same (size, D) as a dashed line."""
+    moe = df[df.ffn == "moe"]
+    sizes = sorted({(int(r.d_model), int(r.n_blocks)) for r in moe.itertuples()})
+    fig, axes = plt.subplots(1, max(1, len(sizes)), figsize=(4.6 * max(1, len(sizes)), 4.2), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, (d, n) in zip(axes[0], sizes):
+        at = df[(df.d_model == d) & (df.n_blocks == n)]
+        budgets = sorted(at.tokens.unique())
+        for i, D in enumerate(budgets):
+            color = cmap(i / max(1, len(budgets) - 1) * 0.85)
+            m = at[(at.ffn == "moe") & (at.tokens == D)].sort_values("granularity")
+            if m.empty:
+                continue
+            ax.plot(m.granularity, m[loss], "o", color=color, label=f"D={_fmt(D)}")
+            N = float(m.total_params.iloc[0])
+            g = next((g for g in groups if math.isclose(g["N"], N, rel_tol=1e-9) and math.isclose(g["D"], D, rel_tol=1e-9)), None)
+            if g is not None:
+                G = np.geomspace(m.granularity.min(), m.granularity.max(), 50)
+                ax.plot(G, g["g"] * G ** -g["gamma"] + g["h"], "-", color=color, lw=1.2,
+                        label=f"  Eq. 4: γ={g['gamma']:.2f}")
+            dn = at[(at.ffn == "dense") & (at.tokens == D)]
+            if not dn.empty:
+                ax.axhline(float(dn[loss].iloc[0]), color=color, ls="--", lw=1, alpha=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("granularity G")
+        ax.set_ylabel(f"{loss.replace('_', ' ')} (nats)")
+        nact = 12 * d * d * n
+        ax.set_title(f"d={d}, {n} blocks, N_act {_fmt(nact)}\n(dashed: dense at the same D)", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def loss_vs_flops(df, path: str | Path, loss: str = "train_loss") -> Path:
+    """Every finished run at its training FLOPs (paper model), dense and each G apart: at equal FLOPs,
+    is a lower curve there for some G than for dense?"""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    dense = df[df.ffn == "dense"].sort_values("flops")
+    moe = df[df.ffn == "moe"]
+    gs = sorted(moe.granularity.unique())
+    cmap = plt.get_cmap("plasma")
+    for i, g in enumerate(gs):
+        m = moe[moe.granularity == g].sort_values("flops")
+        ax.plot(m.flops, m[loss], "o", ms=5, color=cmap(i / max(1, len(gs)) * 0.85), label=f"MoE G={int(g)}")
+    if not dense.empty:
+        ax.plot(dense.flops, dense[loss], "ks", ms=6, mfc="none", label="dense")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs=(2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.LogFormatterSciNotation(labelOnlyBase=False))
+    ax.set_xlabel("training FLOPs (paper model)")
+    ax.set_ylabel(f"{loss.replace('_', ' ')} (nats)")
+    ax.set_title("observed loss vs compute")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,80 @@
+"""Drive a sweep: register its runs in the store, run what is not final, print progress, export CSV.
+
+Re-running a sweep is always safe: finished (done or diverged) runs are skipped, runs left 'running'
+by a dead process resume from their checkpoints, failed runs are retried.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from finemoe.sweep.executors import make_executor
+from finemoe.sweep.spec import Spec
+from finemoe.sweep.store import FINAL, Store, owner_alive
+
+
+def todo(store: Store, spec: Spec) -> list[str]:
+    rows = {r["run_id"]: r for r in store.rows([r.run_id for r in spec.runs])}
+    out = []
+    for run in spec.runs:
+        row = rows[run.run_id]
+        if row["status"] in FINAL:
+            continue
+        if row["status"] == "running" and owner_alive(row["owner"], row["heartbeat_at"]):
+            continue  # another live sweep holds it
+        out.append(run.run_id)
+    return out
+
+
+def run_sweep(spec: Spec, executor: str | None = None, options: dict[str, Any] | None = None,
+              dry_run: bool = False, log=print) -> dict[str, Any]:
+    """Run every non-final run of `spec`; returns the store's counts for the spec's runs."""
+    store = Store(spec.store)
+    store.add(spec.runs, spec.name)
+    pending = todo(store, spec)
+    ids = [r.run_id for r in spec.runs]
+    counts = store.counts(ids)
+    log(f"sweep {spec.name}: {len(spec.runs)} runs, {counts['done'] + counts['diverged']} finished, "
+        f"{len(pending)} to run  (store {spec.store})")
+    if dry_run or not pending:
+        return {"sweep": spec.name, "store": spec.store, "to_run": len(pending), **counts}
+    opts = {**spec.executor, **(options or {})}
+    kind = executor or opts.get("kind") or "local"
+    ex = make_executor(kind, opts, spec.runs_dir)
+    labels = {r.run_id: r.label for r in spec.runs}
+    t0, k = time.time(), 0
+
+    def on_done(rid: str) -> None:
+        nonlocal k
+        k += 1
+        row = store.get(rid) or {}
+        loss = row.get("train_loss")
+        err = (row.get("error") or "").strip().splitlines()
+        what = f"loss {loss:.4f}" if isinstance(loss, float) else (err[-1] if err else "")
+        log(f"[{k}/{len(pending)}] {row.get('status', '?'):8s} {labels[rid]}  {what}  "
+            f"({row.get('wall_time_s') or 0:.0f} s; sweep {time.time() - t0:.0f} s)")
+        if spec.csv:
+            store.export_csv(spec.csv)
+
+    ex.run(store, pending, spec.trainer, on_done)
+    if spec.csv:
+        store.export_csv(spec.csv)
+    counts = store.counts(ids)
+    return {"sweep": spec.name, "store": spec.store, "to_run": len(todo(store, spec)), **counts}
+
+
+def status_rows(store: Store, spec: Spec | None = None) -> list[dict[str, Any]]:
+    """Rows for `sweep status`: the spec's runs in spec order (unregistered ones as pending), or the whole store."""
+    if spec is None:
+        return store.rows()
+    have = {r["run_id"]: r for r in store.rows([r.run_id for r in spec.runs])} if Path(spec.store).is_file() else {}
+    out = []
+    for run in spec.runs:
+        row = have.get(run.run_id) or {"run_id": run.run_id, "status": "pending", "tokens": run.config["tokens"]}
+        row = dict(row, label=run.label)
+        if row["status"] == "running" and not owner_alive(row.get("owner"), row.get("heartbeat_at")):
+            row["status"] = "running (dead; resumes on re-run)"
+        out.append(row)
+    return out

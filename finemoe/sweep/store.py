@@ -1,0 +1,283 @@
+"""Results store: one SQLite row per run, keyed by the hash of its config.
+
+WAL mode lets `sweep status` read while workers write; every state change is one short transaction,
+so a sweep killed at any instant leaves each row either before or after a change, never half of it.
+A run is claimed with BEGIN IMMEDIATE (one writer at a time), so two workers never train the same run.
+The flat columns are what `finemoe fit` reads; `config` and `record` keep everything else as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import socket
+import sqlite3
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from finemoe.errors import DataError
+
+STATUSES = ("pending", "running", "done", "diverged", "failed")
+FINAL = ("done", "diverged")  # a re-run skips these; failed runs are retried
+
+# Flat columns copied from the trainer's final record (the fit reads these).
+RECORD_COLUMNS = {
+    "ffn": "TEXT", "granularity": "INTEGER", "expansion_rate": "INTEGER", "d_model": "INTEGER",
+    "n_blocks": "INTEGER", "total_params": "INTEGER", "active_params": "INTEGER", "tokens": "INTEGER",
+    "flops": "REAL", "train_loss": "REAL", "val_loss": "REAL", "steps": "INTEGER", "tokens_per_s": "REAL",
+    "wall_time_s": "REAL", "device": "TEXT",
+}
+COLUMNS = {
+    "run_id": "TEXT PRIMARY KEY", "sweep": "TEXT", "label": "TEXT", "status": "TEXT NOT NULL",
+    **RECORD_COLUMNS,
+    "seed": "INTEGER", "error": "TEXT", "code_version": "TEXT", "owner": "TEXT", "heartbeat_at": "TEXT",
+    "started_at": "TEXT", "finished_at": "TEXT", "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "config": "TEXT NOT NULL", "record": "TEXT",
+}
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """`git describe` of the checkout the code runs from, else the package version."""
+    import finemoe
+
+    root = Path(finemoe.__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=root,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return f"git:{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return getattr(finemoe, "__version__", "unknown")
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_alive(owner: str | None, heartbeat_at: str | None, stale_s: float = 300.0) -> bool:
+    """Is the process that claimed a run still there? Same host: ask the kernel; else trust the heartbeat."""
+    if not owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return _zombie(int(pid)) is False
+    if not heartbeat_at:
+        return False
+    age = (_dt.datetime.now(_dt.timezone.utc) - _dt.datetime.fromisoformat(heartbeat_at)).total_seconds()
+    return age < stale_s
+
+
+def _zombie(pid: int) -> bool:
+    # A killed child we have not reaped yet still answers kill(pid, 0).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+class Store:
+    """A SQLite results store; connections are short-lived so it is safe across fork/spawn and hosts."""
+
+    def __init__(self, path: str | os.PathLike, create: bool = True):
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise DataError(f"results store {self.path} not found; run `finemoe sweep run SPEC` first or pass --store")
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            cols = ", ".join(f"{k} {v}" for k, v in COLUMNS.items())
+            con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+            have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
+            if not have:
+                raise DataError(f"{self.path} has no 'runs' table; it is not a finemoe results store")
+            for k, v in COLUMNS.items():  # stores written by an older version gain the new columns
+                if k not in have:
+                    con.execute(f"ALTER TABLE runs ADD COLUMN {k} {v.replace('PRIMARY KEY', '').replace('NOT NULL', '')}")
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        except sqlite3.Error as e:
+            raise DataError(f"cannot open results store {self.path}: {e}") from None
+        con.row_factory = sqlite3.Row
+        try:
+            con.execute("PRAGMA busy_timeout=60000")
+            con.execute("PRAGMA synchronous=FULL")
+            yield con
+        except sqlite3.DatabaseError as e:
+            if "not a database" in str(e) or "malformed" in str(e):
+                raise DataError(f"{self.path} is not a readable SQLite results store ({e})") from None
+            raise
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT: the whole block is applied or none of it."""
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    # -- writes -------------------------------------------------------------------------------------
+
+    def add(self, runs: Iterable[Any], sweep: str) -> int:
+        """Insert runs as pending unless already present; returns how many were new."""
+        with self.transaction() as con:
+            before = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+            con.executemany(
+                "INSERT OR IGNORE INTO runs (run_id, sweep, label, status, seed, config, ffn, granularity,"
+                " expansion_rate, d_model, n_blocks, tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(r.run_id, sweep, r.label, "pending", r.config.get("seed"), json.dumps(r.config, sort_keys=True),
+                  r.config["model"]["ffn"], _g(r.config["model"]), _e(r.config["model"]),
+                  r.config["model"]["d_model"], r.config["model"]["n_blocks"], r.config["tokens"]) for r in runs],
+            )
+            return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] - before
+
+    def claim(self, run_id: str, owner: str | None = None) -> dict[str, Any] | None:
+        """Mark a run 'running' for `owner` if nobody live holds it and it is not final; else None."""
+        owner = owner or owner_id()
+        with self.transaction() as con:
+            row = con.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None or row["status"] in FINAL:
+                return None
+            if row["status"] == "running" and row["owner"] != owner and owner_alive(row["owner"], row["heartbeat_at"]):
+                return None
+            t = now()
+            con.execute(
+                "UPDATE runs SET status='running', owner=?, heartbeat_at=?, started_at=COALESCE(started_at, ?),"
+                " attempts=attempts+1, error=NULL, code_version=? WHERE run_id=?",
+                (owner, t, t, code_version(), run_id),
+            )
+            return dict(row) | {"status": "running", "owner": owner}
+
+    def heartbeat(self, run_id: str, owner: str) -> None:
+        with self.transaction() as con:
+            con.execute("UPDATE runs SET heartbeat_at=? WHERE run_id=? AND owner=?", (now(), run_id, owner))
+
+    def finish(self, run_id: str, record: dict[str, Any]) -> None:
+        """Store the trainer's final record; its status ('done' or 'diverged') becomes the row's."""
+        status = record.get("status", "done")
+        if status not in FINAL:
+            raise DataError(f"run {run_id}: trainer returned status {status!r}, expected one of {FINAL}")
+        flat = {k: _finite(record.get(k)) for k in RECORD_COLUMNS}
+        error = record.get("error")
+        if status == "diverged" and not error:
+            error = f"diverged: non-finite loss or gradient after {record.get('steps')} steps"
+        sets = ", ".join(f"{k}=COALESCE(?, {k})" for k in flat)
+        with self.transaction() as con:
+            con.execute(
+                f"UPDATE runs SET {sets}, status=?, error=?, finished_at=?, record=? WHERE run_id=?",
+                (*flat.values(), status, error, now(),
+                 json.dumps(record, sort_keys=True, default=str), run_id),
+            )
+
+    def fail(self, run_id: str, error: str) -> None:
+        with self.transaction() as con:
+            con.execute("UPDATE runs SET status='failed', error=?, finished_at=? WHERE run_id=?",
+                        (error, now(), run_id))
+
+    def release_dead(self) -> int:
+        """Rows 'running' under a dead owner go back to 'pending' (they resume from their checkpoint)."""
+        with self.transaction() as con:
+            rows = con.execute("SELECT run_id, owner, heartbeat_at FROM runs WHERE status='running'").fetchall()
+            dead = [r["run_id"] for r in rows if not owner_alive(r["owner"], r["heartbeat_at"])]
+            con.executemany("UPDATE runs SET status='pending', owner=NULL WHERE run_id=?", [(d,) for d in dead])
+            return len(dead)
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        with self._connect() as con:
+            row = con.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return dict(row) if row else None
+
+    def rows(self, run_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        with self._connect() as con:
+            rows = [dict(r) for r in con.execute("SELECT * FROM runs ORDER BY rowid")]
+        if run_ids is not None:
+            keep = set(run_ids)
+            rows = [r for r in rows if r["run_id"] in keep]
+        return rows
+
+    def counts(self, run_ids: Iterable[str] | None = None) -> dict[str, int]:
+        out = {s: 0 for s in STATUSES}
+        for r in self.rows(run_ids):
+            out[r["status"]] = out.get(r["status"], 0) + 1
+        return out
+
+    def dataframe(self):
+        return load_runs(self.path)
+
+    def export_csv(self, path: str | os.PathLike) -> Path:
+        """Write the runs table to CSV atomically (the config and record JSON included)."""
+        from finemoe.io import atomic_path
+
+        df = self.dataframe().drop(columns=["owner", "heartbeat_at"], errors="ignore")
+        with atomic_path(path) as tmp:
+            df.to_csv(tmp, index=False)
+        return Path(path)
+
+
+def _g(m: dict[str, Any]) -> int:
+    return int(m.get("granularity", 1)) if m["ffn"] == "moe" else 0
+
+
+def _e(m: dict[str, Any]) -> int:
+    return int(m.get("expansion_rate", 1)) if m["ffn"] == "moe" else 1
+
+
+def load_runs(path: str | os.PathLike):
+    """The runs of a store (.sqlite/.db) or of an exported CSV as a pandas DataFrame."""
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"results file {p} not found; give a results store (.sqlite) or a CSV exported from one")
+    with open(p, "rb") as f:
+        is_sqlite = f.read(16) == b"SQLite format 3\x00"
+    if is_sqlite:
+        try:
+            con = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=60.0)
+            try:
+                return pd.read_sql_query("SELECT * FROM runs ORDER BY rowid", con)
+            finally:
+                con.close()
+        except (sqlite3.Error, pd.errors.DatabaseError) as e:
+            raise DataError(f"{p} has no readable 'runs' table ({e}); is it a finemoe results store?") from None
+    try:
+        df = pd.read_csv(p)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise DataError(f"{p} is neither a SQLite store nor a readable CSV ({e.__class__.__name__})") from None
+    if "status" not in df.columns:
+        raise DataError(f"{p} has no 'status' column; export it with `finemoe sweep export` or add one")
+    return df
