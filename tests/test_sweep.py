@@ -132,6 +132,26 @@ def test_sweep_records_failures_and_divergence_and_skips_finished(tmp_path):
     assert st.get(failed[0]["run_id"])["attempts"] == 2
 
 
+def test_committed_csv_carries_finished_runs_to_a_fresh_checkout(tmp_path):
+    csv = tmp_path / "results.csv"
+    s = specmod.expand(_raw(tmp_path, csv=str(csv)))
+    out = run_sweep(s, executor="inprocess", log=lambda *_: None)
+    assert out["done"] == len(s.runs) and csv.is_file()
+    before = {r["run_id"]: r["train_loss"] for r in Store(s.store).rows()}
+    # a fresh clone has the committed CSV but neither the store nor the run folders
+    os.remove(s.store)
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    logs = []
+    out2 = run_sweep(specmod.expand(_raw(tmp_path, csv=str(csv))), executor="inprocess", log=logs.append)
+    assert out2["done"] == len(s.runs) and out2["to_run"] == 0
+    assert any(f"took {len(s.runs)} finished runs" in line for line in logs)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("starts.log"))
+    after = {r["run_id"]: r["train_loss"] for r in Store(s.store).rows()}
+    assert after == pytest.approx(before)
+
+
 def test_final_json_written_but_not_recorded_is_not_retrained(tmp_path):
     s = specmod.expand(_raw(tmp_path, tokens=[1000], granularities=[1], dense=False))
     (run,) = s.runs

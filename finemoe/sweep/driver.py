@@ -33,6 +33,10 @@ def run_sweep(spec: Spec, executor: str | None = None, options: dict[str, Any] |
     """Run every non-final run of `spec`; returns the store's counts for the spec's runs."""
     store = Store(spec.store)
     store.add(spec.runs, spec.name)
+    if spec.csv and Path(spec.csv).is_file():
+        n = store.import_finished(spec.csv, [r.run_id for r in spec.runs])
+        if n:
+            log(f"sweep {spec.name}: took {n} finished runs from {spec.csv}")
     pending = todo(store, spec)
     ids = [r.run_id for r in spec.runs]
     counts = store.counts(ids)

@@ -201,6 +201,25 @@ class Store:
                  json.dumps(record, sort_keys=True, default=str), run_id),
             )
 
+    def import_finished(self, path: str | os.PathLike, run_ids: Iterable[str]) -> int:
+        """Copy finished rows of an exported CSV into this store, for runs it has not finished.
+
+        A sweep's CSV is committed while its store and checkpoints are not, so a fresh checkout picks
+        up where an earlier session stopped instead of training those runs again.
+        """
+        df = load_runs(path)
+        keep = set(run_ids)
+        cols = [c for c in COLUMNS if c != "run_id" and c in df.columns]
+        rows = [r for r in df.to_dict("records") if r.get("run_id") in keep and r.get("status") in FINAL]
+        with self.transaction() as con:
+            final = {r[0] for r in con.execute(f"SELECT run_id FROM runs WHERE status IN {FINAL}")}
+            new = [r for r in rows if r["run_id"] not in final]
+            con.executemany(
+                f"UPDATE runs SET {', '.join(f'{c}=?' for c in cols)} WHERE run_id=?",
+                [(*(_from_csv(r[c]) for c in cols), r["run_id"]) for r in new],
+            )
+        return len(new)
+
     def fail(self, run_id: str, error: str) -> None:
         with self.transaction() as con:
             con.execute("UPDATE runs SET status='failed', error=?, finished_at=? WHERE run_id=?",
@@ -246,6 +265,13 @@ class Store:
         with atomic_path(path) as tmp:
             df.to_csv(tmp, index=False)
         return Path(path)
+
+
+def _from_csv(x: Any) -> Any:
+    """pandas reads empty cells as NaN and integers as numpy scalars; SQLite wants None and Python."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x.item() if hasattr(x, "item") else x
 
 
 def _g(m: dict[str, Any]) -> int:
