@@ -154,6 +154,10 @@ def _objective(law: _Law, X, y, free: np.ndarray, theta_full: np.ndarray, delta:
     def f(theta):
         t = theta_full.copy()
         t[free] = theta
+        with np.errstate(over="ignore", invalid="ignore"):  # line searches probe extreme exponents
+            return _value_and_grad(t)
+
+    def _value_and_grad(t):
         L, J = law.predict(np.exp(t), X)
         if space == "log":
             Lc = np.maximum(L, 1e-300)
