@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # exercise the re-exec
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "OMP_WAIT"))}  # exercise the re-exec
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
         [sys.executable, "-m", "finemoe", "bench", "moe-layer", *args],
@@ -32,6 +32,7 @@ def test_bench_json_structure_and_positive_ratios():
         assert set(out["ms"][r]) == {"1", "2"}
     assert set(out["ms"]["dense"]) == {"1", "2"} and out["threads"] >= 1 and out["device"] == "cpu"
     assert out["allocator"]["MALLOC_MMAP_THRESHOLD_"] is not None  # re-executed with tuned malloc
+    assert out["omp_wait_policy"] == "PASSIVE"  # and sleeping OpenMP workers
 
 
 def test_bench_bad_granularity_is_one_line_error():

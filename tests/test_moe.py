@@ -201,7 +201,7 @@ def test_gpu_matches_cpu(routing):
 
 
 def test_token_choice_skewed_load_uses_overflow_batch_and_matches_reference():
-    from finemoe.nn.experts import _pad_two_level
+    from finemoe.nn.experts import _pad_buckets
 
     torch.manual_seed(0)
     m = MoE(_cfg(routing="tc", expansion_rate=4, granularity=2))
@@ -210,10 +210,33 @@ def test_token_choice_skewed_load_uses_overflow_batch_and_matches_reference():
     x = torch.randn(4, 5, 16) + 1.0
     probs = m.router(x).softmax(-1).view(20, -1)
     slots, _ = token_choice(probs, 2)
-    assert int(slots.counts[0]) == 20 and len(_pad_two_level(slots)) == 2
+    assert int(slots.counts[0]) == 20 and len([p for p in _pad_buckets(slots)[2] if p]) >= 2
     r = torch.randn(4, 5, 16)
     ref_y, ref_g = _grads(m, x, lambda v: reference_moe(m, v), r)
     y, g = _grads(m, x, lambda v: m(v)[0], r)
     torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-4)
     for a, b in zip(g, ref_g):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_bucket_cuts_minimise_padded_slots():
+    import itertools
+
+    from finemoe.nn.experts import _bucket_cuts
+
+    torch.manual_seed(0)
+    for _ in range(20):
+        c = sorted(torch.randint(0, 30, (7,)).tolist(), reverse=True)
+        for k in (1, 2, 3):
+            cuts = _bucket_cuts(c, k)
+            assert cuts[0] == 0 and cuts[-1] == len(c) and len(cuts) - 1 <= k
+
+            def padded(cs):
+                return sum((b - a) * c[a] for a, b in zip(cs[:-1], cs[1:]))
+
+            brute = min(
+                padded([0, *inner, len(c)])
+                for m in range(k)
+                for inner in itertools.combinations(range(1, len(c)), m)
+            )
+            assert padded(cuts) == brute

@@ -89,4 +89,5 @@ def bench_moe_layer(
         "dtype": str(dtype or torch.float32).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         "allocator": allocator_settings(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }

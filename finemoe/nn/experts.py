@@ -139,18 +139,16 @@ class Experts(nn.Module):
         slots: Slots,
         tokens: torch.Tensor,
         slot_ids: torch.Tensor,
-        experts: torch.Tensor | None = None,
+        weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Fixed-capacity path for all experts, or for the subset `experts` (rows of slots.idx);
-        `tokens`/`slot_ids`: the routed pairs (see Dispatch)."""
+        """Fixed-capacity path for all experts, or for the experts whose `weights` are given (one per
+        row of slots.idx); `tokens`/`slot_ids`: the routed pairs (see Dispatch)."""
         dtype = compute_dtype(x)
         n, C = slots.idx.shape
         gates = slots.gates
         dispatch = Dispatch(slots.idx.reshape(-1), tokens, slot_ids, x.shape[0])
         with torch.autocast(x.device.type, enabled=False):
-            w1, w2 = self._weights(dtype)
-            if experts is not None:
-                w1, w2 = w1.index_select(0, experts), w2.index_select(0, experts)
+            w1, w2 = weights if weights is not None else self._weights(dtype)
             xg = gather_rows(x.to(dtype), dispatch).view(n, C, -1)
             h = self.act(torch.bmm(xg, w1)) * gates.to(dtype).unsqueeze(-1)
             y = torch.bmm(h, w2)
@@ -160,10 +158,15 @@ class Experts(nn.Module):
         """x [N, d], slots sorted by expert with per-expert counts -> [N, d]."""
         dtype = compute_dtype(x)
         if not self._grouped_ok(x, dtype):
+            order, sizes, parts = _pad_buckets(slots)
+            with torch.autocast(x.device.type, enabled=False):
+                # experts in load order, one contiguous slice per run: split's backward is one cat
+                w1, w2 = (w.index_select(0, order).split(sizes) for w in self._weights(dtype))
             out = None
-            for part in _pad_two_level(slots):
-                y = self._capacity(x, *part)
-                out = y if out is None else out + y
+            for b, part in enumerate(parts):
+                if part is not None:
+                    y = self._capacity(x, *part, weights=(w1[b], w2[b]))
+                    out = y if out is None else out + y
             return out
         offs = torch.cumsum(slots.counts, 0).to(torch.int32)
         dispatch = Dispatch(slots.idx, slots.idx, torch.arange(slots.idx.numel(), device=x.device), x.shape[0])
@@ -192,43 +195,75 @@ class Experts(nn.Module):
         )
 
 
-def _pad_two_level(slots: Slots) -> list[tuple[Slots, torch.Tensor, torch.Tensor | None]]:
-    """Sorted (dropless) slots -> one or two fixed-capacity problems with little padding.
+def _bucket_cuts(c: list[int], max_buckets: int) -> list[int]:
+    """Cut points of the descending counts `c` into at most `max_buckets` runs, each padded to its
+    first (largest) count, minimising the total padded slots (exact DP, vectorised over the cut)."""
+    n = len(c)
+    cnt = torch.tensor(c, dtype=torch.float64)
+    i = torch.arange(n, dtype=torch.float64)
+    j = torch.arange(1, n + 1, dtype=torch.float64)
+    # span[i, j-1]: slots of the run of experts i..j-1 padded to c[i]; inf where empty
+    span = (j[None, :] - i[:, None]) * cnt[:, None]
+    span = span.masked_fill(j[None, :] <= i[:, None], float("inf"))
+    best = span[0].clone()  # best[j-1]: the first j experts in one run
+    back = []
+    for _ in range(max_buckets - 1):
+        prev = torch.cat([best.new_zeros(1), best[:-1]])  # prev[i]: best cost of the first i experts
+        cand = prev[:, None] + span
+        cand[0] = float("inf")  # a new run must start after at least one expert
+        val, arg = cand.min(0)
+        back.append(torch.where(val < best, arg, torch.full_like(arg, -1)))
+        best = torch.minimum(val, best)
+    cuts, end = [n], n
+    for arg in reversed(back):
+        a = int(arg[end - 1])
+        if a > 0:
+            cuts.append(a)
+            end = a
+    return [0] + cuts[::-1]
 
-    (A fixed loop of at most two batched problems, each over many experts.)
+
+def _pad_buckets(slots: Slots, max_buckets: int = 4) -> tuple[torch.Tensor, list[int], list[tuple]]:
+    """Sorted (dropless) slots -> a few fixed-capacity problems with little padding.
+
+    (A fixed loop of at most `max_buckets` batched problems, each over many experts.)
 
     Padding every expert to the largest count wastes a third of the expert matmuls at a typical load
-    imbalance, so: every expert gets `cap` slots, and the ranks beyond `cap` of the few heavier experts
-    form a second, smaller batch; `cap` minimises the total padded slots. Padding slots point at
-    token 0 with gate 0, so they add nothing. Returns (padded slots, tokens and slots of the routed
-    pairs, expert subset or None) per part.
+    imbalance, so the experts, ordered by load, are cut into runs each padded to its heaviest
+    expert (about 4% padding with 4 runs where one run has 25-40%). Padding slots point at token 0
+    with gate 0, so they add nothing. Returns the expert order, the run sizes and, per non-empty
+    run, (padded slots, tokens and padded slot ids of its routed pairs).
     """
     counts, idx, gates = slots.counts, slots.idx, slots.gates
     n = counts.numel()
     dev = counts.device
-    c = sorted(counts.tolist(), reverse=True)
-    # padded slots with capacity c[j] for all and an overflow batch for the j heavier experts
-    cost = [n * c[j] + j * (c[0] - c[j]) for j in range(n)]
-    j = min(range(n), key=cost.__getitem__)
-    cap = max(c[j], 1)
+    order = torch.argsort(counts, descending=True, stable=True)
+    c = counts[order].tolist()
+    cuts = _bucket_cuts(c, max_buckets)
+    sizes = [b - a for a, b in zip(cuts[:-1], cuts[1:])]
+    caps = [c[a] for a in cuts[:-1]]
+    # per expert (original id): its run, its row within the run, the run's capacity and first slot
+    pos = torch.empty(n, dtype=torch.long, device=dev)
+    pos[order] = torch.arange(n, device=dev)
+    run = torch.bucketize(pos, torch.tensor(cuts[1:-1], dtype=torch.long, device=dev), right=True)
+    first = torch.tensor(cuts[:-1], dtype=torch.long, device=dev)
+    cap = torch.tensor(caps, dtype=torch.long, device=dev)
+    base = torch.cumsum(torch.tensor([0] + [s * k for s, k in zip(sizes, caps)], device=dev), 0)
     starts = torch.cumsum(counts, 0) - counts
     expert = torch.repeat_interleave(torch.arange(n, device=dev), counts)
     rank = torch.arange(idx.numel(), device=dev) - starts[expert]
+    r = run[expert]
+    dest = base[r] + (pos[expert] - first[r]) * cap[r] + rank  # slot in the concatenated runs
+    total = int(base[-1])
+    pidx = idx.new_zeros(total).index_copy(0, dest, idx)
+    pg = gates.new_zeros(total).index_copy(0, dest, gates)
     parts = []
-    for main in (True, False):
-        sel = (rank < cap) if main else (rank >= cap)
-        e, r, t, g = expert[sel], rank[sel], idx[sel], gates[sel]
-        if main:
-            subset, local, width, rows = None, e, cap, n
-        else:
-            if e.numel() == 0:
-                break
-            subset = torch.nonzero(counts > cap).flatten()
-            pos = torch.full((n,), -1, dtype=torch.long, device=dev)
-            pos[subset] = torch.arange(subset.numel(), device=dev)
-            local, r, width, rows = pos[e], r - cap, c[0] - cap, subset.numel()
-        dest = local * width + r
-        pidx = idx.new_zeros(rows * width).index_copy(0, dest, t)
-        pg = gates.new_zeros(rows * width).index_copy(0, dest, g)
-        parts.append((Slots(pidx.view(rows, width), pg.view(rows, width)), t, dest, subset))
-    return parts
+    for b, (rows, width) in enumerate(zip(sizes, caps)):
+        if width == 0:
+            parts.append(None)
+            continue
+        lo, hi = int(base[b]), int(base[b + 1])
+        sel = r == b
+        part = Slots(pidx[lo:hi].view(rows, width), pg[lo:hi].view(rows, width))
+        parts.append((part, idx[sel], dest[sel] - lo))
+    return order, sizes, parts
