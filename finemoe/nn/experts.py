@@ -24,9 +24,9 @@ from torch import nn
 
 from finemoe.config import ModelConfig
 from finemoe.nn.init import trunc_normal_
+from finemoe.nn.model import ACT
 from finemoe.nn.routing import Slots
 
-ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 class Dispatch:
