@@ -22,11 +22,16 @@ def _check(cond: bool, msg: str) -> None:
 def from_dict(cls, data: dict[str, Any] | None, what: str):
     """Build dataclass `cls` from a dict, naming unknown keys instead of raising a raw TypeError."""
     data = dict(data or {})
+    check_known_keys(cls, data, what)
+    return cls(**data)
+
+
+def check_known_keys(cls, data: dict[str, Any], what: str) -> None:
+    """Name the keys of `data` that are not fields of dataclass `cls`, and the valid ones."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown {what} key(s) {unknown}; valid keys: {sorted(known)}")
-    return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -129,4 +134,4 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["ModelConfig", "ConfigError", "from_dict"]
+__all__ = ["ModelConfig", "ConfigError", "from_dict", "check_known_keys"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finemoe.config import ModelConfig
+from finemoe.config import ModelConfig, check_known_keys
 from finemoe.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -127,10 +127,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "TrainConfig":
         data = dict(data or {})
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown training key(s) {unknown}; valid keys: {sorted(known)}")
+        check_known_keys(cls, data, "training")
         if "model" in data:
             m = data["model"]
             _check(isinstance(m, (dict, ModelConfig)), "model must be a mapping of ModelConfig fields")
