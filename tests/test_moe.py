@@ -240,3 +240,12 @@ def test_bucket_cuts_minimise_padded_slots():
                 for inner in itertools.combinations(range(1, len(c)), m)
             )
             assert padded(cuts) == brute
+
+
+def test_gated_relu_backward_matches_autograd():
+    from finemoe.nn.experts import _GatedReLU
+
+    torch.manual_seed(0)
+    a = torch.randn(3, 4, 5, dtype=torch.double, requires_grad=True)
+    g = torch.rand(3, 4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(_GatedReLU.apply, (a, g))

@@ -105,6 +105,31 @@ class _GroupedMM(torch.autograd.Function):
         return dx, dw, None
 
 
+class _GatedReLU(torch.autograd.Function):
+    """relu(a) * gate per slot, with a backward of two passes over [slots, width] instead of the
+    four that relu and a broadcast mul cost under autograd (1/20 of the layer's time at G=16 on CPU)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        r = torch.relu(a)
+        ctx.save_for_backward(r, gates)
+        return r * gates.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        r, gates = ctx.saved_tensors
+        dgates = (dh * r).sum(-1) if ctx.needs_input_grad[1] else None
+        da = torch.ops.aten.threshold_backward(dh * gates.unsqueeze(-1), r, 0) if ctx.needs_input_grad[0] else None
+        return da, dgates
+
+
+def gated_act(a: torch.Tensor, gates: torch.Tensor, act) -> torch.Tensor:
+    """act(a) * gates[..., None]; ReLU (the paper's) through the fused backward above."""
+    if act is F.relu:
+        return _GatedReLU.apply(a, gates)
+    return act(a) * gates.unsqueeze(-1)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -150,7 +175,7 @@ class Experts(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             w1, w2 = weights if weights is not None else self._weights(dtype)
             xg = gather_rows(x.to(dtype), dispatch).view(n, C, -1)
-            h = self.act(torch.bmm(xg, w1)) * gates.to(dtype).unsqueeze(-1)
+            h = gated_act(torch.bmm(xg, w1), gates.to(dtype), self.act)
             y = torch.bmm(h, w2)
             return combine_rows(y.view(n * C, -1), dispatch)
 
@@ -173,7 +198,7 @@ class Experts(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             w1, w2 = self._weights(dtype)
             xs = gather_rows(x.to(dtype), dispatch)
-            h = self.act(_GroupedMM.apply(xs, w1, offs)) * slots.gates.to(dtype).unsqueeze(-1)
+            h = gated_act(_GroupedMM.apply(xs, w1, offs), slots.gates.to(dtype), self.act)
             y = _GroupedMM.apply(h, w2, offs)
             return combine_rows(y, dispatch)
 
