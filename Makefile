@@ -31,5 +31,14 @@ bench: $(STAMP)
 quickstart: $(STAMP)
 	$(VENV)/bin/finemoe quickstart
 
+# The mini-replication (experiments/mini/): about 2-3 hours on 2 CPU cores. Finished runs are read
+# back from the committed CSV, so only missing runs train; the report is rebuilt from all of them.
+REPLICATE_NOTE ?= make replicate on $(shell nproc) CPU cores
+replicate: $(STAMP)
+	$(VENV)/bin/finemoe data prepare
+	$(VENV)/bin/finemoe sweep run experiments/mini/spec.yaml
+	$(VENV)/bin/finemoe report experiments/mini/results.csv --out experiments/mini --name REPORT.md \
+	  --title "Mini-replication on 2 CPU cores" --note "$(REPLICATE_NOTE)"
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
