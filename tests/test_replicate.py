@@ -26,11 +26,14 @@ def test_replicate_resumes_from_the_committed_csv(tmp_path, capsys):
 
 def test_replicate_report_builds_from_the_committed_results(tmp_path, capsys):
     done = _done_rows()
-    code = main(["report", str(MINI / "results.csv"), "--out", str(tmp_path), "--bootstrap", "0", "--json"])
+    (tmp_path / "d.md").write_text("What the runs show, in the author's words.\n")
+    code = main(["report", str(MINI / "results.csv"), "--out", str(tmp_path), "--bootstrap", "0", "--json",
+                 "--discussion", str(tmp_path / "d.md")])
     assert code == 0
     info = json.loads(capsys.readouterr().out)
     text = (tmp_path / "report.md").read_text()
     assert f"{len(done)} done" in text
+    assert text.rstrip().endswith("## Discussion\n\nWhat the runs show, in the author's words.")
     for row in done[:3]:
         assert row["run_id"] in text
     assert Path(info["report"]).name == "report.md"

@@ -59,6 +59,11 @@ def test_report_cli_errors(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing.sqlite")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "x.sqlite"), "--holdout-best", "1.5"]) == 2
+    _synthetic_store(tmp_path / "s.sqlite")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "s.sqlite"), "--discussion", str(tmp_path / "nope.md")]) == 2
+    err = capsys.readouterr().err
+    assert "--discussion" in err and "nope.md" in err and len(err.strip().splitlines()) == 1
 
 
 def test_report_recovers_known_law_and_writes_figures(tmp_path, capsys):

@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--title", help="report title")
     p.add_argument("--name", default="report.md", help="Markdown file name inside --out (default report.md)")
     p.add_argument("--note", action="append", default=[], help="a line quoted under the title (repeatable)")
+    p.add_argument("--discussion", metavar="FILE",
+                   help="Markdown file with your reading of the results, appended as a 'Discussion' section")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -50,10 +52,17 @@ def run(args: argparse.Namespace) -> int:
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     results = resolve_results(args.results)
+    discussion = None
+    if args.discussion:
+        try:
+            discussion = Path(args.discussion).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read --discussion {args.discussion}: {e.strerror}; give a Markdown file") from None
     out = Path(args.out) if args.out else results.parent / "report"
     opts = ReportOptions(loss=args.loss, bootstrap=args.bootstrap, holdout=args.holdout_best, fix_c=args.fix_c,
                          budgets=tuple(args.budgets or DEFAULT_BUDGETS), paper_coefficients=args.coefficients,
-                         title=args.title, notes=list(args.note), filename=args.name)
+                         title=args.title, notes=list(args.note), filename=args.name,
+                         discussion=discussion)
     path = build_report(results, out, opts)
     pngs = sorted(str(p) for p in path.parent.glob("*.png"))
     emit(args, {"report": str(path), "figures": pngs}, lambda o: f"report: {o['report']}")

@@ -30,6 +30,7 @@ class ReportOptions:
     title: str | None = None
     notes: list[str] = field(default_factory=list)
     filename: str = "report.md"
+    discussion: str | None = None  # the author's reading of the results, appended as written
 
 
 def _num(x: Any, fmt: str = ".4f") -> str:
@@ -305,6 +306,8 @@ def build_report(results: str | Path, out_dir: str | Path, options: ReportOption
             fitted = fitted_coefficients(moe_res, dense_res, E, f"finemoe report {results}")
             write_text_atomic(out / "coefficients.json", json.dumps(fitted.to_dict(), indent=2) + "\n")
         md += ["## Planner: fitted law vs the paper's coefficients", "", _plan_section(fitted, o), ""]
+    if o.discussion and o.discussion.strip():
+        md += ["## Discussion", "", o.discussion.strip(), ""]
     if "/" in o.filename or not o.filename.endswith(".md"):
         raise DataError(f"report name {o.filename!r} must be a plain file name ending in .md")
     path = out / o.filename
