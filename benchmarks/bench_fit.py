@@ -40,7 +40,7 @@ def finite_difference_refits(pts: F.Points, theta: np.ndarray, n: int, frac: flo
     with threadpool_limits(1):
         for _ in range(n):
             s = pts.take(rng.integers(0, len(pts), int(frac * len(pts))))
-            f = F._objective(spec, s.features(), s.loss, free, theta.copy(), 0.1, "loss")
+            f = F._objective(spec, s.features(), s.loss, free, theta.copy(), F.Objective(0.1, "loss"))
             minimize(lambda t: f(t)[0], theta[free], method="L-BFGS-B",
                      options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 20})
     return (time.perf_counter() - t0) / n

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 from scipy.optimize import check_grad
@@ -87,15 +89,27 @@ def test_granularity_law_per_group():
 
 
 @pytest.mark.parametrize("law", ["moe", "dense", "granularity"])
-@pytest.mark.parametrize("space", ["loss", "log"])
-def test_analytic_gradient(law, space):
+@pytest.mark.parametrize("space,wd", [("loss", 0.0), ("log", 0.0), ("loss", 5e-3)])
+def test_analytic_gradient(law, space, wd):
     spec = F._LAWS[law]
     pts = grid(noise=0.02, seed=4, dense=law == "dense")
     free = np.ones(len(spec.names), bool)
-    theta0 = np.log([np.mean(v) for v in (spec.grid[k] for k in spec.names)])
-    f = F._objective(spec, pts.features(), pts.loss, free, theta0, 0.05, space)
+    theta0 = np.log([np.mean(v) for v in (spec.grid[k] for k in spec.names)]) + 0.05  # off |p|'s kink at 0
+    f = F._objective(spec, pts.features(), pts.loss, free, theta0, F.Objective(0.05, space, wd))
     err = check_grad(lambda t: f(t)[0], lambda t: f(t)[1], theta0)
     assert err < 1e-5 * max(1.0, np.linalg.norm(f(theta0)[1]))
+
+
+def test_weight_decay_shrinks_the_regularised_parameters():
+    """The paper code's regulariser pulls log-coefficients towards 0 and exponents towards 0."""
+    pts = grid(noise=0.01, seed=2)
+    plain = F.fit(pts, "moe", fixed={"c": TRUE.moe.c}, holdout=None)
+    reg = F.fit(pts, "moe", fixed={"c": TRUE.moe.c}, holdout=None, weight_decay=0.05)
+    size = lambda p: sum(abs(math.log(p[k])) if k not in F.EXPONENTS else p[k] for k in p if k != "c")  # noqa: E731
+    assert size(reg.params) < size(plain.params)
+    assert reg.to_dict()["weight_decay"] == 0.05 and reg.rmse >= plain.rmse
+    with pytest.raises(DataError, match="weight decay"):
+        F.fit(pts, "moe", weight_decay=-1.0)
 
 
 def test_huber_switches_to_linear():

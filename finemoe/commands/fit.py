@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--huber-delta", type=positive_float, default=0.1, help="Huber delta (0.1, the paper's)")
     p.add_argument("--space", choices=("loss", "log"), default="loss",
                    help="residuals on the loss (paper) or on log-loss (Chinchilla; use --huber-delta 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
+                   help="add WD*sum|p| over the fitted parameters as the paper's code (its text: 5e-4; default 0)")
     p.add_argument("--starts", type=positive_int, default=8, help="grid starting points polished (default 8)")
     p.add_argument("--holdout-best", type=float, default=0.2, metavar="FRAC",
                    help="refit without the best FRAC runs and report their RMSE (0 to skip)")
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--bootstrap and --fix-c apply to the moe and dense laws, not to --law granularity")
     pts = load_points(args.results, args.law, args.loss_column)
     res = fit(pts, args.law, fixed={"c": args.fix_c} if args.fix_c else None, huber_delta=args.huber_delta,
-              space=args.space, n_polish=args.starts,
+              space=args.space, weight_decay=args.weight_decay, n_polish=args.starts,
               holdout=args.holdout_best if args.law != "granularity" and args.holdout_best > 0 else None,
               bootstrap=args.bootstrap, bootstrap_fraction=args.bootstrap_fraction, seed=args.seed,
               derived=_derived(args.law, args.budgets, args.expansion_rate) if args.bootstrap else None)
@@ -113,7 +115,8 @@ def _merge(path: Path, args, res) -> dict:
 
 def _human(o: dict) -> str:
     lines = [f"fit of the {o['law']} law to {o['n_points']} runs of {o['results']} ({o['loss_column']}, "
-             f"Huber delta {o['huber_delta']:g} on {o['space']})"]
+             f"Huber delta {o['huber_delta']:g} on {o['space']}"
+             + (f", weight decay {o['weight_decay']:g}" if o.get("weight_decay") else "") + ")"]
     if o["law"] == "granularity":
         lines.append(f"{'N':>10} {'D':>10} {'runs':>5} {'g':>8} {'gamma':>7} {'h':>7} {'rmse':>7}")
         for g in o["groups"]:

@@ -8,6 +8,9 @@ Why these choices:
   protection against diverged runs. `space="log"` with delta=1e-3 gives Chinchilla's variant.
 - The paper started BFGS once from all-ones; one start can stop in a poor basin, so we score a grid of
   starts cheaply and polish the best few with L-BFGS-B and an analytic gradient, keeping the best.
+- Optional regulariser as the paper's code: weight_decay * sum |p| over the free parameters in that
+  code's parametrisation (logs of the coefficients g, a, b, c, h; the exponents as they are), added to the
+  summed Huber loss. Off by default: the paper's text (5e-4) and code (5e-5 MoE, 1e-5 dense) disagree.
 - Validation as the paper: refit without the best `holdout` fraction of runs (lowest loss) and report
   the RMSE on those extrapolated runs. Bootstrap refits start from the full fit (warm start).
 """
@@ -148,8 +151,21 @@ def huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
     return np.where(quad, 0.5 * r * r, delta * (a - 0.5 * delta)), np.clip(r, -delta, delta)
 
 
-def _objective(law: _Law, X, y, free: np.ndarray, theta_full: np.ndarray, delta: float, space: str):
+EXPONENTS = ("gamma", "alpha", "beta")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What is minimised: Huber(delta) of the residuals in `space`, plus weight_decay * sum |p|."""
+
+    delta: float = 0.1
+    space: str = "loss"
+    weight_decay: float = 0.0
+
+
+def _objective(law: _Law, X, y, free: np.ndarray, theta_full: np.ndarray, obj: Objective):
     logy = np.log(y)
+    is_exp = np.array([k in EXPONENTS for k in law.names])
 
     def f(theta):
         t = theta_full.copy()
@@ -159,14 +175,19 @@ def _objective(law: _Law, X, y, free: np.ndarray, theta_full: np.ndarray, delta:
 
     def _value_and_grad(t):
         L, J = law.predict(np.exp(t), X)
-        if space == "log":
+        if obj.space == "log":
             Lc = np.maximum(L, 1e-300)
             r = np.log(Lc) - logy
             J = J / Lc[:, None]
         else:
             r = L - y
-        h, dh = huber(r, delta)
-        return float(h.sum()), dh @ J[:, free]
+        h, dh = huber(r, obj.delta)
+        value, grad = float(h.sum()), dh @ J[:, free]
+        if obj.weight_decay:
+            p = np.where(is_exp, np.exp(t), t)  # d|p|/dt: exp(t) for exponents, sign(t) for log-coefficients
+            value += obj.weight_decay * float(np.abs(p[free]).sum())
+            grad = grad + obj.weight_decay * np.where(is_exp, np.exp(t), np.sign(t))[free]
+        return value, grad
 
     return f
 
@@ -186,13 +207,15 @@ class FitResult:
     holdout: dict[str, Any] | None = None
     bootstrap: dict[str, Any] | None = None
     groups: list[dict[str, Any]] = field(default_factory=list)  # granularity law: one fit per (N, D)
+    weight_decay: float = 0.0
 
     def model(self):
         return _LAWS[self.law].cls(**self.params)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"law": self.law, "coefficients": self.params, "fixed": sorted(self.fixed), "n_points": self.n_points,
-               "rmse": self.rmse, "huber_delta": self.huber_delta, "space": self.space}
+               "rmse": self.rmse, "huber_delta": self.huber_delta, "space": self.space,
+               "weight_decay": self.weight_decay}
         if self.holdout is not None:
             out["holdout"] = {k: v for k, v in self.holdout.items() if k not in ("predicted", "observed", "index")}
         if self.bootstrap is not None:
@@ -207,12 +230,12 @@ def _starts(law: _Law, fixed: dict[str, float]) -> np.ndarray:
     return np.log(np.array(list(itertools.product(*axes)), float))
 
 
-def _solve(law: _Law, pts: Points, fixed: dict[str, float], delta: float, space: str,
+def _solve(law: _Law, pts: Points, fixed: dict[str, float], obj: Objective,
            starts: np.ndarray, n_polish: int) -> tuple[np.ndarray, float]:
     X, y = pts.features(), pts.loss
     free = np.array([k not in fixed for k in law.names])
     base = np.array([math.log(fixed.get(k, 1.0)) for k in law.names])
-    f = _objective(law, X, y, free, base, delta, space)
+    f = _objective(law, X, y, free, base, obj)
     if len(starts) > n_polish:  # score the grid, polish only the most promising starts
         scores = np.array([f(s[free])[0] for s in starts])
         starts = starts[np.argsort(scores)[:n_polish]]
@@ -238,7 +261,8 @@ def _rmse(pred, obs) -> float:
 
 
 def fit(pts: Points, law: str = "moe", *, fixed: dict[str, float] | None = None, huber_delta: float = 0.1,
-        space: str = "loss", n_polish: int = 8, holdout: float | None = 0.2, bootstrap: int = 0,
+        space: str = "loss", weight_decay: float = 0.0, n_polish: int = 8, holdout: float | None = 0.2,
+        bootstrap: int = 0,
         bootstrap_fraction: float = 0.8, percentiles: Sequence[float] = (10, 90), seed: int = 0,
         derived: Callable[[Any], dict[str, float]] | None = None) -> FitResult:
     """Fit one law. `derived(law_object)` maps a fitted law to named quantities (e.g. optimal G at a
@@ -246,19 +270,22 @@ def fit(pts: Points, law: str = "moe", *, fixed: dict[str, float] | None = None,
     # Thousands of tiny solves: threaded BLAS inside L-BFGS-B only adds contention (10-50x slower on a
     # busy machine), so run single-threaded; bootstrap refits are the unit of parallelism, not BLAS.
     with threadpool_limits(1):
-        return _fit(pts, law, fixed, huber_delta, space, n_polish, holdout, bootstrap, bootstrap_fraction,
+        return _fit(pts, law, fixed, huber_delta, space, weight_decay, n_polish, holdout, bootstrap, bootstrap_fraction,
                     percentiles, seed, derived)
 
 
-def _fit(pts, law, fixed, huber_delta, space, n_polish, holdout, bootstrap, bootstrap_fraction, percentiles, seed,
-         derived) -> FitResult:
+def _fit(pts, law, fixed, huber_delta, space, weight_decay, n_polish, holdout, bootstrap, bootstrap_fraction,
+         percentiles, seed, derived) -> FitResult:
     fixed = dict(fixed or {})
     if space not in ("loss", "log"):
         raise DataError(f"space must be 'loss' or 'log', got {space!r}")
     if not huber_delta > 0:
         raise DataError(f"huber delta must be positive, got {huber_delta}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise DataError(f"weight decay must be >= 0, got {weight_decay}")
+    obj = Objective(huber_delta, space, weight_decay)
     if law == "granularity":
-        return _fit_groups(pts, fixed, huber_delta, space, n_polish)
+        return _fit_groups(pts, fixed, obj, n_polish)
     validate(pts, law, fixed)
     spec = _LAWS[law]
     unknown = set(fixed) - set(spec.names)
@@ -267,15 +294,15 @@ def _fit(pts, law, fixed, huber_delta, space, n_polish, holdout, bootstrap, boot
     for k, v in fixed.items():
         if not (math.isfinite(v) and v > 0):
             raise DataError(f"fixed {k}={v} must be positive (parameters are positive by construction)")
-    theta, obj = _solve(spec, pts, fixed, huber_delta, space, _starts(spec, fixed), n_polish)
+    theta, value = _solve(spec, pts, fixed, obj, _starts(spec, fixed), n_polish)
     pred = _predict(spec, theta, pts)
-    res = FitResult(law, _named(spec, theta), fixed, len(pts), _rmse(pred, pts.loss), obj, huber_delta, space,
-                    pred, pts.loss.copy())
+    res = FitResult(law, _named(spec, theta), fixed, len(pts), _rmse(pred, pts.loss), value, huber_delta, space,
+                    pred, pts.loss.copy(), weight_decay=weight_decay)
 
     if holdout:
-        res.holdout = _holdout(spec, pts, fixed, huber_delta, space, theta, holdout, law)
+        res.holdout = _holdout(spec, pts, fixed, obj, theta, holdout, law)
     if bootstrap:
-        res.bootstrap = _bootstrap(spec, law, pts, fixed, huber_delta, space, theta, bootstrap, bootstrap_fraction,
+        res.bootstrap = _bootstrap(spec, law, pts, fixed, obj, theta, bootstrap, bootstrap_fraction,
                                    percentiles, seed, derived)
     return res
 
@@ -284,7 +311,7 @@ def _named(spec: _Law, theta: np.ndarray) -> dict[str, float]:
     return {k: float(v) for k, v in zip(spec.names, np.exp(theta))}
 
 
-def _holdout(spec, pts, fixed, delta, space, theta, frac, law) -> dict[str, Any]:
+def _holdout(spec, pts, fixed, obj, theta, frac, law) -> dict[str, Any]:
     if not 0 < frac < 1:
         raise DataError(f"--holdout-best must be a fraction in (0, 1), got {frac}")
     order = np.argsort(pts.loss)
@@ -298,7 +325,7 @@ def _holdout(spec, pts, fixed, delta, space, theta, frac, law) -> dict[str, Any]
     except DataError as e:
         raise DataError(f"after holding out the best {frac:.0%} of runs: {e}") from None
     starts = np.vstack([theta[None, :], _starts(spec, fixed)])
-    t, _ = _solve(spec, tr, fixed, delta, space, starts, 4)
+    t, _ = _solve(spec, tr, fixed, obj, starts, 4)
     te = pts.take(test)
     pred = _predict(spec, t, te)
     return {"fraction": frac, "n_heldout": int(k), "rmse": _rmse(pred, te.loss), "coefficients": _named(spec, t),
@@ -306,7 +333,7 @@ def _holdout(spec, pts, fixed, delta, space, theta, frac, law) -> dict[str, Any]
             "index": test}
 
 
-def _bootstrap(spec, law, pts, fixed, delta, space, theta, n, frac, percentiles, seed, derived) -> dict[str, Any]:
+def _bootstrap(spec, law, pts, fixed, obj, theta, n, frac, percentiles, seed, derived) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     size = max(1, int(round(frac * len(pts))))
     rows: list[dict[str, float]] = []
@@ -315,7 +342,7 @@ def _bootstrap(spec, law, pts, fixed, delta, space, theta, n, frac, percentiles,
         sample = pts.take(rng.integers(0, len(pts), size))  # with replacement, as the paper's code
         try:
             validate(sample, law, fixed)
-            t, _ = _solve(spec, sample, fixed, delta, space, theta[None, :], 1)
+            t, _ = _solve(spec, sample, fixed, obj, theta[None, :], 1)
         except DataError:
             skipped += 1
             continue
@@ -333,7 +360,7 @@ def _bootstrap(spec, law, pts, fixed, delta, space, theta, n, frac, percentiles,
     }
 
 
-def _fit_groups(pts, fixed, delta, space, n_polish) -> FitResult:
+def _fit_groups(pts, fixed, obj: Objective, n_polish) -> FitResult:
     """Eq. 4: one (g, gamma, h) per (N, D) pair that has runs at 3 or more granularities."""
     validate(pts, "granularity", fixed)
     spec = _LAWS["granularity"]
@@ -344,7 +371,7 @@ def _fit_groups(pts, fixed, delta, space, n_polish) -> FitResult:
         sub = pts.take(idx)
         if len(np.unique(sub.G)) < 3:
             continue
-        theta, _ = _solve(spec, sub, fixed, delta, space, _starts(spec, fixed), n_polish)
+        theta, _ = _solve(spec, sub, fixed, obj, _starts(spec, fixed), n_polish)
         p = _predict(spec, theta, sub)
         pred[idx] = p
         groups.append({"N": float(N), "D": float(D), "n_points": int(len(idx)), **_named(spec, theta),
@@ -352,6 +379,6 @@ def _fit_groups(pts, fixed, delta, space, n_polish) -> FitResult:
     if not groups:
         raise DataError("the granularity law needs an (N, D) pair with runs at 3 or more distinct G; none has")
     used = np.isfinite(pred)
-    res = FitResult("granularity", {}, fixed, int(used.sum()), _rmse(pred[used], pts.loss[used]), math.nan, delta,
-                    space, pred[used], pts.loss[used], groups=groups)
+    res = FitResult("granularity", {}, fixed, int(used.sum()), _rmse(pred[used], pts.loss[used]), math.nan, obj.delta,
+                    obj.space, pred[used], pts.loss[used], groups=groups, weight_decay=obj.weight_decay)
     return res
