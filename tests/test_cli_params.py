@@ -30,3 +30,15 @@ def test_argparse_mistakes_are_one_line_exit_2():
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "--d-model" in r.stderr and "--help" in r.stderr
+
+
+def test_closed_output_pipe_ends_quietly(monkeypatch, capsys):
+    """`finemoe params ... | head -0`: exit 141 like a Unix tool, not a BrokenPipeError traceback."""
+    import os
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    with capsys.disabled():
+        monkeypatch.setattr(sys, "stdout", os.fdopen(w, "w", buffering=1))
+        assert main(["params", "--d-model", "512", "--n-blocks", "8", "--expansion-rate", "64"]) == 141
