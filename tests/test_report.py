@@ -91,3 +91,12 @@ def test_report_recovers_known_law_and_writes_figures(tmp_path, capsys):
     assert "held-out best 20%" in md and "bootstrap" in md
     gam = [float(line.split("|")[2]) for line in md.splitlines() if line.startswith("| gamma |")]
     assert gam and math.isclose(gam[0], coeffs.moe.gamma, rel_tol=1e-3)
+
+
+def test_dense_loss_at_interpolates_in_log_flops():
+    from finemoe.report.report import dense_loss_at
+
+    assert dense_loss_at(1e12, [1e12], [5.0]) is None
+    assert dense_loss_at(1e13, [1e12, 1e14], [6.0, 4.0]) == pytest.approx(5.0)
+    assert dense_loss_at(1e15, [1e14, 1e12], [4.0, 6.0]) == pytest.approx(3.0)  # end segment, any order
+    assert dense_loss_at(1e11, [1e12, 1e13, 1e14], [6.0, 5.5, 4.0]) == pytest.approx(6.5)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from finemoe.errors import DataError, FinemoeError
 from finemoe.io import write_text_atomic
 
@@ -206,6 +208,20 @@ def _dense_section(done, out: Path, o: ReportOptions):
                       "\n![predicted vs observed, Eq. 1](fit_dense.png)"]), res
 
 
+def dense_loss_at(flops: float, dense_flops: Sequence[float], dense_loss: Sequence[float]) -> float | None:
+    """A size's dense loss at `flops`, linear in log FLOPs through its two nearest dense runs
+    (extrapolated along the end segment outside them); None with fewer than two runs."""
+    x = np.log(np.asarray(dense_flops, float))
+    y = np.asarray(dense_loss, float)
+    if len(x) < 2 or len(np.unique(x)) < 2:
+        return None
+    order = np.argsort(x)
+    x, y = x[order], y[order]
+    i = int(np.clip(np.searchsorted(x, math.log(flops)), 1, len(x) - 1))
+    t = (math.log(flops) - x[i - 1]) / (x[i] - x[i - 1])
+    return float(y[i - 1] + t * (y[i] - y[i - 1]))
+
+
 def _equal_flops_section(done, out: Path, o: ReportOptions) -> str:
     from finemoe.report.run_plots import loss_vs_flops
 
@@ -217,15 +233,22 @@ def _equal_flops_section(done, out: Path, o: ReportOptions) -> str:
         best = moe.loc[moe[o.loss].idxmin()]
         g1 = moe[moe.granularity == 1]
         dl = float(dense[o.loss].iloc[0])
+        size = done[(done.ffn == "dense") & (done.d_model == d) & (done.n_blocks == n)]
+        at_f = dense_loss_at(float(best.flops), size.flops, size[o.loss])
         rows.append([f"{int(d)}×{int(n)}", _si(D), _num(dl), _num(float(g1[o.loss].iloc[0])) if not g1.empty else "–",
                      int(best.granularity), _num(float(best[o.loss])), _num(float(best[o.loss]) - dl, "+.4f"),
-                     _num(float(best.flops) / float(dense.flops.iloc[0]), ".3f")])
+                     _num(float(best.flops) / float(dense.flops.iloc[0]), ".3f"),
+                     _num(at_f) if at_f is not None else "–",
+                     _num(float(best[o.loss]) - at_f, "+.4f") if at_f is not None else "–"])
     loss_vs_flops(done, out / "loss_vs_flops.png", o.loss)
     text = ["![loss vs FLOPs](loss_vs_flops.png)", ""]
     if rows:
-        text.append("Same size and tokens: MoE adds expert parameters at (almost) the dense model's FLOPs; the "
-                    "last column is the MoE's FLOPs ÷ dense FLOPs (router cost 14·E·G/(72·d)).\n")
-        text.append(_table(["d×blocks", "D", "dense", "MoE G=1", "best G", "best MoE", "best − dense", "FLOPs ratio"], rows))
+        text.append("Same size and tokens: MoE adds expert parameters at (almost) the dense model's FLOPs; 'FLOPs "
+                    "ratio' is the best MoE's FLOPs ÷ dense FLOPs (router cost 14·E·G/(72·d)). For equal compute, "
+                    "'dense @ MoE FLOPs' is the same size's dense loss at the best MoE's FLOPs, linear in log FLOPs "
+                    "through that size's dense runs; a negative last column means the MoE wins at equal FLOPs.\n")
+        text.append(_table(["d×blocks", "D", "dense", "MoE G=1", "best G", "best MoE", "best − dense", "FLOPs ratio",
+                            "dense @ MoE FLOPs", "best − that"], rows))
     return "\n".join(text)
 
 
