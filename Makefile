@@ -38,7 +38,8 @@ replicate: $(STAMP)
 	$(VENV)/bin/finemoe data prepare
 	$(VENV)/bin/finemoe sweep run experiments/mini/spec.yaml
 	$(VENV)/bin/finemoe report experiments/mini/results.csv --out experiments/mini --name REPORT.md \
-	  --title "Mini-replication on 2 CPU cores" --note "$(REPLICATE_NOTE)"
+	  --title "Mini-replication on 2 CPU cores" --note "$(REPLICATE_NOTE)" \
+	  --discussion experiments/mini/discussion.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
