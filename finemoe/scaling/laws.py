@@ -33,7 +33,8 @@ class MoELaw:
 
     def loss(self, N, D, G):
         N, D, G = np.asarray(N, float), np.asarray(D, float), np.asarray(G, float)
-        return self.c + (self.g * G ** -self.gamma + self.a) * N ** -self.alpha + self.b * D ** -self.beta
+        with np.errstate(over="ignore"):  # a law fitted on tiny runs may blow up far away: inf, not a warning
+            return self.c + (self.g * G ** -self.gamma + self.a) * N ** -self.alpha + self.b * D ** -self.beta
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class DenseLaw:
 
     def loss(self, N, D):
         N, D = np.asarray(N, float), np.asarray(D, float)
-        return self.c + self.a * N ** -self.alpha + self.b * D ** -self.beta
+        with np.errstate(over="ignore"):
+            return self.c + self.a * N ** -self.alpha + self.b * D ** -self.beta
 
 
 @dataclass(frozen=True)
