@@ -168,15 +168,22 @@ def _fit_summary(res) -> str:
     return "; ".join(parts) + "."
 
 
-def _moe_section(done, out: Path, o: ReportOptions):
+def _fit_with_figure(runs, law: str, eq: str, out: Path, o: ReportOptions, n_min: int):
+    """(fit, None) with its predicted-vs-observed figure written as fit_<law>.png, or (None, why not)."""
     from finemoe.report.plots import fit_figure
 
-    moe = done[done.ffn == "moe"]
     try:
-        res = _law_fit(_points(moe, o.loss), "moe", o, 8)
+        res = _law_fit(_points(runs, o.loss), law, o, n_min)
     except (FinemoeError, ValueError) as e:
-        return f"Eq. 9 not fitted: {e}", None
-    fit_figure(res, out / "fit_moe.png")
+        return None, f"{eq} not fitted: {e}"
+    fit_figure(res, out / f"fit_{law}.png")
+    return res, None
+
+
+def _moe_section(done, out: Path, o: ReportOptions):
+    res, why = _fit_with_figure(done[done.ffn == "moe"], "moe", "Eq. 9", out, o, 8)
+    if res is None:
+        return why, None
     text = [_coef_table(res, ["g", "gamma", "a", "alpha", "b", "beta", "c"]), "", _fit_summary(res)]
     g = res.params.get("gamma")
     ci = (res.bootstrap or {}).get("values", {}).get("gamma")
@@ -194,14 +201,9 @@ def _moe_section(done, out: Path, o: ReportOptions):
 
 
 def _dense_section(done, out: Path, o: ReportOptions):
-    from finemoe.report.plots import fit_figure
-
-    dense = done[done.ffn == "dense"]
-    try:
-        res = _law_fit(_points(dense, o.loss), "dense", o, 6)
-    except (FinemoeError, ValueError) as e:
-        return f"Eq. 1 not fitted: {e}", None
-    fit_figure(res, out / "fit_dense.png")
+    res, why = _fit_with_figure(done[done.ffn == "dense"], "dense", "Eq. 1", out, o, 6)
+    if res is None:
+        return why, None
     bad = degenerate(res)
     warn = f"\n**Degenerate fit** ({bad}): too few distinct N or D to identify Eq. 1." if bad else ""
     return "\n".join([_coef_table(res, ["a", "alpha", "b", "beta", "c"]), "", _fit_summary(res) + warn,
