@@ -64,6 +64,9 @@ def test_report_cli_errors(tmp_path, capsys):
     assert main(["report", str(tmp_path / "s.sqlite"), "--discussion", str(tmp_path / "nope.md")]) == 2
     err = capsys.readouterr().err
     assert "--discussion" in err and "nope.md" in err and len(err.strip().splitlines()) == 1
+    assert main(["report", str(tmp_path / "s.sqlite"), "--out", str(tmp_path / "r"), "--name", "r.txt"]) == 2
+    assert "plain file name ending in .md" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before any fitting or writing
 
 
 def test_report_recovers_known_law_and_writes_figures(tmp_path, capsys):

@@ -303,6 +303,8 @@ def build_report(results: str | Path, out_dir: str | Path, options: ReportOption
     from finemoe.sweep.store import load_runs
 
     o = options or ReportOptions()
+    if "/" in o.filename or not o.filename.endswith(".md"):
+        raise DataError(f"report name {o.filename!r} must be a plain file name ending in .md")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = load_runs(results)
@@ -333,8 +335,6 @@ def build_report(results: str | Path, out_dir: str | Path, options: ReportOption
         md += ["## Planner: fitted law vs the paper's coefficients", "", _plan_section(fitted, o), ""]
     if o.discussion and o.discussion.strip():
         md += ["## Discussion", "", o.discussion.strip(), ""]
-    if "/" in o.filename or not o.filename.endswith(".md"):
-        raise DataError(f"report name {o.filename!r} must be a plain file name ending in .md")
     path = out / o.filename
     write_text_atomic(path, "\n".join(md).rstrip() + "\n")
     return path
