@@ -1,4 +1,4 @@
-"""Run one sweep entry end to end, and run a whole sweep through an executor.
+"""Run one sweep entry end to end (the driver runs whole sweeps through an executor).
 
 `execute_run` is what every executor calls, in whatever process it uses: claim the row, train (resuming
 from the run's checkpoint if one exists), record the final record or the error. A result that reached
