@@ -35,7 +35,7 @@ from finemoe.data.tokens import write_tokens  # noqa: E402
 from finemoe.train.config import TrainConfig  # noqa: E402
 from finemoe.train.trainer import train  # noqa: E402
 
-MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
+MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def gemm_flops(n: int = 2048, reps: int = 3, device: str = "cpu") -> list[float]:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "OMP_WAIT"))}  # exercise the re-exec
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "OMP_WAIT", "GLIBC_TUN"))}  # exercise the re-exec
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
         [sys.executable, "-m", "finemoe", "bench", "moe-layer", *args],
@@ -30,8 +30,11 @@ def test_bench_json_structure_and_positive_ratios():
         assert set(out["ratios"][r]) == {"1", "2"}
         assert all(math.isfinite(v) and v > 0 for v in out["ratios"][r].values())
         assert set(out["ms"][r]) == {"1", "2"}
+        for g, (lo, hi) in out["ratio_p25_p75"][r].items():  # the median paired ratio lies in its spread
+            assert lo <= out["ratios"][r][g] <= hi
     assert set(out["ms"]["dense"]) == {"1", "2"} and out["threads"] >= 1 and out["device"] == "cpu"
     assert out["allocator"]["MALLOC_MMAP_THRESHOLD_"] is not None  # re-executed with tuned malloc
+    assert out["allocator"]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     assert out["omp_wait_policy"] == "PASSIVE"  # and sleeping OpenMP workers
 
 

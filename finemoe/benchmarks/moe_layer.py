@@ -2,7 +2,10 @@
 
 For each granularity the dense FFN and the Expert/Token Choice layers are timed in interleaved
 rounds (dense, ec, tc, dense, ec, tc, ...), so slow drifts of a shared machine hit all of them
-alike; each time is the median over rounds. Both sides are the modules the model uses: the dense
+alike. A ratio is the median over rounds of that round's MoE time / dense time (paired, so a slow
+round slows both sides), with its 25th-75th percentile spread; the times are medians over rounds.
+The first `warmup` rounds are untimed: the allocator's heap grows during the first steps and its
+page faults are not the layer's cost in a long training run. Both sides are the modules the model uses: the dense
 FFN with its biases, the MoE layer with router and output LayerNorm. Gradients flow into the input
 as they do inside a model.
 """
@@ -20,11 +23,18 @@ from finemoe.config import ModelConfig
 from finemoe.nn.model import DenseFFN
 from finemoe.nn.moe import MoE
 
-MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
+MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def allocator_settings() -> dict[str, str | None]:
     return {k: os.environ.get(k) for k in MALLOC_VARS}
+
+
+def _quartiles(v: list[float]) -> list[float]:
+    if len(v) < 2:
+        return [v[0], v[0]]
+    q = statistics.quantiles(v, n=4, method="inclusive")
+    return [q[0], q[2]]
 
 
 def _step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, sync: Callable[[], None]) -> float:
@@ -47,7 +57,7 @@ def bench_moe_layer(
     batch: int = 32,
     seq: int = 256,
     repeats: int = 5,
-    warmup: int = 1,
+    warmup: int = 2,
     routings=("ec", "tc"),
     device: str = "cpu",
     dtype: torch.dtype | None = None,
@@ -60,6 +70,7 @@ def bench_moe_layer(
     autocast = dtype is not None and dtype != torch.float32
     ms: dict[str, dict[str, float]] = {"dense": {}, **{r: {} for r in routings}}
     ratios: dict[str, dict[str, float]] = {r: {} for r in routings}
+    spread: dict[str, dict[str, list[float]]] = {r: {} for r in routings}
     base = ModelConfig(d_model=d_model, expansion_rate=expansion_rate, seq_len=seq)
     for G in granularities:
         layers = {"dense": DenseFFN(base.replace(ffn="dense")).to(dev)}
@@ -78,10 +89,13 @@ def bench_moe_layer(
         for k, v in med.items():
             ms[k][str(G)] = v
         for r in routings:
-            ratios[r][str(G)] = med[r] / med["dense"]
+            per_round = [t / d for t, d in zip(times[r], times["dense"])]
+            ratios[r][str(G)] = statistics.median(per_round)
+            spread[r][str(G)] = _quartiles(per_round)
         del layers, x, dy
     return {
         "ratios": ratios,
+        "ratio_p25_p75": spread,
         "ms": ms,
         "shape": {"d_model": d_model, "expansion_rate": expansion_rate, "batch": batch, "seq": seq},
         "repeats": repeats,

@@ -119,7 +119,8 @@ class _GatedReLU(torch.autograd.Function):
     def backward(ctx, dh: torch.Tensor):
         r, gates = ctx.saved_tensors
         dgates = (dh * r).sum(-1) if ctx.needs_input_grad[1] else None
-        da = torch.ops.aten.threshold_backward(dh * gates.unsqueeze(-1), r, 0) if ctx.needs_input_grad[0] else None
+        # mask first, then scale in place: one [slots, width] temporary instead of two
+        da = torch.ops.aten.threshold_backward(dh, r, 0).mul_(gates.unsqueeze(-1)) if ctx.needs_input_grad[0] else None
         return da, dgates
 
 
