@@ -147,3 +147,11 @@ def test_bad_options():
         F.fit(grid(), "moe", holdout=1.5)
     with pytest.raises(DataError, match="space"):
         F.fit(grid(), "moe", space="sqrt")
+
+
+def test_free_parameter_counts_follow_the_law_and_what_is_fixed():
+    assert F.n_free_params("moe") == 7 and F.n_free_params("dense") == 5
+    assert F.n_free_params("moe", {"c": 1.5}) == 6 and F.n_free_params("dense", {"c": 1.5, "beta": 0.3}) == 3
+    assert F.n_free_params("granularity") == len(F._LAWS["granularity"].names)
+    with pytest.raises(DataError, match="unknown law"):
+        F.n_free_params("chinchilla")

@@ -122,10 +122,10 @@ def _granularity_section(done, out: Path, o: ReportOptions) -> tuple[str, list[d
 
 
 def _law_fit(pts, law: str, o: ReportOptions, n_min: int):
-    from finemoe.scaling.fit import fit
+    from finemoe.scaling.fit import fit, n_free_params
 
     fixed = {"c": o.fix_c} if o.fix_c is not None else None
-    n_free = (7 if law == "moe" else 5) - (1 if fixed else 0)
+    n_free = n_free_params(law, fixed)
     holdout = o.holdout if len(pts) - round(o.holdout * len(pts)) >= n_free + 1 else None
     try:
         return fit(pts, law=law, fixed=fixed, holdout=holdout, bootstrap=o.bootstrap if len(pts) >= n_min else 0)

@@ -115,6 +115,14 @@ class Points:
         return {"logN": np.log(self.N), "logD": np.log(self.D), "logG": np.log(self.G)}
 
 
+def n_free_params(law: str, fixed: dict[str, float] | None = None) -> int:
+    """Parameters a fit of `law` estimates: the law's coefficients less those held `fixed`."""
+    if law not in LAWS:
+        raise DataError(f"unknown law {law!r}; choose one of {list(LAWS)}")
+    names = _LAWS[law].names
+    return len(names) - sum(k in names for k in (fixed or {}))
+
+
 def validate(pts: Points, law: str, fixed: dict[str, float]) -> None:
     """Reject inputs that cannot identify the law, each with the reason and the fix."""
     if law not in LAWS:
@@ -131,7 +139,7 @@ def validate(pts: Points, law: str, fixed: dict[str, float]) -> None:
             raise DataError(f"every {k} must be a positive finite number; {int((~(np.isfinite(a) & (a > 0))).sum())} are not")
     if law != "dense" and (pts.G < 1).any():
         raise DataError("granularity must be >= 1")
-    n_free = len(_LAWS[law].names) - len(fixed)
+    n_free = n_free_params(law, fixed)
     if len(pts) <= n_free:
         raise DataError(f"{len(pts)} run(s) cannot fit the {law} law's {n_free} free parameters; need at least {n_free + 1}")
     distinct = lambda a: len(np.unique(a))  # noqa: E731
