@@ -30,6 +30,7 @@ def test_bench_json_structure_and_positive_ratios():
         assert set(out["ratios"][r]) == {"1", "2"}
         assert all(math.isfinite(v) and v > 0 for v in out["ratios"][r].values())
         assert set(out["ms"][r]) == {"1", "2"}
+        assert all(v >= 0 for v in out["page_faults_per_step"][r].values())
         for g, (lo, hi) in out["ratio_p25_p75"][r].items():  # the median paired ratio lies in its spread
             assert lo <= out["ratios"][r][g] <= hi
     assert set(out["ms"]["dense"]) == {"1", "2"} and out["threads"] >= 1 and out["device"] == "cpu"

@@ -30,6 +30,16 @@ def allocator_settings() -> dict[str, str | None]:
     return {k: os.environ.get(k) for k in MALLOC_VARS}
 
 
+def _minor_faults() -> int:
+    """Page faults of this process so far: a step that grows the heap pays for them, a warm one not
+    (0 where the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _quartiles(v: list[float]) -> list[float]:
     if len(v) < 2:
         return [v[0], v[0]]
@@ -69,6 +79,7 @@ def bench_moe_layer(
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     autocast = dtype is not None and dtype != torch.float32
     ms: dict[str, dict[str, float]] = {"dense": {}, **{r: {} for r in routings}}
+    page_faults: dict[str, dict[str, float]] = {k: {} for k in ms}
     ratios: dict[str, dict[str, float]] = {r: {} for r in routings}
     spread: dict[str, dict[str, list[float]]] = {r: {} for r in routings}
     base = ModelConfig(d_model=d_model, expansion_rate=expansion_rate, seq_len=seq)
@@ -79,15 +90,19 @@ def bench_moe_layer(
         x = torch.randn(batch, seq, d_model, device=dev, requires_grad=True)
         dy = torch.randn(batch, seq, d_model, device=dev)
         times: dict[str, list[float]] = {k: [] for k in layers}
+        faults: dict[str, list[int]] = {k: [] for k in layers}
         with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=autocast):
             for i in range(warmup + repeats):
                 for name, layer in layers.items():
+                    f0 = _minor_faults()
                     t = _step(layer, x, dy, sync)
                     if i >= warmup:
                         times[name].append(t)
+                        faults[name].append(_minor_faults() - f0)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         for k, v in med.items():
             ms[k][str(G)] = v
+            page_faults[k][str(G)] = statistics.median(faults[k])
         for r in routings:
             per_round = [t / d for t, d in zip(times[r], times["dense"])]
             ratios[r][str(G)] = statistics.median(per_round)
@@ -97,6 +112,7 @@ def bench_moe_layer(
         "ratios": ratios,
         "ratio_p25_p75": spread,
         "ms": ms,
+        "page_faults_per_step": page_faults,
         "shape": {"d_model": d_model, "expansion_rate": expansion_rate, "batch": batch, "seq": seq},
         "repeats": repeats,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
