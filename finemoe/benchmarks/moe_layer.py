@@ -5,9 +5,9 @@ rounds (dense, ec, tc, dense, ec, tc, ...), so slow drifts of a shared machine h
 alike. A ratio is the median over rounds of that round's MoE time / dense time (paired, so a slow
 round slows both sides), with its 25th-75th percentile spread; the times are medians over rounds.
 The first `warmup` rounds are untimed: the allocator's heap grows during the first steps and its
-page faults are not the layer's cost in a long training run. Both sides are the modules the model uses: the dense
-FFN with its biases, the MoE layer with router and output LayerNorm. Gradients flow into the input
-as they do inside a model.
+page faults are not the layer's cost in a long training run. Both sides are the modules the model
+uses: the dense FFN with its biases, the MoE layer with router and output LayerNorm. Gradients flow
+into the input as they do inside a model.
 """
 
 from __future__ import annotations
