@@ -125,8 +125,7 @@ def n_free_params(law: str, fixed: dict[str, float] | None = None) -> int:
 
 def validate(pts: Points, law: str, fixed: dict[str, float]) -> None:
     """Reject inputs that cannot identify the law, each with the reason and the fix."""
-    if law not in LAWS:
-        raise DataError(f"unknown law {law!r}; choose one of {list(LAWS)}")
+    n_free = n_free_params(law, fixed)  # rejects an unknown law first
     bad = ~np.isfinite(pts.loss)
     if bad.any():
         rows = np.flatnonzero(bad)[:5].tolist()
@@ -139,7 +138,6 @@ def validate(pts: Points, law: str, fixed: dict[str, float]) -> None:
             raise DataError(f"every {k} must be a positive finite number; {int((~(np.isfinite(a) & (a > 0))).sum())} are not")
     if law != "dense" and (pts.G < 1).any():
         raise DataError("granularity must be >= 1")
-    n_free = n_free_params(law, fixed)
     if len(pts) <= n_free:
         raise DataError(f"{len(pts)} run(s) cannot fit the {law} law's {n_free} free parameters; need at least {n_free + 1}")
     distinct = lambda a: len(np.unique(a))  # noqa: E731
