@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -30,12 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from finemoe.accounting import exact_flops_per_token  # noqa: E402
+from finemoe.benchmarks import allocator_settings  # noqa: E402
 from finemoe.config import ModelConfig  # noqa: E402
 from finemoe.data.tokens import write_tokens  # noqa: E402
 from finemoe.train.config import TrainConfig  # noqa: E402
 from finemoe.train.trainer import train  # noqa: E402
-
-MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def gemm_flops(n: int = 2048, reps: int = 3, device: str = "cpu") -> list[float]:
@@ -99,7 +97,7 @@ def bench(d_model=256, n_blocks=4, seq_len=256, batch_size=16, vocab=4096, granu
     result = {
         "device": device if device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "allocator": {k: os.environ.get(k) for k in MALLOC_VARS},
+        "allocator": allocator_settings(),
         "shape": {"d_model": d_model, "n_blocks": n_blocks, "seq_len": seq_len, "batch_size": batch_size, "vocab": vocab,
                   "expansion_rate": expansion_rate, "granularity": granularity},
         "gemm_flops_per_s": peak,

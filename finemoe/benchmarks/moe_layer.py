@@ -19,16 +19,10 @@ from typing import Callable
 
 import torch
 
+from finemoe.benchmarks import allocator_settings
 from finemoe.config import ModelConfig
 from finemoe.nn.model import DenseFFN
 from finemoe.nn.moe import MoE
-
-MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD")
-
-
-def allocator_settings() -> dict[str, str | None]:
-    return {k: os.environ.get(k) for k in MALLOC_VARS}
-
 
 def _minor_faults() -> int:
     """Page faults of this process so far: a step that grows the heap pays for them, a warm one not
