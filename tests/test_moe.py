@@ -84,9 +84,10 @@ def test_matches_reference_outputs_and_grads(routing, E, G, B, extra):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_expert_choice_takes_exactly_k_per_expert_per_group():
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6])  # k <= 4: repeated max; above: topk
+def test_expert_choice_takes_exactly_k_per_expert_per_group(k):
     torch.manual_seed(0)
-    B, T, n, k = 8, 5, 6, 3
+    B, T, n = 8, 5, 6
     probs = torch.randn(B, T, n).softmax(-1)
     slots = expert_choice(probs, k)
     assert slots.idx.shape == (n, T * k)
@@ -97,6 +98,25 @@ def test_expert_choice_takes_exactly_k_per_expert_per_group():
             assert len(chosen) == k and len(set(chosen.tolist())) == k
             assert set(chosen.tolist()) == set(probs[:, pos, e].topk(k).indices.tolist())
     torch.testing.assert_close(slots.gates, probs.permute(2, 1, 0).reshape(n, -1).gather(1, t * B + b))
+
+
+@pytest.mark.parametrize("k", [2, 6])
+def test_expert_choice_tied_groups_still_give_exactly_k(k):
+    """Identical tokens at one position (e.g. every sequence starts with BOS) tie exactly."""
+    torch.manual_seed(0)
+    B, T, n = 8, 4, 5
+    probs = torch.randn(B, T, n).softmax(-1)
+    probs[:, 0] = probs[0, 0]  # position 0: all B tokens tie for every expert
+    probs[3, 2, 1] = float("nan")  # a diverged entry must not break the capacity
+    slots = expert_choice(probs, k)
+    b, t = slots.idx // T, slots.idx % T
+    for e in range(n):
+        for pos in range(T):
+            chosen = b[e][t[e] == pos].tolist()
+            assert len(chosen) == k and len(set(chosen)) == k
+    if k <= 4:  # the repeated-max path breaks ties to the lowest batch index
+        assert sorted(b[0][t[0] == 0].tolist()) == list(range(k))
+        assert 3 not in b[1][t[1] == 2].tolist()  # NaN ranks below every probability
 
 
 def test_token_choice_gives_every_token_exactly_k_experts_no_drops():
@@ -247,5 +267,20 @@ def test_gated_relu_backward_matches_autograd():
 
     torch.manual_seed(0)
     a = torch.randn(3, 4, 5, dtype=torch.double, requires_grad=True)
-    g = torch.rand(3, 4, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(_GatedReLU.apply, (a, g))
+    g = (torch.rand(3, 4, dtype=torch.double) + 0.1).requires_grad_(True)
+    # in place on its input, as on a matmul's output in the layer: give it a non-leaf
+    assert torch.autograd.gradcheck(lambda a, g: _GatedReLU.apply(a.clone(), g), (a, g))
+
+
+def test_gated_relu_zero_gate_gives_zero_not_nan():
+    """An underflowed softmax gate of exactly 0: no NaN, and 0 is what the softmax backward
+    would multiply that gate's gradient by anyway."""
+    from finemoe.nn.experts import _GatedReLU
+
+    a = torch.randn(2, 3, 4, requires_grad=True)
+    g = torch.tensor([[0.5, 0.0, 0.2], [0.0, 1.0, 0.3]], requires_grad=True)
+    h = _GatedReLU.apply(a.clone(), g)
+    torch.testing.assert_close(h, torch.relu(a) * g.unsqueeze(-1))
+    h.backward(torch.randn_like(h))
+    assert torch.isfinite(g.grad).all() and torch.isfinite(a.grad).all()
+    assert g.grad[0, 1] == 0 and g.grad[1, 0] == 0 and (a.grad[0, 1] == 0).all()

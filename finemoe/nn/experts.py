@@ -106,21 +106,31 @@ class _GroupedMM(torch.autograd.Function):
 
 
 class _GatedReLU(torch.autograd.Function):
-    """relu(a) * gate per slot, with a backward of two passes over [slots, width] instead of the
-    four that relu and a broadcast mul cost under autograd (1/20 of the layer's time at G=16 on CPU)."""
+    """relu(a) * gate per slot, in place on a (the first matmul's output, which nothing else keeps).
+
+    Softmax gates are >= 0, so relu(a) * g == relu(a * g) and the gated output h is all that is
+    saved, the tensor the second matmul keeps anyway: one [slots, d_ff/G] activation less per layer
+    than saving relu(a) too. The backward makes two passes over [slots, width] instead of the four
+    that relu and a broadcast mul cost under autograd (1/20 of the layer's time at G=16 on CPU).
+    """
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        r = torch.relu(a)
-        ctx.save_for_backward(r, gates)
-        return r * gates.unsqueeze(-1)
+        ctx.mark_dirty(a)
+        h = a.mul_(gates.unsqueeze(-1)).relu_()
+        ctx.save_for_backward(h, gates)
+        return h
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
-        r, gates = ctx.saved_tensors
-        dgates = (dh * r).sum(-1) if ctx.needs_input_grad[1] else None
+        h, gates = ctx.saved_tensors
+        dgates = None
+        if ctx.needs_input_grad[1]:
+            # sum_j dh * relu(a) = sum_j dh * h / g. A gate of exactly 0 (underflowed softmax) gets 0:
+            # the softmax backward multiplies that gate's gradient by p = 0 anyway.
+            dgates = torch.where(gates > 0, (dh * h).sum(-1) / gates, 0.0)
         # mask first, then scale in place: one [slots, width] temporary instead of two
-        da = torch.ops.aten.threshold_backward(dh, r, 0).mul_(gates.unsqueeze(-1)) if ctx.needs_input_grad[0] else None
+        da = torch.ops.aten.threshold_backward(dh, h, 0).mul_(gates.unsqueeze(-1)) if ctx.needs_input_grad[0] else None
         return da, dgates
 
 
