@@ -284,3 +284,17 @@ def test_gated_relu_zero_gate_gives_zero_not_nan():
     h.backward(torch.randn_like(h))
     assert torch.isfinite(g.grad).all() and torch.isfinite(a.grad).all()
     assert g.grad[0, 1] == 0 and g.grad[1, 0] == 0 and (a.grad[0, 1] == 0).all()
+
+
+def test_z_loss_from_probs_matches_logsumexp_value_and_gradient():
+    from finemoe.nn.routing import z_loss
+
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 7, 9, dtype=torch.double) * 30).requires_grad_(True)  # some probs underflow
+    ref = torch.logsumexp(logits, -1).square().mean()
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    fast = z_loss(logits, logits.softmax(-1))
+    (g_fast,) = torch.autograd.grad(fast, logits)
+    torch.testing.assert_close(fast, ref)
+    torch.testing.assert_close(g_fast, g_ref)
+    torch.testing.assert_close(z_loss(logits), ref)

@@ -128,7 +128,8 @@ class _GatedReLU(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # sum_j dh * relu(a) = sum_j dh * h / g. A gate of exactly 0 (underflowed softmax) gets 0:
             # the softmax backward multiplies that gate's gradient by p = 0 anyway.
-            dgates = torch.where(gates > 0, (dh * h).sum(-1) / gates, 0.0)
+            dot = torch.einsum("...j,...j->...", dh, h)  # no [slots, width] temporary, unlike (dh*h).sum
+            dgates = torch.where(gates > 0, dot / gates, 0.0)
         # mask first, then scale in place: one [slots, width] temporary instead of two
         da = torch.ops.aten.threshold_backward(dh, h, 0).mul_(gates.unsqueeze(-1)) if ctx.needs_input_grad[0] else None
         return da, dgates

@@ -50,7 +50,7 @@ class MoE(nn.Module):
         logits = self.router(x)  # fp32 [B, T, n]
         probs = logits.softmax(dim=-1)
         xf = x.reshape(B * T, d)
-        aux = {"z_loss": z_loss(logits), "lb_loss": logits.new_zeros(())}
+        aux = {"z_loss": z_loss(logits, probs), "lb_loss": logits.new_zeros(())}
 
         k = ec_tokens_per_expert(B, cfg.expansion_rate, cfg.capacity_factor) if cfg.routing == "ec" else None
         if k is not None:
