@@ -114,9 +114,9 @@ def test_expert_choice_tied_groups_still_give_exactly_k(k):
         for pos in range(T):
             chosen = b[e][t[e] == pos].tolist()
             assert len(chosen) == k and len(set(chosen)) == k
+    assert 3 not in b[1][t[1] == 2].tolist()  # NaN ranks below every probability
     if k <= 4:  # the repeated-max path breaks ties to the lowest batch index
         assert sorted(b[0][t[0] == 0].tolist()) == list(range(k))
-        assert 3 not in b[1][t[1] == 2].tolist()  # NaN ranks below every probability
 
 
 def test_token_choice_gives_every_token_exactly_k_experts_no_drops():
@@ -267,7 +267,7 @@ def test_gated_relu_backward_matches_autograd():
 
     torch.manual_seed(0)
     a = torch.randn(3, 4, 5, dtype=torch.double, requires_grad=True)
-    g = (torch.rand(3, 4, dtype=torch.double) + 0.1).requires_grad_(True)
+    g = torch.rand(3, 4, dtype=torch.double, requires_grad=True)
     # in place on its input, as on a matmul's output in the layer: give it a non-leaf
     assert torch.autograd.gradcheck(lambda a, g: _GatedReLU.apply(a.clone(), g), (a, g))
 

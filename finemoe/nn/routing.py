@@ -104,9 +104,9 @@ def expert_choice(probs: torch.Tensor, k: int) -> Slots:
     Returns capacity T*k per expert; token ids index the flattened [B*T] tokens.
     """
     B, T, n = probs.shape
-    p = probs.detach()
+    p = probs.detach().nan_to_num(nan=-1.0)  # a NaN (diverged) score never beats a probability
     if k <= _SMALL_K:
-        taken = _top_k_mask_dim0(p.nan_to_num(nan=-1.0), k)  # [B, T, n]; NaN never beats a prob
+        taken = _top_k_mask_dim0(p, k)  # [B, T, n]
         mask = taken.permute(2, 0, 1).reshape(n, B * T)  # mask[e, b*T+t]: token taken by expert e
     else:
         b = p.permute(2, 1, 0).contiguous().topk(k, dim=-1, sorted=False).indices  # [n, T, k]
