@@ -119,6 +119,24 @@ def test_expert_choice_tied_groups_still_give_exactly_k(k):
         assert sorted(b[0][t[0] == 0].tolist()) == list(range(k))
 
 
+@pytest.mark.parametrize("B,T,n,k", [(8, 5, 6, 1), (8, 5, 6, 3), (8, 5, 6, 6), (130, 2, 3, 129)])
+def test_expert_choice_token_major_listing_is_the_sorted_slots(B, T, n, k):
+    """by_token (the combine's order, built without a sort) equals a stable sort of the slots by
+    token; k = 129 needs a pick map wider than int8."""
+    torch.manual_seed(0)
+    probs = torch.randn(B, T, n).softmax(-1)
+    slots = expert_choice(probs, k)
+    tokens = slots.idx.reshape(-1)
+    perm, offsets = slots.by_token
+    counts = torch.bincount(tokens, minlength=B * T)
+    assert torch.equal(perm, torch.argsort(tokens, stable=True))
+    assert torch.equal(offsets, torch.cumsum(counts, 0) - counts)
+    b, t = tokens.view(n, T * k) // T, tokens.view(n, T * k) % T
+    for e in range(n):
+        for pos in range(T):
+            assert sorted(b[e][t[e] == pos].tolist()) == sorted(probs[:, pos, e].topk(k).indices.tolist())
+
+
 def test_token_choice_gives_every_token_exactly_k_experts_no_drops():
     torch.manual_seed(0)
     N, n, k = 50, 8, 3

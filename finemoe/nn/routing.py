@@ -35,15 +35,18 @@ class Router(nn.Module):
 
 @dataclass
 class Slots:
-    """Routed (expert, token) pairs in expert-major order, tokens ascending within an expert.
+    """Routed (expert, token) pairs in expert-major order.
 
     `idx` holds token ids ([n_experts, capacity] under Expert Choice, flat [n_slots] with `counts` per
-    expert under Token Choice) and `gates` the fp32 softmax scores.
+    expert under Token Choice) and `gates` the fp32 softmax scores. `by_token`, when the router has
+    it for free, is (perm, offsets): the slots listed token by token and where each token's run
+    starts, which the combine needs (otherwise it is sorted out of `idx`).
     """
 
     idx: torch.Tensor
     gates: torch.Tensor
     counts: torch.Tensor | None = None
+    by_token: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def ec_tokens_per_expert(group_size: int, expansion_rate: int, capacity_factor: float) -> int | None:
@@ -74,47 +77,66 @@ def _from_mask(mask: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, t
 _SMALL_K = 4
 
 
-def _top_k_mask_dim0(p: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask [B, ...] of the k largest entries of p along dim 0, ties to the lowest index.
+def _pick_dtype(k: int) -> torch.dtype:
+    return torch.int8 if k < 128 else torch.int32
+
+
+def _top_k_dim0(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of p along dim 0, ties to the lowest index: their indices [k, ...]
+    (int64, largest first) and a map [B, ...] holding j+1 where pick j was taken, else 0.
+    Overwrites p (the caller's scratch copy).
 
     k passes of a max-reduction over the leading axis, each vectorised across the contiguous
-    trailing axes; topk over a [n*T, B] permuted copy spends ~150 ns per tiny row instead (13 vs
-    6.5 ms for k=2 at the layer benchmark's G=16 shape on 2 CPU cores). The lowest index among equal maxima comes from an
-    amax of reversed ranks, as max(dim) with indices is not vectorised along dim 0 on CPU.
+    trailing axes, and a scatter of -inf over each pick; topk over a [T*n, B] permuted copy spends
+    ~150 ns per tiny row instead (11 vs 4 ms for k=2 at the layer benchmark's G=16 shape on 2 CPU
+    cores). The lowest index among equal maxima is an amax of reversed ranks, as max(dim) with
+    indices is slower along dim 0; bool masks are kept out of the full-size passes (each bool
+    where/masked_fill costs 3-4 times an arithmetic pass on CPU).
     """
     B = p.shape[0]
-    shape = (B,) + (1,) * (p.dim() - 1)
     rank_dtype = torch.int16 if B < 2**15 else torch.int32
-    reverse = torch.arange(B, 0, -1, dtype=rank_dtype, device=p.device).view(shape)  # B..1
-    rows = torch.arange(B, device=p.device).view(shape)
-    mask = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+    reverse = torch.arange(B, 0, -1, dtype=rank_dtype, device=p.device).view((B,) + (1,) * (p.dim() - 1))
+    order = torch.zeros(p.shape, dtype=_pick_dtype(k), device=p.device)
+    picks = []
     for j in range(k):
         hit = p == p.amax(0, keepdim=True)
-        first = B - torch.where(hit, reverse, 0).amax(0, keepdim=True)  # lowest row index of a max
-        pick = rows == first
-        mask |= pick
+        first = (B - (hit * reverse).amax(0, keepdim=True)).long()  # lowest row index of a max
+        order.scatter_(0, first, j + 1)
+        picks.append(first)
         if j + 1 < k:
-            p = p.masked_fill(pick, float("-inf"))
-    return mask
+            p.scatter_(0, first, float("-inf"))
+    return torch.cat(picks), order
 
 
 def expert_choice(probs: torch.Tensor, k: int) -> Slots:
     """probs [B, T, n_experts]; each expert takes its top-k of the B tokens at every position t.
 
-    Returns capacity T*k per expert; token ids index the flattened [B*T] tokens.
+    Returns capacity T*k per expert, slot t*k + j of an expert holding its j-th pick at position t;
+    token ids index the flattened [B*T] tokens. The token-major listing (`by_token`) comes from
+    the map of picks in token order, so the combine needs no sort.
     """
     B, T, n = probs.shape
-    p = probs.detach().nan_to_num(nan=-1.0)  # a NaN (diverged) score never beats a probability
+    dev = probs.device
+    p = probs.detach().nan_to_num(nan=-1.0)  # a copy; a NaN (diverged) score never beats a probability
     if k <= _SMALL_K:
-        taken = _top_k_mask_dim0(p, k)  # [B, T, n]
-        mask = taken.permute(2, 0, 1).reshape(n, B * T)  # mask[e, b*T+t]: token taken by expert e
+        b, order = _top_k_dim0(p, k)  # [k, T, n], [B, T, n]
     else:
         b = p.permute(2, 1, 0).contiguous().topk(k, dim=-1, sorted=False).indices  # [n, T, k]
-        mask = torch.zeros(n, B, T, dtype=torch.bool, device=probs.device)
-        mask.scatter_(1, b.transpose(1, 2), True)
-        mask = mask.view(n, B * T)
-    _, t, gates = _from_mask(mask, probs.reshape(B * T, n))
-    return Slots(t.view(n, T * k), gates.view(n, T * k))
+        b = b.permute(2, 1, 0)
+        dtype = _pick_dtype(k)
+        order = torch.zeros(B, T, n, dtype=dtype, device=dev)
+        order.scatter_(0, b, torch.arange(1, k + 1, dtype=dtype, device=dev).view(k, 1, 1).expand_as(b))
+    positions = torch.arange(T, device=dev)
+    experts = torch.arange(n, device=dev)
+    idx = (b * T + positions.view(1, T, 1)).permute(2, 1, 0).contiguous().view(n, T * k)
+    gates = probs.reshape(-1).index_select(0, (idx * n + experts.view(n, 1)).view(-1))
+    # token-major: nonzero lists the picks by token, then expert; order says which pick each was
+    flat = order.view(B * T, n)
+    token, expert = flat.nonzero(as_tuple=True)
+    j = flat[token, expert].long() - 1
+    perm = expert * (T * k) + (token % T) * k + j
+    counts = torch.bincount(token, minlength=B * T)
+    return Slots(idx, gates.view(n, T * k), by_token=(perm, torch.cumsum(counts, 0) - counts))
 
 
 def token_choice(probs: torch.Tensor, k: int) -> tuple[Slots, torch.Tensor]:
