@@ -280,28 +280,84 @@ def test_bucket_cuts_minimise_padded_slots():
             assert padded(cuts) == brute
 
 
-def test_gated_relu_backward_matches_autograd():
-    from finemoe.nn.experts import _GatedReLU
+def _random_dispatch(n_tokens, n_slots, seed=0):
+    from finemoe.nn.experts import Dispatch
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n_tokens, (n_slots,), generator=g)
+    return Dispatch.sorting(idx, idx, torch.arange(n_slots), n_tokens)
+
+
+def _gated_output_reference(h, w2, gates, dispatch, offs):
+    """The same sum through plain autograd: per-expert matmuls, gate, index_add."""
+    if offs is None:
+        y = torch.bmm(h, w2) * gates.unsqueeze(-1)
+    else:
+        ends = offs.tolist()
+        starts = [0] + ends[:-1]
+        y = torch.cat([h[s:e] @ w2[i] for i, (s, e) in enumerate(zip(starts, ends))]) * gates.unsqueeze(-1)
+    y = y.reshape(-1, y.shape[-1])
+    return torch.zeros(int(dispatch.offsets.numel()), y.shape[-1], dtype=y.dtype).index_add(0, dispatch.idx, y)
+
+
+def test_gated_output_backward_matches_autograd_fixed_capacity():
+    from finemoe.nn.experts import _GatedOutput
+
+    torch.manual_seed(0)
+    n, C, w, d, N = 3, 4, 5, 6, 7
+    h = torch.randn(n, C, w, dtype=torch.double).relu().requires_grad_(True)
+    w2 = torch.randn(n, w, d, dtype=torch.double, requires_grad=True)
+    gates = torch.rand(n, C, dtype=torch.double, requires_grad=True)
+    dispatch = _random_dispatch(N, n * C)
+    args = (h, w2, gates)
+    fn = lambda h, w2, g: _GatedOutput.apply(h, w2, g, dispatch, None)  # noqa: E731
+    torch.testing.assert_close(fn(*args), _gated_output_reference(*args, dispatch, None))
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_gated_output_grouped_matches_autograd():
+    """The grouped-GEMM layout (rows sorted by expert); grouped_mm has no float64, so compared in
+    float32 against the plain-autograd sum."""
+    from finemoe.nn.experts import _GatedOutput
+
+    torch.manual_seed(0)
+    w, d, N = 8, 8, 7
+    offs = torch.tensor([3, 3, 9, 12], dtype=torch.int32)  # an empty expert too
+    h = torch.randn(12, w).relu().requires_grad_(True)
+    w2 = torch.randn(4, w, d, requires_grad=True)
+    gates = torch.rand(12, requires_grad=True)
+    dispatch = _random_dispatch(N, 12)
+    dout = torch.randn(N, d)
+    got = torch.autograd.grad(_GatedOutput.apply(h, w2, gates, dispatch, offs), (h, w2, gates), dout)
+    ref = torch.autograd.grad(_gated_output_reference(h, w2, gates, dispatch, offs), (h, w2, gates), dout)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_gated_output_zero_gate_gives_zero_not_nan():
+    """An underflowed softmax gate (or a padding slot) of exactly 0: no NaN, and 0 is what the
+    softmax backward would multiply that gate's gradient by anyway."""
+    from finemoe.nn.experts import _GatedOutput
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 3, 4).relu().requires_grad_(True)
+    w2 = torch.randn(2, 4, 5, requires_grad=True)
+    gates = torch.tensor([[0.5, 0.0, 0.2], [0.0, 1.0, 0.3]], requires_grad=True)
+    dispatch = _random_dispatch(4, 6)
+    out = _GatedOutput.apply(h, w2, gates, dispatch, None)
+    torch.testing.assert_close(out, _gated_output_reference(h, w2, gates, dispatch, None))
+    out.backward(torch.randn_like(out))
+    assert torch.isfinite(gates.grad).all() and torch.isfinite(h.grad).all()
+    assert gates.grad[0, 1] == 0 and gates.grad[1, 0] == 0 and (h.grad[0, 1] == 0).all()
+
+
+def test_in_place_relu_backward_matches_autograd():
+    from finemoe.nn.experts import _ReLU
 
     torch.manual_seed(0)
     a = torch.randn(3, 4, 5, dtype=torch.double, requires_grad=True)
-    g = torch.rand(3, 4, dtype=torch.double, requires_grad=True)
     # in place on its input, as on a matmul's output in the layer: give it a non-leaf
-    assert torch.autograd.gradcheck(lambda a, g: _GatedReLU.apply(a.clone(), g), (a, g))
-
-
-def test_gated_relu_zero_gate_gives_zero_not_nan():
-    """An underflowed softmax gate of exactly 0: no NaN, and 0 is what the softmax backward
-    would multiply that gate's gradient by anyway."""
-    from finemoe.nn.experts import _GatedReLU
-
-    a = torch.randn(2, 3, 4, requires_grad=True)
-    g = torch.tensor([[0.5, 0.0, 0.2], [0.0, 1.0, 0.3]], requires_grad=True)
-    h = _GatedReLU.apply(a.clone(), g)
-    torch.testing.assert_close(h, torch.relu(a) * g.unsqueeze(-1))
-    h.backward(torch.randn_like(h))
-    assert torch.isfinite(g.grad).all() and torch.isfinite(a.grad).all()
-    assert g.grad[0, 1] == 0 and g.grad[1, 0] == 0 and (a.grad[0, 1] == 0).all()
+    assert torch.autograd.gradcheck(lambda a: _ReLU.apply(a.clone()), (a,))
 
 
 def test_z_loss_from_probs_matches_logsumexp_value_and_gradient():

@@ -8,11 +8,12 @@ Two layouts of the routed (expert, token) slots:
   ones, both through the fixed-capacity path with zero gates on the padding.
 
 Speed notes (the G-replicated [G*N, d] tensors dominate memory traffic on CPU):
-- gather and combine are custom autograd functions, each the other's backward: index_select, and
-  a per-token segmented sum (embedding_bag over the slots sorted by token). Advanced indexing would
-  use index_put(accumulate=True) in backward, and index_add_ with unsorted indices, both slower;
-- the router gate multiplies the hidden activations [slots, d_ff/G] (N*d_ff elements in total, the
-  size of a dense FFN's hidden) rather than the expert outputs [slots, d] (G*N*d elements);
+- gather and combine are each the other's backward: index_select, and a per-token segmented sum
+  (embedding_bag over the slots sorted by token). Advanced indexing would use
+  index_put(accumulate=True) in backward, and index_add_ with unsorted indices, both slower;
+- the router gate is applied by the combine's per-slot weights (and by a weighted gather in the
+  backward), which pass over the [slots, d] tensors anyway, rather than by a multiply over the
+  hidden activations each way; ReLU runs in place on the first matmul's output;
 - under autocast the tokens are cast once before the gather, not G times after it.
 """
 
@@ -45,13 +46,20 @@ class Dispatch:
         counts = torch.bincount(tokens, minlength=n_tokens)
         return cls(idx, perm, torch.cumsum(counts, 0) - counts)
 
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        return x.index_select(0, self.idx)
+    def gather(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """x[idx], each row times weights[slot] if given (one-row bags of embedding_bag: one pass,
+        where index_select and a mul make two over [slots, d])."""
+        if weights is None:
+            return x.index_select(0, self.idx)
+        singles = torch.arange(self.idx.numel(), device=self.idx.device)
+        return F.embedding_bag(self.idx, x, singles, mode="sum", per_sample_weights=weights)
 
-    def combine(self, y: torch.Tensor) -> torch.Tensor:
-        """out[t] = sum of the slots of token t. embedding_bag reduces each token's slots in one
-        pass, parallel over tokens: 2-3x faster on CPU than index_add_ with unsorted indices."""
-        return F.embedding_bag(self.perm, y, self.offsets, mode="sum")
+    def combine(self, y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """out[t] = sum of the slots of token t, each times weights[slot] if given. embedding_bag
+        reduces each token's slots in one pass, parallel over tokens: 2-3x faster on CPU than
+        index_add_ with unsorted indices, and weighting costs it nothing measurable."""
+        w = None if weights is None else weights.index_select(0, self.perm)
+        return F.embedding_bag(self.perm, y, self.offsets, mode="sum", per_sample_weights=w)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -65,25 +73,9 @@ class _GatherRows(torch.autograd.Function):
         return ctx.dispatch.combine(g.contiguous()), None
 
 
-class _CombineRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-        ctx.dispatch = dispatch
-        return dispatch.combine(y)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        return ctx.dispatch.gather(g.contiguous()), None
-
-
 def gather_rows(x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-    """x[idx] for a 2-D x; the backward is the combine below."""
+    """x[idx] for a 2-D x; the backward is the combine."""
     return _GatherRows.apply(x, dispatch)
-
-
-def combine_rows(y: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-    """out[n_tokens, d], out[idx[i]] += y[i]; the backward is the gather above."""
-    return _CombineRows.apply(y, dispatch)
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -106,46 +98,65 @@ class _GroupedMM(torch.autograd.Function):
         return dx, dw, None
 
 
-class _GatedReLU(torch.autograd.Function):
-    """relu(a) * gate per slot, in place on a (the first matmul's output, which nothing else keeps).
-
-    Softmax gates are >= 0, so relu(a) * g == relu(a * g) and the gated output h is all that is
-    saved, the tensor the second matmul keeps anyway: one [slots, d_ff/G] activation less per layer
-    than saving relu(a) too. The backward reads dh and h once for the gate gradient, then scales and
-    masks dh in place, where relu and a broadcast mul under autograd make four passes and two
-    temporaries (1/20 of the layer's time at G=16 on CPU).
-    """
+class _ReLU(torch.autograd.Function):
+    """relu in place on a matmul's output (which nothing else keeps), saving only the result; the
+    backward masks its gradient, a fresh matmul output consumed only here, in place too."""
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, a: torch.Tensor) -> torch.Tensor:
         ctx.mark_dirty(a)
-        h = a.mul_(gates.unsqueeze(-1)).relu_()
-        ctx.save_for_backward(h, gates)
+        h = a.relu_()
+        ctx.save_for_backward(h)
         return h
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
-        h, gates = ctx.saved_tensors
-        dgates = None
-        if ctx.needs_input_grad[1]:
-            # sum_j dh * relu(a) = sum_j dh * h / g. A gate of exactly 0 (underflowed softmax) gets 0:
-            # the softmax backward multiplies that gate's gradient by p = 0 anyway.
+        (h,) = ctx.saved_tensors
+        dh = dh.contiguous()
+        return torch.ops.aten.threshold_backward(dh, h, 0, grad_input=dh)
+
+
+def activation(a: torch.Tensor, act) -> torch.Tensor:
+    return _ReLU.apply(a) if act is F.relu else act(a)
+
+
+class _GatedOutput(torch.autograd.Function):
+    """out[t] = sum over token t's slots s of gate_s * (h_s @ w2[expert of s]): the second expert
+    matmul, with the router gate applied by the combine's per-slot weights.
+
+    Gating there is free (the combine passes over [slots, d] anyway) where gating the hidden
+    [slots, d_ff/G] costs a pass each way. The backward gets the gated output gradient from one
+    weighted gather, the hidden gradient g * (dy @ w2^T) from the matmul, and the gate gradient
+    dy . (h @ w2) = (dy @ w2^T) . h from those, without keeping the [slots, d] outputs.
+    `offs` None: h [n, C, width] and bmm (fixed capacity); else h [slots, width] sorted by expert
+    and grouped GEMMs.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w2, gates, dispatch, offs):
+        y = torch.bmm(h, w2) if offs is None else F.grouped_mm(h, w2, offs=offs)
+        ctx.save_for_backward(h, w2, gates)
+        ctx.dispatch, ctx.offs = dispatch, offs
+        return dispatch.combine(y.view(-1, y.shape[-1]), gates.reshape(-1))
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        h, w2, gates = ctx.saved_tensors
+        offs = ctx.offs
+        dy = ctx.dispatch.gather(dout.contiguous(), gates.reshape(-1)).view(*h.shape[:-1], -1)
+        need_h, need_w, need_g = ctx.needs_input_grad[:3]
+        dh = dw2 = dgates = None
+        if need_h or need_g:
+            w2t = w2.transpose(-2, -1)
+            dh = torch.bmm(dy, w2t) if offs is None else F.grouped_mm(dy, w2t, offs=offs)
+        if need_w:
+            dw2 = torch.bmm(h.transpose(1, 2), dy) if offs is None else F.grouped_mm(h.t(), dy, offs=offs)
+        if need_g:
+            # dh = g * (dy @ w2^T): divide the gate back out. A gate of exactly 0 (underflowed
+            # softmax, or padding) gets 0: the softmax backward multiplies it by p = 0 anyway.
             dot = torch.einsum("...j,...j->...", dh, h)  # no [slots, width] temporary, unlike (dh*h).sum
             dgates = torch.where(gates > 0, dot / gates, 0.0)
-        da = None
-        if ctx.needs_input_grad[0]:
-            # dh is the second matmul's fresh input gradient, consumed only here (the dot above has
-            # read it): scale and mask it in place, no [slots, width] temporary (5 vs 7 ms at G=16)
-            dh = dh.contiguous()
-            da = torch.ops.aten.threshold_backward(dh.mul_(gates.unsqueeze(-1)), h, 0, grad_input=dh)
-        return da, dgates
-
-
-def gated_act(a: torch.Tensor, gates: torch.Tensor, act) -> torch.Tensor:
-    """act(a) * gates[..., None]; ReLU (the paper's) through the fused backward above."""
-    if act is F.relu:
-        return _GatedReLU.apply(a, gates)
-    return act(a) * gates.unsqueeze(-1)
+        return dh if need_h else None, dw2, dgates, None, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -195,9 +206,8 @@ class Experts(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             w1, w2 = weights if weights is not None else self._weights(dtype)
             xg = gather_rows(x.to(dtype), dispatch).view(n, C, -1)
-            h = gated_act(torch.bmm(xg, w1), gates.to(dtype), self.act)
-            y = torch.bmm(h, w2)
-            return combine_rows(y.view(n * C, -1), dispatch)
+            h = activation(torch.bmm(xg, w1), self.act)
+            return _GatedOutput.apply(h, w2, gates.to(dtype), dispatch, None)
 
     def sorted(self, x: torch.Tensor, slots: Slots) -> torch.Tensor:
         """x [N, d], slots sorted by expert with per-expert counts -> [N, d]."""
@@ -220,9 +230,8 @@ class Experts(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             w1, w2 = self._weights(dtype)
             xs = gather_rows(x.to(dtype), dispatch)
-            h = gated_act(_GroupedMM.apply(xs, w1, offs), slots.gates.to(dtype), self.act)
-            y = _GroupedMM.apply(h, w2, offs)
-            return combine_rows(y, dispatch)
+            h = activation(_GroupedMM.apply(xs, w1, offs), self.act)
+            return _GatedOutput.apply(h, w2, slots.gates.to(dtype), dispatch, offs)
 
     def _grouped_ok(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         """grouped_mm needs 16-byte aligned row strides. On CPU it runs one mm per expert and its
