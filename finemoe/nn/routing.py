@@ -133,7 +133,7 @@ def expert_choice(probs: torch.Tensor, k: int) -> Slots:
     # token-major: nonzero lists the picks by token, then expert; order says which pick each was
     flat = order.view(B * T, n)
     token, expert = flat.nonzero(as_tuple=True)
-    j = flat[token, expert].long() - 1
+    j = flat.view(-1).index_select(0, token * n + expert).long() - 1
     perm = expert * (T * k) + (token % T) * k + j
     counts = torch.bincount(token, minlength=B * T)
     return Slots(idx, gates.view(n, T * k), by_token=(perm, torch.cumsum(counts, 0) - counts))
