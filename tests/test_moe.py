@@ -285,7 +285,7 @@ def _random_dispatch(n_tokens, n_slots, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n_tokens, (n_slots,), generator=g)
-    return Dispatch.sorting(idx, idx, torch.arange(n_slots), n_tokens)
+    return Dispatch.sorting(idx, n_tokens)
 
 
 def _gated_output_reference(h, w2, gates, dispatch, offs):

@@ -38,10 +38,19 @@ class Dispatch:
         self.idx, self.perm, self.offsets = idx, perm, offsets
 
     @classmethod
-    def sorting(cls, idx: torch.Tensor, tokens: torch.Tensor, slot_ids: torch.Tensor, n_tokens: int) -> "Dispatch":
+    def sorting(
+        cls,
+        idx: torch.Tensor,
+        n_tokens: int,
+        tokens: torch.Tensor | None = None,
+        slot_ids: torch.Tensor | None = None,
+    ) -> "Dispatch":
         """`tokens` [n_pairs]: the tokens of the routed pairs in expert-major order (ascending within an
-        expert), `slot_ids` their slots; padding slots, if any, appear in `idx` only. A stable sort of
-        such runs of ascending tokens is cheap (a few ms for 10^5 pairs)."""
+        expert), `slot_ids` their slots; padding slots, if any, appear in `idx` only. Without them
+        every slot of `idx` is a routed pair. A stable sort of such runs of ascending tokens is
+        cheap (a few ms for 10^5 pairs)."""
+        if tokens is None:
+            tokens, slot_ids = idx, torch.arange(idx.numel(), device=idx.device)
         perm = slot_ids[torch.argsort(tokens, stable=True)]
         counts = torch.bincount(tokens, minlength=n_tokens)
         return cls(idx, perm, torch.cumsum(counts, 0) - counts)
@@ -188,7 +197,7 @@ class Experts(nn.Module):
         if slots.by_token is not None:
             dispatch = Dispatch(idx, *slots.by_token)
         else:
-            dispatch = Dispatch.sorting(idx, idx, torch.arange(idx.numel(), device=x.device), x.shape[0])
+            dispatch = Dispatch.sorting(idx, x.shape[0])
         return self._capacity(x, slots, dispatch)
 
     def _capacity(
@@ -221,12 +230,12 @@ class Experts(nn.Module):
             for b, part in enumerate(parts):
                 if part is not None:
                     padded, tokens, slot_ids = part
-                    dispatch = Dispatch.sorting(padded.idx.reshape(-1), tokens, slot_ids, x.shape[0])
+                    dispatch = Dispatch.sorting(padded.idx.reshape(-1), x.shape[0], tokens, slot_ids)
                     y = self._capacity(x, padded, dispatch, weights=(w1[b], w2[b]))
                     out = y if out is None else out + y
             return out
         offs = torch.cumsum(slots.counts, 0).to(torch.int32)
-        dispatch = Dispatch.sorting(slots.idx, slots.idx, torch.arange(slots.idx.numel(), device=x.device), x.shape[0])
+        dispatch = Dispatch.sorting(slots.idx, x.shape[0])
         with torch.autocast(x.device.type, enabled=False):
             w1, w2 = self._weights(dtype)
             xs = gather_rows(x.to(dtype), dispatch)
