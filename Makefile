@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(VENV)/bin/finemoe bench moe-layer
 	$(PY) benchmarks/bench_fit.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_cpu_gemm.py
 	$(PY) -m pytest -q -m slow tests -k bench || test $$? -eq 5
 
 quickstart: $(STAMP)
