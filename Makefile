@@ -28,7 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/finemoe bench moe-layer
 	$(PY) benchmarks/bench_fit.py
-	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_train.py --cpu-matmul mkl onednn
 	$(PY) benchmarks/bench_cpu_gemm.py
 	$(PY) -m pytest -q -m slow tests -k bench || test $$? -eq 5
 

@@ -37,6 +37,15 @@ def test_bench_json_structure_and_positive_ratios():
     assert out["allocator"]["MALLOC_MMAP_THRESHOLD_"] is not None  # re-executed with tuned malloc
     assert out["allocator"]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     assert out["omp_wait_policy"] == "PASSIVE"  # and sleeping OpenMP workers
+    assert out["cpu_matmul"] == "mkl"
+
+
+def test_bench_on_the_onednn_linear_path():
+    p = _run("--json", "-G", "2", "--d-model", "32", "-E", "2", "--batch", "4", "--seq", "8", "--repeats", "1",
+             "--routing", "ec", "--threads", "2", "--cpu-matmul", "onednn")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["cpu_matmul"] == "onednn" and math.isfinite(out["ratios"]["ec"]["2"])
 
 
 def test_bench_bad_granularity_is_one_line_error():

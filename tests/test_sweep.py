@@ -75,6 +75,11 @@ def test_spec_expands_grid_with_stable_distinct_ids(tmp_path):
     # a changed setting is a different run
     lr = specmod.expand(_raw(tmp_path, train={"lr": 1e-3}))
     assert not {r.run_id for r in lr.runs} & {r.run_id for r in s.runs}
+    # the CPU matmul path is not (float rounding only): switching it re-runs nothing
+    base = specmod.expand(_raw(tmp_path))
+    fast = specmod.expand(_raw(tmp_path, train={"cpu_matmul": "onednn"}))
+    assert [r.run_id for r in fast.runs] == [r.run_id for r in base.runs]
+    assert all(r.config["cpu_matmul"] == "onednn" for r in fast.runs)
 
 
 @pytest.mark.parametrize("over,msg", [

@@ -23,3 +23,14 @@ def test_bench_train_smoke(capsys):
         assert m["tokens_per_s"] > 0 and 0 < m["mfu_paper"] < m["mfu"] and m["timed_steps"] == 2
     assert ("skipped" in r) == (bench.moe_available() is not None)
     assert "GEMM peak" in bench.human(r)
+
+
+def test_bench_train_compares_cpu_linear_paths():
+    bench = _bench_module()
+    r = bench.bench(d_model=32, n_blocks=1, seq_len=16, batch_size=4, vocab=64, granularity=2, expansion_rate=2,
+                    steps=1, rounds=1, gemm_n=64, cpu_matmuls=("mkl", "onednn"))
+    models = set(bench.models(32, 1, 16, 64, 2, 2))
+    assert set(r["models"]) == models | {f"{m} [onednn]" for m in models}
+    speed = r["speedup_over_mkl"]["onednn"]
+    assert set(speed) == models and all(v > 0 for v in speed.values())
+    assert "onednn CPU linear path / mkl" in bench.human(r)

@@ -6,8 +6,9 @@ alike. A ratio is the median over rounds of that round's MoE time / dense time (
 round slows both sides), with its 25th-75th percentile spread; the times are medians over rounds.
 The first `warmup` rounds are untimed: the allocator's heap grows during the first steps and its
 page faults are not the layer's cost in a long training run. Both sides are the modules the model
-uses: the dense FFN with its biases, the MoE layer with router and output LayerNorm. Gradients flow
-into the input as they do inside a model.
+uses: the dense FFN with its biases, the MoE layer with router and output LayerNorm, with their
+linear maps (dense FFN, router) on the chosen CPU path (`cpu_matmul`; the experts' batched matmuls
+are bmm either way). Gradients flow into the input as they do inside a model.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from finemoe.benchmarks import allocator_settings
 from finemoe.config import ModelConfig
+from finemoe.nn.linear import cpu_matmul as linear_path
 from finemoe.nn.model import DenseFFN
 from finemoe.nn.moe import MoE
 
@@ -66,6 +68,7 @@ def bench_moe_layer(
     device: str = "cpu",
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    cpu_matmul: str = "mkl",
 ) -> dict:
     """Median fwd+bwd milliseconds per layer and the MoE/dense ratios, per granularity."""
     torch.manual_seed(seed)
@@ -85,7 +88,7 @@ def bench_moe_layer(
         dy = torch.randn(batch, seq, d_model, device=dev)
         times: dict[str, list[float]] = {k: [] for k in layers}
         faults: dict[str, list[int]] = {k: [] for k in layers}
-        with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=autocast):
+        with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=autocast), linear_path(cpu_matmul):
             for i in range(warmup + repeats):
                 for name, layer in layers.items():
                     f0 = _minor_faults()
@@ -112,6 +115,7 @@ def bench_moe_layer(
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "dtype": str(dtype or torch.float32).replace("torch.", ""),
         "threads": torch.get_num_threads(),
+        "cpu_matmul": cpu_matmul,
         "allocator": allocator_settings(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }

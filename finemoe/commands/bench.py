@@ -42,6 +42,12 @@ def register(sub) -> None:
     m.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     m.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 runs under autocast")
     m.add_argument(
+        "--cpu-matmul",
+        choices=["mkl", "onednn"],
+        default="mkl",
+        help="fp32 CPU linear maps of both sides (dense FFN, router): torch's MKL or oneDNN (finemoe.nn.linear)",
+    )
+    m.add_argument(
         "--no-reexec",
         action="store_true",
         help="do not restart with glibc malloc thresholds raised and OMP_WAIT_POLICY=PASSIVE when unset",
@@ -102,6 +108,7 @@ def run_moe_layer(args: argparse.Namespace) -> int:
         routings=tuple(args.routing),
         device=args.device,
         dtype=torch.bfloat16 if args.dtype == "bf16" else None,
+        cpu_matmul=args.cpu_matmul,
     )
     emit(args, out, _human)
     return 0
@@ -113,7 +120,7 @@ def _human(o: dict) -> str:
     head = f"{'G':>3}  {'dense ms':>9}" + "".join(f"  {r + ' ms':>9}  {r + '/dense':>9}  {'p25-p75':>9}" for r in routings)
     lines = [
         f"MoE layer fwd+bwd / dense FFN, d_model={s['d_model']} E={s['expansion_rate']} "
-        f"tokens={s['batch']}x{s['seq']}, {o['device']} {o['dtype']}, {o['threads']} threads, "
+        f"tokens={s['batch']}x{s['seq']}, {o['device']} {o['dtype']} ({o['cpu_matmul']} linear), {o['threads']} threads, "
         f"median of {o['repeats']} paired rounds",
         head,
     ]

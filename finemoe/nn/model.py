@@ -22,6 +22,7 @@ from finemoe.config import ModelConfig
 from finemoe.errors import ConfigError
 from finemoe.io import atomic_path, write_json_atomic
 from finemoe.nn.init import trunc_normal_
+from finemoe.nn.linear import Linear
 
 ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -36,8 +37,8 @@ class ModelOutput:
 class DenseFFN(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.dense_bias)
-        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.dense_bias)
+        self.fc1 = Linear(cfg.d_model, cfg.d_ff, bias=cfg.dense_bias)
+        self.fc2 = Linear(cfg.d_ff, cfg.d_model, bias=cfg.dense_bias)
         self.act = ACT[cfg.activation]
         trunc_normal_(self.fc1.weight, cfg.d_model, cfg.init_scale)
         trunc_normal_(self.fc2.weight, cfg.d_ff, cfg.init_scale)
@@ -66,8 +67,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qkv = Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = Linear(cfg.d_model, cfg.d_model, bias=False)
         trunc_normal_(self.qkv.weight, cfg.d_model, cfg.init_scale)
         trunc_normal_(self.proj.weight, cfg.d_model, cfg.init_scale)
         self.rope = cfg.pos_emb == "rope"
@@ -115,7 +116,7 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_block(i)) for i in range(cfg.n_blocks))
         self.ln_f = nn.LayerNorm(cfg.d_model) if cfg.final_norm else nn.Identity()
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         trunc_normal_(self.head.weight, cfg.d_model, cfg.init_scale)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:

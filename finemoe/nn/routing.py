@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from finemoe.nn.init import trunc_normal_
+from finemoe.nn.linear import linear
 
 
 class Router(nn.Module):
@@ -30,7 +31,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits [..., n_experts] whatever the autocast state (paper: router in high precision)."""
         with torch.autocast(x.device.type, enabled=False):
-            return x.float() @ self.weight.float().t()
+            return linear(x.float(), self.weight.float())
 
 
 @dataclass

@@ -72,10 +72,11 @@ class Spec:
 def config_hash(config: dict[str, Any]) -> str:
     """Stable id of a run config: sha256 of its canonical JSON.
 
-    out_dir is excluded (it is derived from the id), and model fields at their ModelConfig default are
+    out_dir is excluded (it is derived from the id), so is cpu_matmul (the CPU kernels: float rounding
+    only, so switching it does not re-run a sweep), and model fields at their ModelConfig default are
     dropped, so a field added to ModelConfig later does not change the id of every finished run.
     """
-    c = {k: v for k, v in config.items() if k != "out_dir"}
+    c = {k: v for k, v in config.items() if k not in ("out_dir", "cpu_matmul")}
     if isinstance(c.get("model"), dict):
         c["model"] = {k: v for k, v in c["model"].items() if _MODEL_DEFAULTS.get(k, _MISSING) != v}
     blob = json.dumps(c, sort_keys=True, separators=(",", ":"), default=_canon)

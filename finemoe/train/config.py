@@ -20,6 +20,7 @@ from finemoe.config import ModelConfig, check_known_keys
 from finemoe.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
+CPU_MATMULS = ("mkl", "onednn")  # as finemoe.nn.linear.CPU_MATMULS (this module imports no torch)
 DTYPES = ("auto", "fp32", "bf16")
 
 
@@ -61,6 +62,7 @@ class TrainConfig:
     dtype: str = "auto"  # fp32 on CPU, bf16 autocast on CUDA
     compile: bool = False
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    cpu_matmul: str = "mkl"  # fp32 CPU linear maps: torch's MKL sgemm, or oneDNN (finemoe.nn.linear)
     deterministic: bool = False  # torch.use_deterministic_algorithms (CPU runs are reproducible anyway)
 
     def __post_init__(self) -> None:
@@ -93,6 +95,7 @@ class TrainConfig:
         _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.threads is None or self.threads >= 1, f"threads must be >= 1 or null, got {self.threads}")
+        _check(self.cpu_matmul in CPU_MATMULS, f"cpu_matmul must be one of {CPU_MATMULS}, got {self.cpu_matmul!r}")
         _check(bool(self.out_dir), "out_dir must be a folder path")
 
     @property

@@ -26,6 +26,7 @@ from finemoe.accounting import exact_params, paper_counts
 from finemoe.data.tokens import TokenFile
 from finemoe.errors import ConfigError, DataError
 from finemoe.io import write_json_atomic
+from finemoe.nn.linear import cpu_matmul
 from finemoe.nn.model import Transformer, save_pretrained
 from finemoe.train import checkpoint, distributed
 from finemoe.train.config import TrainConfig
@@ -33,8 +34,11 @@ from finemoe.train.metrics import METRICS_NAME, MetricsLog, Smoother, finite_or_
 from finemoe.train.schedule import WarmupCosine
 
 FINAL_NAME = "final.json"
-# Settings that may change between a run and its resumption without changing its numbers.
-RESUMABLE_CHANGES = {"out_dir", "data_dir", "device", "compile", "threads", "eval_every", "ckpt_every", "deterministic"}
+# Settings that may change between a run and its resumption without changing what it computes (the
+# thread count and the CPU matmul path change float rounding only).
+RESUMABLE_CHANGES = {
+    "out_dir", "data_dir", "device", "compile", "threads", "cpu_matmul", "eval_every", "ckpt_every", "deterministic",
+}
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -48,7 +52,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     try:
-        return _Run(cfg, device, dist, quiet).run(resume)
+        with cpu_matmul(cfg.cpu_matmul):
+            return _Run(cfg, device, dist, quiet).run(resume)
     finally:
         distributed.teardown(dist)
 
