@@ -33,15 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from finemoe.benchmarks import allocator_settings  # noqa: E402
-
-
-def conv_linear(x: torch.Tensor, w: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """x [rows, groups*k] @ w[g]^T for each group g of columns (w [groups*o, k]) as a 1x1 convolution:
-    rows become the spatial axis of a channels-last view, so nothing is copied."""
-    rows, k = x.shape
-    o = w.shape[0]
-    y = F.conv2d(x.view(1, rows, 1, k).permute(0, 3, 1, 2), w.view(o, k // groups, 1, 1), groups=groups)
-    return y.permute(0, 2, 3, 1).reshape(rows, o)
+from finemoe.nn.linear import conv_linear  # noqa: E402
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -4,7 +4,6 @@ import importlib.util
 import sys
 
 import pytest
-import torch
 
 from _train_fixtures import ROOT
 
@@ -15,16 +14,6 @@ def _bench_module():
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
-
-
-def test_conv_linear_is_a_grouped_linear_map():
-    bench = _bench_module()
-    x = torch.randn(40, 12)
-    w = torch.randn(6, 4)  # 3 groups of 2 outputs, each reading its own 4 columns
-    ref = torch.cat([x[:, 4 * i : 4 * i + 4] @ w[2 * i : 2 * i + 2].t() for i in range(3)], dim=1)
-    torch.testing.assert_close(bench.conv_linear(x, w, groups=3), ref)
-    w = torch.randn(5, 12)
-    torch.testing.assert_close(bench.conv_linear(x, w), x @ w.t())
 
 
 def test_bench_cpu_gemm_smoke():

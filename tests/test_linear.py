@@ -56,6 +56,15 @@ def test_onednn_linear_equals_f_linear(shape, bias, two_threads, conv_calls):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
+def test_conv_linear_is_a_grouped_linear_map():
+    x = torch.randn(40, 12)
+    w = torch.randn(6, 4)  # 3 groups of 2 outputs, each reading its own 4 columns
+    ref = torch.cat([x[:, 4 * i : 4 * i + 4] @ w[2 * i : 2 * i + 2].t() for i in range(3)], dim=1)
+    torch.testing.assert_close(L.conv_linear(x, w, groups=3), ref)
+    w = torch.randn(5, 12)
+    torch.testing.assert_close(L.conv_linear(x, w), x @ w.t())
+
+
 def test_non_contiguous_input(two_threads, conv_calls):
     x = torch.randn(12, 6).t()  # [6, 12], column-major
     w = torch.randn(4, 12)
@@ -107,8 +116,9 @@ def test_transformer_same_on_both_paths(ffn, two_threads, conv_calls):
     ref = run()
     with L.cpu_matmul("onednn"):
         got = run()
-    # qkv, proj per block and the head; then fc1, fc2 per dense block or the router per MoE block
-    assert len(conv_calls) == 2 * 2 + 1 + (2 * 2 if ffn == "dense" else 2)
+    # qkv, proj per block and the head; then per block fc1, fc2 (dense) or the router and the two
+    # expert matmuls forward and their input gradients backward (MoE)
+    assert len(conv_calls) == 2 * 2 + 1 + (2 * 2 if ffn == "dense" else 2 * 5)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
@@ -130,3 +140,31 @@ def test_trainer_runs_on_the_chosen_path_and_restores_it(tmp_path, conv_calls):
     assert L.get_cpu_matmul() == "mkl"
     with pytest.raises(ConfigError, match="cpu_matmul must be one of"):
         TrainConfig.from_dict(tiny_config(data, tmp_path / "bad", cpu_matmul="blis"))
+
+
+@pytest.mark.parametrize("routing", ["ec", "tc"])
+@pytest.mark.parametrize("E,G", [(1, 1), (2, 4), (4, 2)])
+def test_moe_layer_same_on_both_paths(routing, E, G, two_threads, conv_calls):
+    """The experts' grouped convolutions (slots stored capacity-major) against the bmm path: output
+    and every gradient, for Expert Choice and for Token Choice's padded buckets."""
+    from finemoe.nn.moe import MoE
+
+    cfg = ModelConfig(d_model=32, seq_len=8, expansion_rate=E, granularity=G, routing=routing)
+    torch.manual_seed(0)
+    layer = MoE(cfg)
+    x = torch.randn(8, 8, 32, requires_grad=True)
+    dy = torch.randn(8, 8, 32)
+
+    def run():
+        layer.zero_grad()
+        x.grad = None
+        y, _ = layer(x)
+        y.backward(dy)
+        return [y.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+
+    ref = run()
+    with L.cpu_matmul("onednn"):
+        got = run()
+    assert len(conv_calls) >= 1 + 2 * 2  # router; two expert matmuls and their input gradients
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)

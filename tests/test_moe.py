@@ -301,7 +301,7 @@ def _gated_output_reference(h, w2, gates, dispatch, offs):
 
 
 def test_gated_output_backward_matches_autograd_fixed_capacity():
-    from finemoe.nn.experts import _GatedOutput
+    from finemoe.nn.experts import BatchedMM, _GatedOutput
 
     torch.manual_seed(0)
     n, C, w, d, N = 3, 4, 5, 6, 7
@@ -310,7 +310,7 @@ def test_gated_output_backward_matches_autograd_fixed_capacity():
     gates = torch.rand(n, C, dtype=torch.double, requires_grad=True)
     dispatch = _random_dispatch(N, n * C)
     args = (h, w2, gates)
-    fn = lambda h, w2, g: _GatedOutput.apply(h, w2, g, dispatch, None)  # noqa: E731
+    fn = lambda h, w2, g: _GatedOutput.apply(h, w2, g, dispatch, BatchedMM())  # noqa: E731
     torch.testing.assert_close(fn(*args), _gated_output_reference(*args, dispatch, None))
     assert torch.autograd.gradcheck(fn, args)
 
@@ -318,7 +318,7 @@ def test_gated_output_backward_matches_autograd_fixed_capacity():
 def test_gated_output_grouped_matches_autograd():
     """The grouped-GEMM layout (rows sorted by expert); grouped_mm has no float64, so compared in
     float32 against the plain-autograd sum."""
-    from finemoe.nn.experts import _GatedOutput
+    from finemoe.nn.experts import GroupedMM, _GatedOutput
 
     torch.manual_seed(0)
     w, d, N = 8, 8, 7
@@ -328,7 +328,7 @@ def test_gated_output_grouped_matches_autograd():
     gates = torch.rand(12, requires_grad=True)
     dispatch = _random_dispatch(N, 12)
     dout = torch.randn(N, d)
-    got = torch.autograd.grad(_GatedOutput.apply(h, w2, gates, dispatch, offs), (h, w2, gates), dout)
+    got = torch.autograd.grad(_GatedOutput.apply(h, w2, gates, dispatch, GroupedMM(offs)), (h, w2, gates), dout)
     ref = torch.autograd.grad(_gated_output_reference(h, w2, gates, dispatch, offs), (h, w2, gates), dout)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -337,18 +337,47 @@ def test_gated_output_grouped_matches_autograd():
 def test_gated_output_zero_gate_gives_zero_not_nan():
     """An underflowed softmax gate (or a padding slot) of exactly 0: no NaN, and 0 is what the
     softmax backward would multiply that gate's gradient by anyway."""
-    from finemoe.nn.experts import _GatedOutput
+    from finemoe.nn.experts import BatchedMM, _GatedOutput
 
     torch.manual_seed(0)
     h = torch.randn(2, 3, 4).relu().requires_grad_(True)
     w2 = torch.randn(2, 4, 5, requires_grad=True)
     gates = torch.tensor([[0.5, 0.0, 0.2], [0.0, 1.0, 0.3]], requires_grad=True)
     dispatch = _random_dispatch(4, 6)
-    out = _GatedOutput.apply(h, w2, gates, dispatch, None)
+    out = _GatedOutput.apply(h, w2, gates, dispatch, BatchedMM())
     torch.testing.assert_close(out, _gated_output_reference(h, w2, gates, dispatch, None))
     out.backward(torch.randn_like(out))
     assert torch.isfinite(gates.grad).all() and torch.isfinite(h.grad).all()
     assert gates.grad[0, 1] == 0 and gates.grad[1, 0] == 0 and (h.grad[0, 1] == 0).all()
+
+
+def test_capacity_major_convolution_layout_matches_expert_major():
+    """The oneDNN layout (slots [C, n], grouped 1x1 convolutions) computes the expert-major sum; in
+    float64 (torch's non-oneDNN convolution) so gradcheck can check its backward too."""
+    from finemoe.nn.experts import ConvMM, _ExpertMM, _GatedOutput
+
+    torch.manual_seed(0)
+    n, C, k, w, d, N = 3, 4, 6, 5, 6, 7
+    dispatch = _random_dispatch(N, n * C)
+    cm = dispatch.capacity_major(n, C)
+    x = torch.randn(N, k, dtype=torch.double)
+    xe = x[dispatch.idx].view(n, C, k)
+    torch.testing.assert_close(x[cm.idx].view(C, n, k), xe.transpose(0, 1))  # the same slots, transposed
+    w1 = torch.randn(n, k, w, dtype=torch.double, requires_grad=True)
+    h = torch.bmm(xe, w1).relu()
+    xc = xe.transpose(0, 1).reshape(C, n * k).requires_grad_(True)
+    hc = _ExpertMM.apply(xc, w1, ConvMM(n))
+    torch.testing.assert_close(hc.view(C, n, w).transpose(0, 1), torch.bmm(xe, w1))
+    assert torch.autograd.gradcheck(lambda a, b: _ExpertMM.apply(a, b, ConvMM(n)), (xc, w1))
+
+    h = h.detach().requires_grad_(True)
+    w2 = torch.randn(n, w, d, dtype=torch.double, requires_grad=True)
+    gates = torch.rand(n, C, dtype=torch.double, requires_grad=True)
+    ref = _gated_output_reference(h, w2, gates, dispatch, None)
+    hc = h.detach().transpose(0, 1).reshape(C, n * w).requires_grad_(True)
+    fn = lambda hc, w2, g: _GatedOutput.apply(hc, w2, g.t(), cm, ConvMM(n))  # noqa: E731
+    torch.testing.assert_close(fn(hc, w2, gates), ref)
+    assert torch.autograd.gradcheck(fn, (hc, w2, gates))
 
 
 def test_in_place_relu_backward_matches_autograd():

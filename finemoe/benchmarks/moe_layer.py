@@ -6,9 +6,9 @@ alike. A ratio is the median over rounds of that round's MoE time / dense time (
 round slows both sides), with its 25th-75th percentile spread; the times are medians over rounds.
 The first `warmup` rounds are untimed: the allocator's heap grows during the first steps and its
 page faults are not the layer's cost in a long training run. Both sides are the modules the model
-uses: the dense FFN with its biases, the MoE layer with router and output LayerNorm, with their
-linear maps (dense FFN, router) on the chosen CPU path (`cpu_matmul`; the experts' batched matmuls
-are bmm either way). Gradients flow into the input as they do inside a model.
+uses: the dense FFN with its biases, the MoE layer with router and output LayerNorm, both with
+their matmuls on the chosen CPU path (`cpu_matmul`, finemoe.nn.linear). Gradients flow into the
+input as they do inside a model.
 """
 
 from __future__ import annotations

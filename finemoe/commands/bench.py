@@ -45,7 +45,7 @@ def register(sub) -> None:
         "--cpu-matmul",
         choices=["mkl", "onednn"],
         default="mkl",
-        help="fp32 CPU linear maps of both sides (dense FFN, router): torch's MKL or oneDNN (finemoe.nn.linear)",
+        help="fp32 CPU matmuls of both sides (dense FFN; router, experts): torch's MKL or oneDNN (finemoe.nn.linear)",
     )
     m.add_argument(
         "--no-reexec",

@@ -10,8 +10,8 @@ The path is off by default (`mkl`: torch's behaviour) and is chosen per process,
 torch.backends flags, because it is a property of the machine, not of the model: `set_cpu_matmul`
 or the `cpu_matmul(...)` context (the trainer's `cpu_matmul` setting). It applies to fp32 CPU
 tensors outside autocast with more than one torch thread (with one, torch runs 1x1 convolutions
-on a slower non-oneDNN kernel); everything else goes to F.linear. The experts' batched matmuls
-stay on bmm.
+on a slower non-oneDNN kernel); everything else goes to F.linear. The experts' fixed-capacity
+matmuls follow the same switch (finemoe.nn.experts: grouped convolutions).
 """
 
 from __future__ import annotations
@@ -64,14 +64,30 @@ def _via_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear(x, weight)` (and the experts' matmuls) take the oneDNN path."""
+    return _via_onednn(x, weight)
+
+
+def conv_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, groups: int = 1
+) -> torch.Tensor:
+    """x [rows, groups*k] -> [rows, groups*o]: each group g of k columns times weight[g*o:(g+1)*o]^T
+    (weight [groups*o, k]), as a 1x1 convolution whose spatial axis is the rows; for a contiguous x
+    the channels-last views cost nothing."""
+    rows, k = x.shape
+    o = weight.shape[0]
+    x4 = x.contiguous().view(1, rows, 1, k).permute(0, 3, 1, 2)
+    y = F.conv2d(x4, weight.reshape(o, k // groups, 1, 1), bias, groups=groups)
+    return y.permute(0, 2, 3, 1).reshape(rows, o)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), on the selected CPU path."""
     if not _via_onednn(x, weight):
         return F.linear(x, weight, bias)
-    k, o = x.shape[-1], weight.shape[0]
-    rows = x.reshape(-1, k).contiguous()
-    y = F.conv2d(rows.view(1, -1, 1, k).permute(0, 3, 1, 2), weight.reshape(o, k, 1, 1), bias)
-    return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], o)
+    y = conv_linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
