@@ -8,8 +8,8 @@ read differently. This benchmark measures, at the layer benchmark's shapes:
 - dense FFN fwd+bwd: two linear maps and a ReLU, as nn.Linear and as 1x1 convolutions over
   channels-last views of the same tensors (no copies; autograd's own convolution backward);
 - one expert matmul x[n, C, d] @ w1[n, d, w] (n = E*G experts, capacity C = tokens/E), fwd and fwd+bwd,
-  as bmm and as a grouped 1x1 convolution over tokens stored capacity-major ([C, n, d], a layout
-  the gather could produce at no cost).
+  as the MoE layer runs it on each path: bmm, or a grouped 1x1 convolution over tokens stored
+  capacity-major ([C, n, d], which the gather produces at no cost) with its weight gradient by bmm.
 Both sides compute in fp32 and are checked to agree (max error relative to the largest entry).
 Rounds are interleaved and each ratio is the median of per-round ratios.
 
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from finemoe.benchmarks import allocator_settings  # noqa: E402
+from finemoe.nn.experts import BatchedMM, ConvMM, _ExpertMM  # noqa: E402
 from finemoe.nn.linear import conv_linear  # noqa: E402
 
 
@@ -98,12 +99,13 @@ def _cases(d_model: int, tokens: int, granularity: int, expansion_rate: int) -> 
     )
     xe, we = leaf(n, C, d), leaf(n, d, w, scale=d**-0.5)  # expert-major tokens for bmm
     xc = xe.detach().transpose(0, 1).contiguous().requires_grad_()  # [C, n, d] for the convolution
-    wc = we.detach().transpose(1, 2).contiguous().requires_grad_()  # [n, w, d]: the conv weight layout
+    wc = twin(we)
     dye = torch.randn(n, C, w, generator=g)
-    fns = (lambda: torch.bmm(xe, we), lambda: conv_linear(xc.view(C, n * d), wc.view(n * w, d), groups=n))
+    # the layer's own two paths: bmm, and grouped convolutions with the weight gradient by bmm
+    fns = (lambda: _ExpertMM.apply(xe, we, BatchedMM()), lambda: _ExpertMM.apply(xc.view(C, n * d), wc, ConvMM(n)))
     expert = dict(
         fns=fns, dys=(dye, dye.transpose(0, 1).reshape(C, n * w)), leaves=([xe, we], [xc, wc]),
-        to_mkl=[lambda v: v.view(C, n, w).transpose(0, 1), lambda v: v.transpose(0, 1), lambda v: v.transpose(1, 2)],
+        to_mkl=[lambda v: v.view(C, n, w).transpose(0, 1), lambda v: v.transpose(0, 1), same],
     )
     return [
         dense,

@@ -117,10 +117,11 @@ def run_moe_layer(args: argparse.Namespace) -> int:
 def _human(o: dict) -> str:
     s = o["shape"]
     routings = list(o["ratios"])
+    path = f" ({o['cpu_matmul']} matmuls)" if o["device"] == "cpu" else ""
     head = f"{'G':>3}  {'dense ms':>9}" + "".join(f"  {r + ' ms':>9}  {r + '/dense':>9}  {'p25-p75':>9}" for r in routings)
     lines = [
         f"MoE layer fwd+bwd / dense FFN, d_model={s['d_model']} E={s['expansion_rate']} "
-        f"tokens={s['batch']}x{s['seq']}, {o['device']} {o['dtype']} ({o['cpu_matmul']} linear), {o['threads']} threads, "
+        f"tokens={s['batch']}x{s['seq']}, {o['device']} {o['dtype']}{path}, {o['threads']} threads, "
         f"median of {o['repeats']} paired rounds",
         head,
     ]
