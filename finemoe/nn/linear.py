@@ -49,7 +49,8 @@ def cpu_matmul(name: str) -> Iterator[None]:
         set_cpu_matmul(previous)
 
 
-def _via_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear(x, weight)` (and the experts' matmuls) take the oneDNN path."""
     return (
         _cpu_matmul == "onednn"
         and x.device.type == "cpu"
@@ -62,11 +63,6 @@ def _via_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
     )
-
-
-def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear(x, weight)` (and the experts' matmuls) take the oneDNN path."""
-    return _via_onednn(x, weight)
 
 
 def conv_linear(
@@ -84,7 +80,7 @@ def conv_linear(
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), on the selected CPU path."""
-    if not _via_onednn(x, weight):
+    if not onednn_applies(x, weight):
         return F.linear(x, weight, bias)
     y = conv_linear(x.reshape(-1, x.shape[-1]), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
