@@ -128,9 +128,9 @@ class GroupedMM:
 
 class ConvMM:
     """Fixed capacity, capacity-major: x [C, n*k] (slot c of every expert in one row) times w[e] for
-    each expert's k columns, as grouped 1x1 convolutions: oneDNN's kernels, 1.6-1.9x faster than
-    MKL's bmm on some CPUs (benchmarks/bench_cpu_gemm.py). The weight gradient stays a bmm (oneDNN's
-    grouped weight gradient measured slower)."""
+    each expert's k columns, as grouped 1x1 convolutions: oneDNN's kernels, forward 1.4-1.9x faster
+    than MKL's bmm on some CPUs (benchmarks/bench_cpu_gemm.py). The weight gradient stays a bmm
+    (oneDNN's grouped weight gradient measured slower)."""
 
     def __init__(self, n_experts: int):
         self.n = n_experts
