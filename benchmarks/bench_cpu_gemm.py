@@ -33,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from finemoe.benchmarks import allocator_settings  # noqa: E402
+from finemoe.config import CPU_MATMULS  # noqa: E402
 from finemoe.nn.experts import BatchedMM, ConvMM, _ExpertMM  # noqa: E402
 from finemoe.nn.linear import conv_linear  # noqa: E402
 
@@ -41,7 +42,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
 
 
-SIDES = ("mkl", "onednn")
+SIDES = CPU_MATMULS  # (MKL, oneDNN): the order _Case.fns follows
 
 
 @dataclass

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from finemoe.accounting import exact_flops_per_token  # noqa: E402
 from finemoe.benchmarks import allocator_settings  # noqa: E402
-from finemoe.config import ModelConfig  # noqa: E402
+from finemoe.config import CPU_MATMULS, ModelConfig  # noqa: E402
 from finemoe.data.tokens import write_tokens  # noqa: E402
 from finemoe.nn.linear import cpu_matmul as linear_path  # noqa: E402
 from finemoe.nn.linear import linear  # noqa: E402
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="timed steps per round (plus one untimed)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--cpu-matmul", nargs="+", choices=["mkl", "onednn"], default=["mkl"],
+    p.add_argument("--cpu-matmul", nargs="+", choices=CPU_MATMULS, default=["mkl"],
                    help="CPU linear paths to train each model on (finemoe.nn.linear); the first is the reference")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)

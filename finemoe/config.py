@@ -12,6 +12,7 @@ FFN_KINDS = ("moe", "dense")
 ROUTINGS = ("ec", "tc")
 POS_EMBS = ("learned", "rope")
 ACTIVATIONS = ("relu", "gelu", "silu")
+CPU_MATMULS = ("mkl", "onednn")  # fp32 CPU matmul paths (finemoe.nn.linear); a training setting
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -7,6 +7,7 @@ import os
 import sys
 
 from finemoe.commands.common import add_json_flag, emit, positive_int
+from finemoe.config import CPU_MATMULS
 from finemoe.errors import ConfigError
 
 # glibc hands large temporaries back to the OS after every step unless told otherwise, and the page
@@ -43,7 +44,7 @@ def register(sub) -> None:
     m.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 runs under autocast")
     m.add_argument(
         "--cpu-matmul",
-        choices=["mkl", "onednn"],
+        choices=CPU_MATMULS,
         default="mkl",
         help="fp32 CPU matmuls of both sides (dense FFN; router, experts): torch's MKL or oneDNN (finemoe.nn.linear)",
     )

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CPU_MATMULS = ("mkl", "onednn")
+from finemoe.config import CPU_MATMULS
+
 _cpu_matmul = "mkl"
 
 

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finemoe.config import ModelConfig, check_known_keys
+from finemoe.config import CPU_MATMULS, ModelConfig, check_known_keys
 from finemoe.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
-CPU_MATMULS = ("mkl", "onednn")  # as finemoe.nn.linear.CPU_MATMULS (this module imports no torch)
 DTYPES = ("auto", "fp32", "bf16")
 
 
