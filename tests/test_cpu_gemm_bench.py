@@ -1,23 +1,12 @@
 """Smoke test of benchmarks/bench_cpu_gemm.py at a toy size (the real numbers come from `make bench`)."""
 
-import importlib.util
-import sys
-
 import pytest
 
-from _train_fixtures import ROOT
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_cpu_gemm", ROOT / "benchmarks" / "bench_cpu_gemm.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+from _train_fixtures import load_benchmark
 
 
 def test_bench_cpu_gemm_smoke():
-    bench = _bench_module()
+    bench = load_benchmark("bench_cpu_gemm")
     r = bench.bench(d_model=32, tokens=64, granularity=2, expansion_rate=2, repeats=2, warmup=1)
     assert len(r["cases"]) == 3
     for c in r["cases"].values():

@@ -1,19 +1,10 @@
 """Smoke test of benchmarks/bench_train.py at a toy size (the real numbers come from `make bench`)."""
 
-import importlib.util
-
-from _train_fixtures import ROOT
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _train_fixtures import load_benchmark
 
 
 def test_bench_train_smoke(capsys):
-    bench = _bench_module()
+    bench = load_benchmark("bench_train")
     r = bench.bench(d_model=32, n_blocks=1, seq_len=16, batch_size=4, vocab=64, granularity=2, expansion_rate=2,
                     steps=2, rounds=1, gemm_n=128)
     assert r["gemm_flops_per_s"] > 0
@@ -26,7 +17,7 @@ def test_bench_train_smoke(capsys):
 
 
 def test_bench_train_compares_cpu_linear_paths():
-    bench = _bench_module()
+    bench = load_benchmark("bench_train")
     r = bench.bench(d_model=32, n_blocks=1, seq_len=16, batch_size=4, vocab=64, granularity=2, expansion_rate=2,
                     steps=1, rounds=1, gemm_n=64, cpu_matmuls=("mkl", "onednn"))
     models = set(bench.models(32, 1, 16, 64, 2, 2))
