@@ -58,3 +58,22 @@ def test_bench_bf16_table():
     p = _run("--dtype", "bf16", "-G", "1", "4", "--d-model", "128", "--batch", "16", "--seq", "64", "--repeats", "2")
     assert p.returncode == 0, p.stderr
     assert "ec/dense" in p.stdout and "bfloat16" in p.stdout and "allocator:" in p.stdout
+
+
+@pytest.mark.parametrize("settle, faulting_rounds, expected", [(8, 3, 4), (8, 20, 10), (0, 20, 2), (8, 0, 2)])
+def test_warmup_runs_until_the_heap_stops_growing(monkeypatch, settle, faulting_rounds, expected):
+    """Untimed rounds go on past `warmup` while a round page-faults, at most `settle` more."""
+    from finemoe.benchmarks import moe_layer
+
+    calls = {"n": 0}
+    per_round = 2 * 2  # two layers (dense, ec), a reading before and after each step
+
+    def fake_faults():  # every step of the first `faulting_rounds` rounds touches 500 fresh pages
+        calls["n"] += 1
+        return 500 * min(calls["n"] // 2, faulting_rounds * per_round // 2)
+
+    monkeypatch.setattr(moe_layer, "_minor_faults", fake_faults)
+    out = moe_layer.bench_moe_layer(granularities=(2,), d_model=32, expansion_rate=2, batch=4, seq=8,
+                                    repeats=1, warmup=2, settle=settle, routings=("ec",))
+    assert out["warmup_rounds"] == {"2": expected}
+    assert out["page_faults_per_step"]["ec"]["2"] == (500 if faulting_rounds > expected else 0)

@@ -4,8 +4,11 @@ For each granularity the dense FFN and the Expert/Token Choice layers are timed 
 rounds (dense, ec, tc, dense, ec, tc, ...), so slow drifts of a shared machine hit all of them
 alike. A ratio is the median over rounds of that round's MoE time / dense time (paired, so a slow
 round slows both sides), with its 25th-75th percentile spread; the times are medians over rounds.
-The first `warmup` rounds are untimed: the allocator's heap grows during the first steps and its
-page faults are not the layer's cost in a long training run. Both sides are the modules the model
+The first `warmup` rounds are untimed, and so are up to `settle` more while a round still page-faults:
+the allocator's heap grows during the first steps, and first touches of fresh memory are not the
+layer's cost in a long training run. At the G=16 shape, a process that starts there faults in
+hundreds of huge pages for a few steps (each step then 1.5-2.5x slower on a VM), where one that ran
+the smaller G first has already touched them. Both sides are the modules the model
 uses: the dense FFN with its biases, the MoE layer with router and output LayerNorm, both with
 their matmuls on the chosen CPU path (`cpu_matmul`, finemoe.nn.linear). Gradients flow into the
 input as they do inside a model.
@@ -36,6 +39,10 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+# Faults per step below this are noise (a stray page); a step that grows the heap takes 100s or more.
+SETTLED_FAULTS = 16
+
+
 def _quartiles(v: list[float]) -> list[float]:
     if len(v) < 2:
         return [v[0], v[0]]
@@ -64,6 +71,7 @@ def bench_moe_layer(
     seq: int = 256,
     repeats: int = 5,
     warmup: int = 2,
+    settle: int = 8,
     routings=("ec", "tc"),
     device: str = "cpu",
     dtype: torch.dtype | None = None,
@@ -77,6 +85,7 @@ def bench_moe_layer(
     autocast = dtype is not None and dtype != torch.float32
     ms: dict[str, dict[str, float]] = {"dense": {}, **{r: {} for r in routings}}
     page_faults: dict[str, dict[str, float]] = {k: {} for k in ms}
+    warmup_rounds: dict[str, int] = {}
     ratios: dict[str, dict[str, float]] = {r: {} for r in routings}
     spread: dict[str, dict[str, list[float]]] = {r: {} for r in routings}
     base = ModelConfig(d_model=d_model, expansion_rate=expansion_rate, seq_len=seq)
@@ -89,13 +98,22 @@ def bench_moe_layer(
         times: dict[str, list[float]] = {k: [] for k in layers}
         faults: dict[str, list[int]] = {k: [] for k in layers}
         with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=autocast), linear_path(cpu_matmul):
-            for i in range(warmup + repeats):
+            untimed = 0
+            while untimed < warmup + settle:
+                round_faults = 0
+                for layer in layers.values():
+                    f0 = _minor_faults()
+                    _step(layer, x, dy, sync)
+                    round_faults = max(round_faults, _minor_faults() - f0)
+                untimed += 1
+                if untimed >= warmup and round_faults < SETTLED_FAULTS:
+                    break
+            warmup_rounds[str(G)] = untimed
+            for _ in range(repeats):
                 for name, layer in layers.items():
                     f0 = _minor_faults()
-                    t = _step(layer, x, dy, sync)
-                    if i >= warmup:
-                        times[name].append(t)
-                        faults[name].append(_minor_faults() - f0)
+                    times[name].append(_step(layer, x, dy, sync))
+                    faults[name].append(_minor_faults() - f0)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         for k, v in med.items():
             ms[k][str(G)] = v
@@ -112,6 +130,7 @@ def bench_moe_layer(
         "page_faults_per_step": page_faults,
         "shape": {"d_model": d_model, "expansion_rate": expansion_rate, "batch": batch, "seq": seq},
         "repeats": repeats,
+        "warmup_rounds": warmup_rounds,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "dtype": str(dtype or torch.float32).replace("torch.", ""),
         "threads": torch.get_num_threads(),

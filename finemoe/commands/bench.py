@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from finemoe.commands.common import add_json_flag, emit, positive_int
+from finemoe.commands.common import add_json_flag, emit, nonnegative_int, positive_int
 from finemoe.config import CPU_MATMULS
 from finemoe.errors import ConfigError
 
@@ -38,6 +38,12 @@ def register(sub) -> None:
     m.add_argument("--seq", type=positive_int, default=256)
     m.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per layer (median reported)")
     m.add_argument("--warmup", type=positive_int, default=2, help="untimed rounds first (allocator heap growth)")
+    m.add_argument(
+        "--settle",
+        type=nonnegative_int,
+        default=8,
+        help="at most this many more untimed rounds while a round still page-faults (0: exactly --warmup)",
+    )
     m.add_argument("--routing", nargs="+", choices=["ec", "tc"], default=["ec", "tc"])
     m.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     m.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
@@ -106,6 +112,7 @@ def run_moe_layer(args: argparse.Namespace) -> int:
         seq=args.seq,
         repeats=args.repeats,
         warmup=args.warmup,
+        settle=args.settle,
         routings=tuple(args.routing),
         device=args.device,
         dtype=torch.bfloat16 if args.dtype == "bf16" else None,
@@ -134,4 +141,6 @@ def _human(o: dict) -> str:
         lines.append(row)
     alloc = ", ".join(f"{k}={v}" for k, v in o["allocator"].items() if v is not None) or "glibc defaults"
     lines.append(f"allocator: {alloc}; OMP_WAIT_POLICY={o.get('omp_wait_policy') or 'unset'}")
+    warm = " ".join(f"G={g}: {n}" for g, n in o["warmup_rounds"].items())
+    lines.append(f"untimed warm-up rounds (until the heap stopped growing): {warm}")
     return "\n".join(lines)
