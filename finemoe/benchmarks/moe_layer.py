@@ -63,6 +63,15 @@ def _step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, sync: Calla
     return time.perf_counter() - t0
 
 
+def _counted_step(
+    layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, sync: Callable[[], None]
+) -> tuple[float, int]:
+    """(seconds, page faults) of one fwd+bwd step."""
+    f0 = _minor_faults()
+    t = _step(layer, x, dy, sync)
+    return t, _minor_faults() - f0
+
+
 def bench_moe_layer(
     granularities=(1, 2, 4, 8, 16),
     d_model: int = 512,
@@ -100,20 +109,16 @@ def bench_moe_layer(
         with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=autocast), linear_path(cpu_matmul):
             untimed = 0
             while untimed < warmup + settle:
-                round_faults = 0
-                for layer in layers.values():
-                    f0 = _minor_faults()
-                    _step(layer, x, dy, sync)
-                    round_faults = max(round_faults, _minor_faults() - f0)
+                round_faults = max(_counted_step(layer, x, dy, sync)[1] for layer in layers.values())
                 untimed += 1
                 if untimed >= warmup and round_faults < SETTLED_FAULTS:
                     break
             warmup_rounds[str(G)] = untimed
             for _ in range(repeats):
                 for name, layer in layers.items():
-                    f0 = _minor_faults()
-                    times[name].append(_step(layer, x, dy, sync))
-                    faults[name].append(_minor_faults() - f0)
+                    t, f = _counted_step(layer, x, dy, sync)
+                    times[name].append(t)
+                    faults[name].append(f)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         for k, v in med.items():
             ms[k][str(G)] = v
