@@ -43,3 +43,20 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert a[0]["loss"] - a[-1]["loss"] > 0.3  # the curve moves, so matching it means something
     rec = json.loads((tmp_path / "two" / "final.json").read_text())
     assert rec["world_size"] == 2 and rec["tokens"] == one["tokens"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through Linux /proc")
+def test_ddp_run_leaves_no_gloo_threads(tmp_path):
+    """The process group really goes with teardown: a gloo thread left running can free a
+    collective's tensors after the interpreter shut down, and abort a finished run at exit."""
+    cfg = tiny_config(make_data(tmp_path / "data"), tmp_path / "run", steps=4, batch_size=4, eval_every=2, threads=1)
+    path = write_config(tmp_path / "run.yaml", cfg)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "ddp_teardown_worker.py"), str(path), str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    reports = [json.loads((tmp_path / f"threads-{rank}.json").read_text()) for rank in (0, 1)]
+    for rep in reports:
+        assert not [t for t in rep["threads"] if "gloo" in t], rep

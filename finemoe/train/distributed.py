@@ -35,10 +35,24 @@ def setup(device_type: str) -> Dist:
         return Dist()
     d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
+        _import_group_defaults()
         if device_type == "cuda":
             torch.cuda.set_device(d.local_rank)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return d
+
+
+def _import_group_defaults() -> None:
+    """Import what DDP and torch.compile import, before the process group exists.
+
+    Some torch.distributed modules (torch.distributed.nn.functional, pulled in by torch._dynamo,
+    which DDP imports) take `group.WORLD` as a default argument. Imported after
+    init_process_group they keep the default group alive for good, so destroy_process_group never
+    stops gloo's worker threads. A worker that then frees a finished collective's tensors after
+    the interpreter began to shut down aborts the process ("terminate called without an active
+    exception"), which torchrun reports as a failed run. Imported first, the default is None.
+    """
+    import torch._dynamo  # noqa: F401
 
 
 def teardown(d: Dist) -> None:
