@@ -1,4 +1,5 @@
-"""Two torchrun processes (gloo, CPU) follow the loss curve of one process with the same global batch."""
+"""Two torchrun processes (gloo, CPU) follow the loss curve of one process with the same global batch,
+and leave no gloo thread running once training is done."""
 
 import json
 import os
@@ -13,18 +14,23 @@ from finemoe.train.config import TrainConfig
 from finemoe.train.trainer import train
 
 STEPS = 12
+needs_distributed = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def torchrun_two(*args: str) -> None:
+    """Run `args` (a module as "-m name ..." or a script path) in two torchrun processes on CPU."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@needs_distributed
 def test_two_process_ddp_matches_one_process(tmp_path):
     data = make_data(tmp_path / "data")
     base = tiny_config(data, tmp_path / "one", steps=STEPS, batch_size=8, eval_every=6, threads=1)
     two = write_config(tmp_path / "two.yaml", {**base, "out_dir": str(tmp_path / "two")})
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "finemoe", "train", str(two), "--quiet", "--json"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    torchrun_two("-m", "finemoe", "train", str(two), "--quiet", "--json")
 
     threads = torch.get_num_threads()
     try:
@@ -45,18 +51,14 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert rec["world_size"] == 2 and rec["tokens"] == one["tokens"]
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+@needs_distributed
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through Linux /proc")
 def test_ddp_run_leaves_no_gloo_threads(tmp_path):
     """The process group really goes with teardown: a gloo thread left running can free a
     collective's tensors after the interpreter shut down, and abort a finished run at exit."""
     cfg = tiny_config(make_data(tmp_path / "data"), tmp_path / "run", steps=4, batch_size=4, eval_every=2, threads=1)
     path = write_config(tmp_path / "run.yaml", cfg)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "ddp_teardown_worker.py"), str(path), str(tmp_path)]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    torchrun_two(str(ROOT / "tests" / "ddp_teardown_worker.py"), str(path), str(tmp_path))
     reports = [json.loads((tmp_path / f"threads-{rank}.json").read_text()) for rank in (0, 1)]
     for rep in reports:
         assert not [t for t in rep["threads"] if "gloo" in t], rep
