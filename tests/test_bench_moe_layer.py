@@ -33,11 +33,25 @@ def test_bench_json_structure_and_positive_ratios():
         assert all(v >= 0 for v in out["page_faults_per_step"][r].values())
         for g, (lo, hi) in out["ratio_p25_p75"][r].items():  # the median paired ratio lies in its spread
             assert lo <= out["ratios"][r][g] <= hi
+        # router fwd 2*d*E*G per token over the FFN's 4*d*d_ff: 1 + E*G / (2*4*32)
+        assert out["matmul_floor"][r] == pytest.approx({"1": 1 + 2 / 256, "2": 1 + 4 / 256})
     assert set(out["ms"]["dense"]) == {"1", "2"} and out["threads"] >= 1 and out["device"] == "cpu"
     assert out["allocator"]["MALLOC_MMAP_THRESHOLD_"] is not None  # re-executed with tuned malloc
     assert out["allocator"]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     assert out["omp_wait_policy"] == "PASSIVE"  # and sleeping OpenMP workers
     assert out["cpu_matmul"] == "mkl"
+
+
+def test_matmul_floor_at_the_default_shape():
+    """G=16, E=16, d_model=512: the router adds 256 of the FFN's 2*2048 units of work, both routings
+    (Expert Choice at capacity 1 and Token Choice top-G use d_ff hidden units per token, as dense)."""
+    from finemoe.benchmarks.moe_layer import matmul_floor
+    from finemoe.config import ModelConfig
+
+    cfg = ModelConfig(d_model=512, expansion_rate=16, granularity=16)
+    assert matmul_floor(cfg.replace(routing="ec")) == pytest.approx(1 + 256 / 4096)
+    assert matmul_floor(cfg.replace(routing="tc")) == pytest.approx(1 + 256 / 4096)
+    assert matmul_floor(cfg.replace(routing="ec", capacity_factor=2.0)) == pytest.approx(2 + 256 / 4096)
 
 
 def test_bench_on_the_onednn_linear_path():

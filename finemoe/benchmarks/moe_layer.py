@@ -12,6 +12,9 @@ the smaller G first has already touched them. Both sides are the modules the mod
 uses: the dense FFN with its biases, the MoE layer with router and output LayerNorm, both with
 their matmuls on the chosen CPU path (`cpu_matmul`, finemoe.nn.linear). Gradients flow into the
 input as they do inside a model.
+
+Beside each ratio stands its matmul floor: the layer's matmul FLOPs (experts and router, forward and
+backward) over the dense FFN's, i.e. the ratio if gathers, routing, combines and norms cost nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from finemoe.accounting import exact_flops_per_token
 from finemoe.benchmarks import allocator_settings
 from finemoe.config import ModelConfig
 from finemoe.nn.linear import cpu_matmul as linear_path
@@ -41,6 +45,12 @@ def _minor_faults() -> int:
 
 # Faults per step below this are noise (a stray page); a step that grows the heap takes 100s or more.
 SETTLED_FAULTS = 16
+
+
+def matmul_floor(moe: ModelConfig) -> float:
+    """Matmul FLOPs per token of the MoE FFN (router included) over those of the dense FFN."""
+    f = exact_flops_per_token(moe)
+    return (f["ffn"] + f["router"]) / exact_flops_per_token(moe.replace(ffn="dense"))["ffn"]
 
 
 def _quartiles(v: list[float]) -> list[float]:
@@ -97,11 +107,14 @@ def bench_moe_layer(
     warmup_rounds: dict[str, int] = {}
     ratios: dict[str, dict[str, float]] = {r: {} for r in routings}
     spread: dict[str, dict[str, list[float]]] = {r: {} for r in routings}
+    floors: dict[str, dict[str, float]] = {r: {} for r in routings}
     base = ModelConfig(d_model=d_model, expansion_rate=expansion_rate, seq_len=seq)
     for G in granularities:
         layers = {"dense": DenseFFN(base.replace(ffn="dense")).to(dev)}
         for r in routings:
-            layers[r] = MoE(base.replace(granularity=G, routing=r)).to(dev)
+            cfg = base.replace(granularity=G, routing=r)
+            layers[r] = MoE(cfg).to(dev)
+            floors[r][str(G)] = matmul_floor(cfg)
         x = torch.randn(batch, seq, d_model, device=dev, requires_grad=True)
         dy = torch.randn(batch, seq, d_model, device=dev)
         times: dict[str, list[float]] = {k: [] for k in layers}
@@ -131,6 +144,7 @@ def bench_moe_layer(
     return {
         "ratios": ratios,
         "ratio_p25_p75": spread,
+        "matmul_floor": floors,
         "ms": ms,
         "page_faults_per_step": page_faults,
         "shape": {"d_model": d_model, "expansion_rate": expansion_rate, "batch": batch, "seq": seq},

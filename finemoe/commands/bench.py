@@ -126,7 +126,9 @@ def _human(o: dict) -> str:
     s = o["shape"]
     routings = list(o["ratios"])
     path = f" ({o['cpu_matmul']} matmuls)" if o["device"] == "cpu" else ""
-    head = f"{'G':>3}  {'dense ms':>9}" + "".join(f"  {r + ' ms':>9}  {r + '/dense':>9}  {'p25-p75':>9}" for r in routings)
+    head = f"{'G':>3}  {'dense ms':>9}" + "".join(
+        f"  {r + ' ms':>9}  {r + '/dense':>9}  {'p25-p75':>9}  {'floor':>5}" for r in routings
+    )
     lines = [
         f"MoE layer fwd+bwd / dense FFN, d_model={s['d_model']} E={s['expansion_rate']} "
         f"tokens={s['batch']}x{s['seq']}, {o['device']} {o['dtype']}{path}, {o['threads']} threads, "
@@ -138,7 +140,9 @@ def _human(o: dict) -> str:
         for r in routings:
             lo, hi = o["ratio_p25_p75"][r][g]
             row += f"  {o['ms'][r][g]:9.1f}  {o['ratios'][r][g]:9.2f}  {f'{lo:.2f}-{hi:.2f}':>9}"
+            row += f"  {o['matmul_floor'][r][g]:5.2f}"
         lines.append(row)
+    lines.append("floor: the ratio if only the matmuls (experts and router, fwd+bwd) took time")
     alloc = ", ".join(f"{k}={v}" for k, v in o["allocator"].items() if v is not None) or "glibc defaults"
     lines.append(f"allocator: {alloc}; OMP_WAIT_POLICY={o.get('omp_wait_policy') or 'unset'}")
     warm = " ".join(f"G={g}: {n}" for g, n in o["warmup_rounds"].items())
