@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `finemoe ... | head`: the reader left; stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:  # the disk filled, a file vanished mid-run, ...: the system's reason, one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"finemoe {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,13 +9,44 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from finemoe.errors import FinemoeError
+
+
+def _reason(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}"
+
+
+def ensure_dir(path: str | os.PathLike, what: str = "folder", probe: bool = False) -> Path:
+    """Create `path` and its parents, or say in one line why it cannot be written (before any
+    expensive work, not after it). `probe`: also create and remove a file there, for the places
+    where permission bits do not tell (a read-only or virtual file system, a full disk's quota)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FinemoeError(f"{what} {path} is a file; choose another location")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FinemoeError(f"cannot create {what} {path} ({_reason(e)}); choose another location") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise FinemoeError(f"{what} {path} is not writable; choose another location or fix its permissions")
+    if probe:
+        try:
+            tempfile.TemporaryFile(dir=path).close()
+        except OSError as e:
+            raise FinemoeError(f"cannot write in {what} {path} ({e.strerror or e}); choose another location") from None
+    return path
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ensure_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise FinemoeError(f"cannot write {path} ({e.strerror or e}); choose another location") from None
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would

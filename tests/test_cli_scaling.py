@@ -139,6 +139,25 @@ def test_fit_bad_input_one_line_exit_2(tmp_path, content, msg):
     assert msg in r.stderr
 
 
+def test_fit_out_under_a_file_exit_2(tmp_path):
+    runs = _write_runs(tmp_path, "csv")
+    (tmp_path / "blocker").write_text("x")
+    r = _cli("fit", str(runs), "--law", "dense", "--fix-c", "0.472", "--out", str(tmp_path / "blocker" / "c.json"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "blocker is a file; choose another location" in r.stderr
+
+
+def test_an_os_error_mid_command_is_one_line(monkeypatch, capsys):
+    import finemoe.commands.plan as plan_cmd
+
+    def disk_full(args):
+        raise OSError(28, "No space left on device", "runs/x/ckpt.pt")
+
+    monkeypatch.setattr(plan_cmd, "run", disk_full)
+    assert main(["plan", "--flops", "1e20"]) == 1
+    assert capsys.readouterr().err == "finemoe plan: error: runs/x/ckpt.pt: No space left on device\n"
+
+
 def test_plan_bad_coefficients_exit_2(tmp_path):
     r = _cli("plan", "--flops", "1e20", "--coefficients", str(tmp_path / "nope.json"))
     assert r.returncode == 2 and "not a published set" in r.stderr

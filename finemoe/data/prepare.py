@@ -32,7 +32,7 @@ from finemoe.data.sources import DEFAULT_SOURCES, SOURCES, check_sources
 from finemoe.data.tokenizer import Tokenizer, gpt2_tokenizer, train_bpe
 from finemoe.data.tokens import write_tokens
 from finemoe.errors import DataError
-from finemoe.io import write_json_atomic, write_text_atomic
+from finemoe.io import ensure_dir, write_json_atomic, write_text_atomic
 
 FORMAT = 1  # bump when the parsers or the layout change, so old folders are rebuilt
 
@@ -81,6 +81,7 @@ def prepare(
         return out
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").is_file())):
         raise DataError(f"{out} exists and is not a finemoe data folder; choose another --out")
+    ensure_dir(out.parent, "output folder", probe=True)  # now, not after the corpus and the tokenizer are built
 
     t0 = time.perf_counter()
     packages: dict[str, dict] = {}
@@ -101,7 +102,6 @@ def prepare(
         tok = gpt2_tokenizer(cache, log)
     t_tok = time.perf_counter()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         stats = {"train": {}, "val": {}}

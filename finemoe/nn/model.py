@@ -20,7 +20,7 @@ from torch import nn
 
 from finemoe.config import ModelConfig
 from finemoe.errors import ConfigError
-from finemoe.io import atomic_path, write_json_atomic
+from finemoe.io import atomic_path, ensure_dir, write_json_atomic
 from finemoe.nn.init import trunc_normal_
 from finemoe.nn.linear import Linear
 
@@ -164,7 +164,7 @@ def save_pretrained(model: Transformer, directory: str | Path) -> None:
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_dir(directory, "model folder")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(state, str(tmp))

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from finemoe.errors import DataError, FinemoeError
-from finemoe.io import write_text_atomic
+from finemoe.io import ensure_dir, write_text_atomic
 
 DEFAULT_BUDGETS = (1e15, 1e17, 1e19, 1e21)
 
@@ -306,7 +306,7 @@ def build_report(results: str | Path, out_dir: str | Path, options: ReportOption
     if "/" in o.filename or not o.filename.endswith(".md"):
         raise DataError(f"report name {o.filename!r} must be a plain file name ending in .md")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "report folder")
     df = load_runs(results)
     if df.empty:
         raise DataError(f"{results} holds no runs; run a sweep first")

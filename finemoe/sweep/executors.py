@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from finemoe.errors import ConfigError
+from finemoe.io import ensure_dir
 from finemoe.sweep.runner import default_threads, execute_run
 from finemoe.sweep.store import Store
 
@@ -65,7 +66,7 @@ class LocalExecutor:
                "--trainer", trainer, "--threads", str(self.threads)]
         out = None
         if self.workers > 1 and self.log_dir:  # interleaved progress bars are unreadable: log to files
-            Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+            ensure_dir(self.log_dir, "log folder")
             out = open(Path(self.log_dir) / f"{rid}.log", "ab")
         try:
             return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,

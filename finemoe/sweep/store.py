@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from finemoe.errors import DataError
+from finemoe.io import ensure_dir
 
 STATUSES = ("pending", "running", "done", "diverged", "failed")
 FINAL = ("done", "diverged")  # a re-run skips these; failed runs are retried
@@ -106,7 +107,7 @@ class Store:
         if not create and not self.path.is_file():
             raise DataError(f"results store {self.path} not found; run `finemoe sweep run SPEC` first or pass --store")
         if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_dir(self.path.parent, "results store folder")
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             cols = ", ".join(f"{k} {v}" for k, v in COLUMNS.items())

@@ -25,7 +25,7 @@ from torch import nn
 from finemoe.accounting import exact_params, paper_counts
 from finemoe.data.tokens import TokenFile
 from finemoe.errors import ConfigError, DataError
-from finemoe.io import write_json_atomic
+from finemoe.io import ensure_dir, write_json_atomic
 from finemoe.nn.linear import cpu_matmul
 from finemoe.nn.model import Transformer, save_pretrained
 from finemoe.train import checkpoint, distributed
@@ -171,7 +171,7 @@ class _Run:
             elapsed, train_time = ckpt["elapsed"], ckpt["train_time"]
         distributed.barrier(self.dist)  # every rank has read the checkpoint before rank 0 rewrites it
         if main:
-            out.mkdir(parents=True, exist_ok=True)
+            ensure_dir(out, "run folder")
             for stale in out.glob(".*.tmp"):  # a kill mid-write leaves its temp file behind
                 stale.unlink(missing_ok=True)
             write_json_atomic(out / "config.json", cfg.to_dict())
