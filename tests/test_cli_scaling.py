@@ -129,6 +129,7 @@ def _cli(*argv):
     ("total_params,tokens,train_loss\n1,2,3\n", "missing column(s) ['granularity']"),
     ("total_params,tokens,granularity,train_loss\n" + "1e9,1e10,1,nan\n1e9,2e10,2,3.0\n" * 5, "NaN/inf"),
     ("status,total_params,tokens,granularity,train_loss\nfailed,1e9,1e10,1,3\n", "no finished"),
+    ("total_params,tokens,granularity,train_loss\n1e9,1e10,four,3\n", "column 'granularity' holds 'four', not a number"),
 ])
 def test_fit_bad_input_one_line_exit_2(tmp_path, content, msg):
     p = tmp_path / "bad.csv"

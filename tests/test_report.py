@@ -69,6 +69,37 @@ def test_report_cli_errors(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # refused before any fitting or writing
 
 
+HAND_MADE = "status,ffn,d_model,n_blocks,total_params,tokens,granularity,expansion_rate,flops,train_loss\n"
+
+
+@pytest.mark.parametrize("rows, msg", [
+    ("done,moe,64,2,1e6,1e7,1,8,1e13,4.5\n", None),
+    ("done,moe,64,2,lots,1e7,1,8,1e13,4.5\n", "column 'total_params' holds text where numbers belong"),
+])
+def test_report_of_a_hand_made_csv(tmp_path, capsys, rows, msg):
+    """Only the columns it fits from are required; the summary's and runs table's others may be absent."""
+    csv = tmp_path / "mine.csv"
+    csv.write_text(HAND_MADE + rows + "done,dense,64,2,1e5,1e7,1,1,1e12,5.0\nfailed,moe,64,2,1e6,1e7,2,8,1e13,\n")
+    code = main(["report", str(csv), "--out", str(tmp_path / "r")])
+    if msg is None:
+        assert code == 0
+        md = (tmp_path / "r" / "report.md").read_text()
+        assert "- runs: 2 done, 1 failed" in md and "| 64×2 | E8 G1 | 1M |" in md
+    else:
+        assert code == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "r").exists()
+
+
+def test_report_names_the_missing_columns(tmp_path, capsys):
+    csv = tmp_path / "mine.csv"
+    csv.write_text("status,ffn,total_params,tokens,granularity,train_loss\ndone,moe,1e6,1e7,1,4.5\n")
+    assert main(["report", str(csv), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "lacks column(s) ['expansion_rate', 'd_model', 'n_blocks', 'flops']" in err
+
+
 def test_report_recovers_known_law_and_writes_figures(tmp_path, capsys):
     pytest.importorskip("finemoe.scaling.fit")
     pytest.importorskip("finemoe.report.plots")

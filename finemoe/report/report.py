@@ -19,6 +19,12 @@ from finemoe.errors import DataError, FinemoeError
 from finemoe.io import ensure_dir, write_text_atomic
 
 DEFAULT_BUDGETS = (1e15, 1e17, 1e19, 1e21)
+# The store's columns the report reads (a `finemoe sweep export` CSV has them all). Without the
+# first set there is nothing to fit; the others only fill the runs table and the summary.
+NEEDED = ("status", "ffn", "granularity", "expansion_rate", "d_model", "n_blocks", "total_params", "tokens", "flops")
+NUMERIC = ("granularity", "expansion_rate", "d_model", "n_blocks", "total_params", "active_params", "tokens", "flops",
+           "train_loss", "val_loss", "wall_time_s")
+OPTIONAL = ("run_id", "active_params", "train_loss", "val_loss", "wall_time_s", "device", "code_version", "error")
 
 
 @dataclass
@@ -33,6 +39,25 @@ class ReportOptions:
     notes: list[str] = field(default_factory=list)
     filename: str = "report.md"
     discussion: str | None = None  # the author's reading of the results, appended as written
+
+
+def _checked(df, results, loss: str):
+    """The run table with the columns the report reads, numbers as numbers, or a one-line error."""
+    import pandas as pd
+
+    missing = [c for c in (*NEEDED, loss) if c not in df.columns]
+    if missing:
+        raise DataError(f"{results} lacks column(s) {missing}; give a store or a `finemoe sweep export` CSV")
+    df = df.copy()
+    for c in OPTIONAL:
+        if c not in df.columns:
+            df[c] = range(1, len(df) + 1) if c == "run_id" else None
+    for c in NUMERIC:
+        try:
+            df[c] = pd.to_numeric(df[c])
+        except (ValueError, TypeError):
+            raise DataError(f"{results}: column {c!r} holds text where numbers belong; fix or drop those rows") from None
+    return df
 
 
 def _num(x: Any, fmt: str = ".4f") -> str:
@@ -70,7 +95,7 @@ def _points(df, loss: str):
 def _summary(df, source: str) -> str:
     counts = df.status.value_counts().to_dict()
     devices = sorted({str(d) for d in df.device.dropna().unique()})
-    versions = sorted({str(v) for v in df.code_version.dropna().unique()}) if "code_version" in df else []
+    versions = sorted({str(v) for v in df.code_version.dropna().unique()})
     wall = df.wall_time_s.fillna(0).sum()
     lines = [
         f"- results: `{source}`",
@@ -305,13 +330,13 @@ def build_report(results: str | Path, out_dir: str | Path, options: ReportOption
     o = options or ReportOptions()
     if "/" in o.filename or not o.filename.endswith(".md"):
         raise DataError(f"report name {o.filename!r} must be a plain file name ending in .md")
-    out = Path(out_dir)
-    ensure_dir(out, "report folder")
     df = load_runs(results)
     if df.empty:
         raise DataError(f"{results} holds no runs; run a sweep first")
     if o.loss not in df.columns:
         raise DataError(f"{results} has no column {o.loss!r}; use train_loss or val_loss")
+    df = _checked(df, results, o.loss)
+    out = ensure_dir(out_dir, "report folder")
     done = df[(df.status == "done") & df[o.loss].notna()].copy()
     md = [f"# {o.title or 'finemoe sweep report'}", "", _summary(df, str(results)), ""]
     md += [f"> {n}" for n in o.notes]

@@ -44,13 +44,19 @@ def read_table(path: str | Path) -> list[dict[str, str]]:
         raise DataError(f"results {path}: not a CSV with a header row nor a SQLite store ({e})") from None
 
 
-def _num(v) -> float:
-    if v is None or v == "":
-        return math.nan
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
+def _column(path, rows: list[dict], col: str) -> np.ndarray:
+    """A numeric column; an empty cell is NaN (a run with no loss), text is the user's mistake."""
+    out = np.empty(len(rows))
+    for i, r in enumerate(rows):
+        v = r[col]
+        if v is None or v == "":
+            out[i] = math.nan
+            continue
+        try:
+            out[i] = float(v)
+        except (TypeError, ValueError):
+            raise DataError(f"results {path}: column {col!r} holds {v!r}, not a number; fix or drop that row") from None
+    return out
 
 
 def load_points(path: str | Path, law: str = "moe", loss_column: str = "train_loss") -> Points:
@@ -70,8 +76,6 @@ def load_points(path: str | Path, law: str = "moe", loss_column: str = "train_lo
         rows = [r for r in rows if str(r["ffn"]).strip().lower() == want]
     if not rows:
         raise DataError(f"results {path}: no finished ('done') {'dense' if law == 'dense' else 'moe'} runs to fit the {law} law")
-    N = np.array([_num(r["total_params"]) for r in rows])
-    D = np.array([_num(r["tokens"]) for r in rows])
-    G = np.array([_num(r.get("granularity", 1)) if law != "dense" else 1.0 for r in rows])
-    y = np.array([_num(r[loss_column]) for r in rows])
-    return Points(N, D, G, y)
+    G = _column(path, rows, "granularity") if law != "dense" else np.ones(len(rows))
+    return Points(_column(path, rows, "total_params"), _column(path, rows, "tokens"), G,
+                  _column(path, rows, loss_column))
