@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from finemoe.cli import main
 
 
@@ -30,6 +32,19 @@ def test_argparse_mistakes_are_one_line_exit_2():
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "--d-model" in r.stderr and "--help" in r.stderr
+
+
+@pytest.mark.parametrize("argv, prog", [
+    (["params", "--d-model", "8", "--n-blocks", "1", "--top-k"], "finemoe params"),
+    (["bench", "moe-layer", "--bar"], "finemoe bench moe-layer"),
+    (["sweep", "run", "quickstart", "--nope"], "finemoe sweep run"),
+])
+def test_an_unknown_option_is_blamed_on_its_subcommand(capsys, argv, prog):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: error: unrecognized arguments: {argv[-1]}") and f"`{prog} --help`" in err
 
 
 def test_closed_output_pipe_ends_quietly(monkeypatch, capsys):
