@@ -41,11 +41,11 @@ class ReportOptions:
     discussion: str | None = None  # the author's reading of the results, appended as written
 
 
-def _checked(df, results, loss: str):
+def _checked(df, results):
     """The run table with the columns the report reads, numbers as numbers, or a one-line error."""
     import pandas as pd
 
-    missing = [c for c in (*NEEDED, loss) if c not in df.columns]
+    missing = [c for c in NEEDED if c not in df.columns]
     if missing:
         raise DataError(f"{results} lacks column(s) {missing}; give a store or a `finemoe sweep export` CSV")
     df = df.copy()
@@ -335,7 +335,7 @@ def build_report(results: str | Path, out_dir: str | Path, options: ReportOption
         raise DataError(f"{results} holds no runs; run a sweep first")
     if o.loss not in df.columns:
         raise DataError(f"{results} has no column {o.loss!r}; use train_loss or val_loss")
-    df = _checked(df, results, o.loss)
+    df = _checked(df, results)
     out = ensure_dir(out_dir, "report folder")
     done = df[(df.status == "done") & df[o.loss].notna()].copy()
     md = [f"# {o.title or 'finemoe sweep report'}", "", _summary(df, str(results)), ""]
