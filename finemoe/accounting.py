@@ -130,3 +130,10 @@ def exact_flops_per_token(cfg: ModelConfig) -> dict[str, float]:
     out["total"] = sum(out.values())
     out["paper"] = paper_counts(cfg)["flops_per_token"]
     return out
+
+
+def moe_ffn_matmul_ratio(cfg: ModelConfig) -> float:
+    """Matmul FLOPs per token of cfg's MoE FFN (router included) over those of its dense FFN: the
+    MoE/dense time ratio if nothing but the matmuls took time."""
+    f = exact_flops_per_token(cfg)
+    return (f["ffn"] + f["router"]) / exact_flops_per_token(cfg.replace(ffn="dense"))["ffn"]

@@ -42,3 +42,12 @@ def test_expert_width_validation():
     assert acc.expert_width(256, 8) == 128
     with pytest.raises(ConfigError, match="divide"):
         acc.expert_width(256, 3)
+
+
+def test_moe_ffn_matmul_ratio_at_the_layer_benchmark_shape():
+    """G=16, E=16, d_model=512: the router adds 256 of the FFN's 2*2048 units of work, both routings
+    (Expert Choice at capacity 1 and Token Choice top-G use d_ff hidden units per token, as dense)."""
+    cfg = ModelConfig(d_model=512, expansion_rate=16, granularity=16)
+    assert acc.moe_ffn_matmul_ratio(cfg.replace(routing="ec")) == pytest.approx(1 + 256 / 4096)
+    assert acc.moe_ffn_matmul_ratio(cfg.replace(routing="tc")) == pytest.approx(1 + 256 / 4096)
+    assert acc.moe_ffn_matmul_ratio(cfg.replace(routing="ec", capacity_factor=2.0)) == pytest.approx(2 + 256 / 4096)

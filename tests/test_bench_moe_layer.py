@@ -42,18 +42,6 @@ def test_bench_json_structure_and_positive_ratios():
     assert out["cpu_matmul"] == "mkl"
 
 
-def test_matmul_floor_at_the_default_shape():
-    """G=16, E=16, d_model=512: the router adds 256 of the FFN's 2*2048 units of work, both routings
-    (Expert Choice at capacity 1 and Token Choice top-G use d_ff hidden units per token, as dense)."""
-    from finemoe.benchmarks.moe_layer import matmul_floor
-    from finemoe.config import ModelConfig
-
-    cfg = ModelConfig(d_model=512, expansion_rate=16, granularity=16)
-    assert matmul_floor(cfg.replace(routing="ec")) == pytest.approx(1 + 256 / 4096)
-    assert matmul_floor(cfg.replace(routing="tc")) == pytest.approx(1 + 256 / 4096)
-    assert matmul_floor(cfg.replace(routing="ec", capacity_factor=2.0)) == pytest.approx(2 + 256 / 4096)
-
-
 def test_bench_on_the_onednn_linear_path():
     p = _run("--json", "-G", "2", "--d-model", "32", "-E", "2", "--batch", "4", "--seq", "8", "--repeats", "1",
              "--routing", "ec", "--threads", "2", "--cpu-matmul", "onednn")

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from finemoe.accounting import exact_flops_per_token
+from finemoe.accounting import moe_ffn_matmul_ratio
 from finemoe.benchmarks import allocator_settings
 from finemoe.config import ModelConfig
 from finemoe.nn.linear import cpu_matmul as linear_path
@@ -45,12 +45,6 @@ def _minor_faults() -> int:
 
 # Faults per step below this are noise (a stray page); a step that grows the heap takes 100s or more.
 SETTLED_FAULTS = 16
-
-
-def matmul_floor(moe: ModelConfig) -> float:
-    """Matmul FLOPs per token of the MoE FFN (router included) over those of the dense FFN."""
-    f = exact_flops_per_token(moe)
-    return (f["ffn"] + f["router"]) / exact_flops_per_token(moe.replace(ffn="dense"))["ffn"]
 
 
 def _quartiles(v: list[float]) -> list[float]:
@@ -114,7 +108,7 @@ def bench_moe_layer(
         for r in routings:
             cfg = base.replace(granularity=G, routing=r)
             layers[r] = MoE(cfg).to(dev)
-            floors[r][str(G)] = matmul_floor(cfg)
+            floors[r][str(G)] = moe_ffn_matmul_ratio(cfg)
         x = torch.randn(batch, seq, d_model, device=dev, requires_grad=True)
         dy = torch.randn(batch, seq, d_model, device=dev)
         times: dict[str, list[float]] = {k: [] for k in layers}
