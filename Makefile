@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(VENV)/bin/finemoe bench moe-layer
+	$(VENV)/bin/finemoe bench moe-layer --breakdown
 	$(PY) benchmarks/bench_fit.py
 	$(PY) benchmarks/bench_train.py --cpu-matmul mkl onednn
 	$(PY) benchmarks/bench_cpu_gemm.py

@@ -42,12 +42,27 @@ def test_bench_json_structure_and_positive_ratios():
     assert out["cpu_matmul"] == "mkl"
 
 
-def test_bench_on_the_onednn_linear_path():
+def test_bench_on_the_onednn_linear_path_with_breakdown():
     p = _run("--json", "-G", "2", "--d-model", "32", "-E", "2", "--batch", "4", "--seq", "8", "--repeats", "1",
-             "--routing", "ec", "--threads", "2", "--cpu-matmul", "onednn")
+             "--routing", "ec", "--threads", "2", "--cpu-matmul", "onednn", "--breakdown")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["cpu_matmul"] == "onednn" and math.isfinite(out["ratios"]["ec"]["2"])
+    split = out["breakdown_ms"]
+    assert set(split) == {"dense", "ec"} and all(set(per_g) == {"2"} for per_g in split.values())
+    dense, ec = split["dense"]["2"], split["ec"]["2"]
+    assert all(v >= 0 for v in [*dense.values(), *ec.values()])
+    assert dense["expert matmuls"] == 0 and dense["other matmuls"] > 0 and dense["gather/combine"] == 0
+    assert ec["expert matmuls"] > 0 and ec["other matmuls"] > 0 and ec["gather/combine"] > 0
+
+
+def test_bench_breakdown_table():
+    p = _run("-G", "2", "--d-model", "32", "-E", "2", "--batch", "4", "--seq", "8", "--repeats", "1", "--breakdown")
+    assert p.returncode == 0, p.stderr
+    rows = [line.split() for line in p.stdout.splitlines() if line.split()[:1] == ["2"] and len(line.split()) == 8]
+    assert [r[1] for r in rows] == ["dense", "ec", "tc"]
+    for r in rows:  # the step is the sum of its kinds (as printed, to rounding)
+        assert float(r[2]) == pytest.approx(sum(map(float, r[3:])), abs=0.35)
 
 
 def test_bench_bad_granularity_is_one_line_error():

@@ -13,6 +13,9 @@ uses: the dense FFN with its biases, the MoE layer with router and output LayerN
 their matmuls on the chosen CPU path (`cpu_matmul`, finemoe.nn.linear). Gradients flow into the
 input as they do inside a model.
 
+With `breakdown`, a few more steps per layer run with every op timed (finemoe.benchmarks.op_times),
+after the timed rounds so they cannot disturb them; the fastest of them is reported.
+
 Beside each ratio stands its matmul floor: the layer's matmul FLOPs (experts and router, forward and
 backward) over the dense FFN's, i.e. the ratio if gathers, routing, combines and norms cost nothing.
 """
@@ -28,6 +31,7 @@ import torch
 
 from finemoe.accounting import moe_ffn_matmul_ratio
 from finemoe.benchmarks import allocator_settings
+from finemoe.benchmarks.op_times import step_breakdown
 from finemoe.config import ModelConfig
 from finemoe.nn.linear import cpu_matmul as linear_path
 from finemoe.nn.model import DenseFFN
@@ -90,6 +94,8 @@ def bench_moe_layer(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     cpu_matmul: str = "mkl",
+    breakdown: bool = False,
+    breakdown_steps: int = 2,
 ) -> dict:
     """Median fwd+bwd milliseconds per layer and the MoE/dense ratios, per granularity."""
     torch.manual_seed(seed)
@@ -102,6 +108,7 @@ def bench_moe_layer(
     ratios: dict[str, dict[str, float]] = {r: {} for r in routings}
     spread: dict[str, dict[str, list[float]]] = {r: {} for r in routings}
     floors: dict[str, dict[str, float]] = {r: {} for r in routings}
+    split: dict[str, dict[str, dict[str, float]]] = {k: {} for k in ms}
     base = ModelConfig(d_model=d_model, expansion_rate=expansion_rate, seq_len=seq)
     for G in granularities:
         layers = {"dense": DenseFFN(base.replace(ffn="dense")).to(dev)}
@@ -126,6 +133,10 @@ def bench_moe_layer(
                     t, f = _counted_step(layer, x, dy, sync)
                     times[name].append(t)
                     faults[name].append(f)
+            if breakdown:
+                for name, layer in layers.items():
+                    runs = [step_breakdown(lambda: _step(layer, x, dy, sync), sync) for _ in range(breakdown_steps)]
+                    split[name][str(G)] = min(runs, key=lambda b: sum(b.values()))
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         for k, v in med.items():
             ms[k][str(G)] = v
@@ -135,7 +146,7 @@ def bench_moe_layer(
             ratios[r][str(G)] = statistics.median(per_round)
             spread[r][str(G)] = _quartiles(per_round)
         del layers, x, dy
-    return {
+    out = {
         "ratios": ratios,
         "ratio_p25_p75": spread,
         "matmul_floor": floors,
@@ -151,3 +162,6 @@ def bench_moe_layer(
         "allocator": allocator_settings(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
+    if breakdown:
+        out["breakdown_ms"] = split
+    return out

@@ -55,6 +55,11 @@ def register(sub) -> None:
         help="fp32 CPU matmuls of both sides (dense FFN; router, experts): torch's MKL or oneDNN (finemoe.nn.linear)",
     )
     m.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time every op of a few extra steps and split each layer's step by op kind",
+    )
+    m.add_argument(
         "--no-reexec",
         action="store_true",
         help="do not restart with glibc malloc thresholds raised and OMP_WAIT_POLICY=PASSIVE when unset",
@@ -117,6 +122,7 @@ def run_moe_layer(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=torch.bfloat16 if args.dtype == "bf16" else None,
         cpu_matmul=args.cpu_matmul,
+        breakdown=args.breakdown,
     )
     emit(args, out, _human)
     return 0
@@ -147,4 +153,21 @@ def _human(o: dict) -> str:
     lines.append(f"allocator: {alloc}; OMP_WAIT_POLICY={o.get('omp_wait_policy') or 'unset'}")
     warm = " ".join(f"G={g}: {n}" for g, n in o["warmup_rounds"].items())
     lines.append(f"untimed warm-up rounds (until the heap stopped growing): {warm}")
+    if "breakdown_ms" in o:
+        lines += ["", *_breakdown_table(o["breakdown_ms"])]
     return "\n".join(lines)
+
+
+def _breakdown_table(split: dict) -> list[str]:
+    from finemoe.benchmarks.op_times import KINDS
+
+    lines = [
+        "ms per op kind in one step with every op timed (expert matmuls: bmm / grouped GEMMs / grouped "
+        "convolutions; other matmuls: the router, or the dense FFN itself)",
+        f"{'G':>3}  {'layer':<6}{'step':>8}" + "".join(f"  {k:>14}" for k in KINDS),
+    ]
+    for g in next(iter(split.values())):
+        for layer, per_g in split.items():
+            b = per_g[g]
+            lines.append(f"{g:>3}  {layer:<6}{sum(b.values()):8.1f}" + "".join(f"  {b[k]:14.1f}" for k in KINDS))
+    return lines
