@@ -159,15 +159,15 @@ def _human(o: dict) -> str:
 
 
 def _breakdown_table(split: dict) -> list[str]:
-    from finemoe.benchmarks.op_times import KINDS
-
+    first = next(iter(split.values()))
+    kinds = list(next(iter(first.values())))
     lines = [
         "ms per op kind in one step with every op timed (expert matmuls: bmm / grouped GEMMs / grouped "
         "convolutions; other matmuls: the router, or the dense FFN itself)",
-        f"{'G':>3}  {'layer':<6}{'step':>8}" + "".join(f"  {k:>14}" for k in KINDS),
+        f"{'G':>3}  {'layer':<6}{'step':>8}" + "".join(f"  {k:>14}" for k in kinds),
     ]
-    for g in next(iter(split.values())):
+    for g in first:
         for layer, per_g in split.items():
             b = per_g[g]
-            lines.append(f"{g:>3}  {layer:<6}{sum(b.values()):8.1f}" + "".join(f"  {b[k]:14.1f}" for k in KINDS))
+            lines.append(f"{g:>3}  {layer:<6}{sum(b.values()):8.1f}" + "".join(f"  {b[k]:14.1f}" for k in kinds))
     return lines
