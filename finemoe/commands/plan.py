@@ -6,6 +6,7 @@ import argparse
 from dataclasses import asdict
 
 from finemoe.commands.common import add_json_flag, emit, positive_float, positive_int
+from finemoe.units import count
 
 
 def add_law_args(p: argparse.ArgumentParser) -> None:
@@ -102,13 +103,6 @@ def paper_table(coeffs, s) -> dict:
     return {"coefficients": coeffs.name, "expansion_rate": s.expansion_rate, "rows": rows}
 
 
-def _si(x: float) -> str:
-    for unit, v in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= v:
-            return f"{x / v:.2f}{unit}"
-    return f"{x:.3g}"
-
-
 def _g(x: float) -> str:
     return f"{x:g}" if float(x).is_integer() else f"{x:.2f}"
 
@@ -118,21 +112,21 @@ def _human_plan(o: dict) -> str:
     lines = [
         f"compute-optimal MoE for {o['budget']:.3g} FLOPs (coefficients: {o['coefficients']}, E={o['settings']['expansion_rate']:g})",
         f"  granularity G        {_g(o['granularity'])}",
-        f"  active params N_act  {_si(o['active_params'])}",
-        f"  total params N       {_si(o['total_params'])}",
-        f"  tokens D             {_si(o['tokens'])}",
+        f"  active params N_act  {count(o['active_params'], 4)}",
+        f"  total params N       {count(o['total_params'], 4)}",
+        f"  tokens D             {count(o['tokens'], 4)}",
         f"  predicted loss       {o['loss']:.4f}",
         "buildable architecture (same budget)",
         f"  d_model {a['d_model']}, n_blocks {a['n_blocks']}, n_heads {a['n_heads']}, "
         f"{a['n_experts']} experts x width {a['expert_width']} (G={a['granularity']})",
-        f"  N_act {_si(a['active_params'])}, N {_si(a['total_params'])}, tokens {_si(a['tokens'])}, "
+        f"  N_act {count(a['active_params'], 4)}, N {count(a['total_params'], 4)}, tokens {count(a['tokens'], 4)}, "
         f"FLOPs {a['flops']:.4g}, loss {a['loss']:.4f}",
     ]
     g1 = o["g1"]
     lines.append(f"G=1 MoE at this budget: loss {g1['loss']:.4f}; needs {g1['flops_multiple']:.2f}x the FLOPs to match")
     if o["dense"] is not None:
         d = o["dense"]
-        lines.append(f"dense at this budget: N {_si(d['total_params'])}, D {_si(d['tokens'])}, loss {d['loss']:.4f}; "
+        lines.append(f"dense at this budget: N {count(d['total_params'], 4)}, D {count(d['tokens'], 4)}, loss {d['loss']:.4f}; "
                      f"needs {d['flops_multiple']:.1f}x the FLOPs to match")
     return "\n".join(lines)
 
@@ -145,7 +139,7 @@ def _human_table(o: dict) -> str:
         pr = r["printed"]
         lines.append(
             f"{r['row']:<10} {_g(r['granularity']):>4}/{pr['granularity']:<4} "
-            f"{_si(r['tokens']):>9}/{_si(pr['tokens']):<9} {r['tokens_rel_err']:+7.2%} "
+            f"{count(r['tokens'], 4):>9}/{count(pr['tokens'], 4):<9} {r['tokens_rel_err']:+7.2%} "
             f"{r['flops']:9.3e}/{pr['flops']:<9.3g} {r['flops_rel_err']:+7.2%} "
             f"{r['loss']:.3f}/{pr['loss']:<7.3f} {r['loss_err']:+7.3f}")
     return "\n".join(lines)

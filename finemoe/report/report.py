@@ -17,6 +17,7 @@ import numpy as np
 
 from finemoe.errors import DataError, FinemoeError
 from finemoe.io import ensure_dir, write_text_atomic
+from finemoe.units import count
 
 DEFAULT_BUDGETS = (1e15, 1e17, 1e19, 1e21)
 # The store's columns the report reads (a `finemoe sweep export` CSV has them all). Without the
@@ -66,15 +67,6 @@ def _num(x: Any, fmt: str = ".4f") -> str:
     return format(x, fmt)
 
 
-def _si(x: Any) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    for div, suf in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suf}"
-    return f"{x:.3g}"
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -116,8 +108,8 @@ def _runs_table(df, loss: str) -> str:
         kind = "dense" if r.ffn == "dense" else f"E{int(r.expansion_rate)} G{int(r.granularity)}"
         lines = r.error.strip().splitlines() if isinstance(r.error, str) else []
         err = lines[-1][:60] if lines and r.status != "done" else ""
-        rows.append([r.run_id, f"{int(r.d_model)}×{int(r.n_blocks)}", kind, _si(r.total_params), _si(r.active_params),
-                     _si(r.tokens), _si(r.flops), _num(r.train_loss), _num(r.val_loss),
+        rows.append([r.run_id, f"{int(r.d_model)}×{int(r.n_blocks)}", kind, count(r.total_params), count(r.active_params),
+                     count(r.tokens), count(r.flops), _num(r.train_loss), _num(r.val_loss),
                      _num(r.wall_time_s, ".0f"), r.status + (f": {err}" if err else "")])
     return _table(["run", "d×blocks", "FFN", "N", "N_act", "D", "FLOPs", "train loss", "val loss", "wall s", "status"], rows)
 
@@ -134,7 +126,7 @@ def _granularity_section(done, out: Path, o: ReportOptions) -> tuple[str, list[d
         groups = res.groups
         text.append(_table(
             ["N", "D", "runs", "g", "γ", "h", "RMSE"],
-            [[_si(g["N"]), _si(g["D"]), g["n_points"], _num(g["g"], ".3f"), _num(g["gamma"], ".3f"), _num(g["h"], ".3f"),
+            [[count(g["N"]), count(g["D"]), g["n_points"], _num(g["g"], ".3f"), _num(g["gamma"], ".3f"), _num(g["h"], ".3f"),
               _num(g["rmse"], ".4f")] for g in groups]))
         gam = [g["gamma"] for g in groups]
         text.append(f"\nγ per (N, D) ranges {min(gam):.3f}–{max(gam):.3f} (paper: γ > 0 means finer experts help).")
@@ -262,7 +254,7 @@ def _equal_flops_section(done, out: Path, o: ReportOptions) -> str:
         dl = float(dense[o.loss].iloc[0])
         size = done[(done.ffn == "dense") & (done.d_model == d) & (done.n_blocks == n)]
         at_f = dense_loss_at(float(best.flops), size.flops, size[o.loss])
-        rows.append([f"{int(d)}×{int(n)}", _si(D), _num(dl), _num(float(g1[o.loss].iloc[0])) if not g1.empty else "–",
+        rows.append([f"{int(d)}×{int(n)}", count(D), _num(dl), _num(float(g1[o.loss].iloc[0])) if not g1.empty else "–",
                      int(best.granularity), _num(float(best[o.loss])), _num(float(best[o.loss]) - dl, "+.4f"),
                      _num(float(best.flops) / float(dense.flops.iloc[0]), ".3f"),
                      _num(at_f) if at_f is not None else "–",
@@ -305,7 +297,7 @@ def _plan_section(fitted, o: ReportOptions) -> str:
         for _, coeffs, s in sets:
             try:
                 c = P.compare(coeffs, F, s)
-                row += [f"{c.moe.granularity:g}", _si(c.moe.active_params), _si(c.moe.tokens), _num(c.moe.loss, ".3f"),
+                row += [f"{c.moe.granularity:g}", count(c.moe.active_params), count(c.moe.tokens), _num(c.moe.loss, ".3f"),
                         _num(c.dense_flops_multiple, ".2f") + "×" if c.dense_flops_multiple else "–"]
             except (FinemoeError, ValueError, ArithmeticError) as e:
                 row += ["–", "–", "–", f"({str(e)[:40]})", "–"]
