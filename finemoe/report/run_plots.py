@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from finemoe.io import atomic_path  # noqa: E402
+from finemoe.units import count  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -23,10 +24,6 @@ def _save(fig, path: str | Path) -> Path:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
-
-
-def _fmt(x: float) -> str:
-    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.0f}k"
 
 
 def loss_vs_granularity(df, groups: list[dict], path: str | Path, loss: str = "train_loss") -> Path:
@@ -44,7 +41,7 @@ def loss_vs_granularity(df, groups: list[dict], path: str | Path, loss: str = "t
             m = at[(at.ffn == "moe") & (at.tokens == D)].sort_values("granularity")
             if m.empty:
                 continue
-            ax.plot(m.granularity, m[loss], "o", color=color, label=f"D={_fmt(D)}")
+            ax.plot(m.granularity, m[loss], "o", color=color, label=f"D={count(D)}")
             N = float(m.total_params.iloc[0])
             g = next((g for g in groups if math.isclose(g["N"], N, rel_tol=1e-9) and math.isclose(g["D"], D, rel_tol=1e-9)), None)
             if g is not None:
@@ -58,7 +55,7 @@ def loss_vs_granularity(df, groups: list[dict], path: str | Path, loss: str = "t
         ax.set_xlabel("granularity G")
         ax.set_ylabel(f"{loss.replace('_', ' ')} (nats)")
         nact = 12 * d * d * n
-        ax.set_title(f"d={d}, {n} blocks, N_act {_fmt(nact)}\n(dashed: dense at the same D)", fontsize=10)
+        ax.set_title(f"d={d}, {n} blocks, N_act {count(nact)}\n(dashed: dense at the same D)", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)
