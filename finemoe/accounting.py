@@ -58,6 +58,11 @@ def d_model_for_active(n_act, aspect=ASPECT):
     return (aspect * n_act / 12.0) ** (1.0 / 3.0)
 
 
+def d_model_for_total(n_total, expansion_rate=1, aspect=ASPECT):
+    """Inverse of N = (8E + 4) d^2 (d / aspect); expansion_rate=1 is the dense model."""
+    return (aspect * n_total / (8 * expansion_rate + 4)) ** (1.0 / 3.0)
+
+
 def expert_width(d_model: int, granularity: int, ff_mult: int = 4) -> int:
     d_ff = ff_mult * d_model
     if granularity < 1 or d_ff % granularity:

@@ -16,17 +16,28 @@ def add_json_flag(p: argparse.ArgumentParser) -> None:
 def emit(args: argparse.Namespace, obj: dict[str, Any], human: Callable[[dict[str, Any]], str]) -> None:
     """Print `obj` as one JSON object under --json, else the human rendering."""
     if getattr(args, "json", False):
-        json.dump(obj, sys.stdout, sort_keys=False, default=_jsonable)
+        json.dump(strict_json(obj), sys.stdout, sort_keys=False, allow_nan=False)
         sys.stdout.write("\n")
     else:
         print(human(obj))
 
 
-def _jsonable(x: Any) -> Any:
+def strict_json(x: Any) -> Any:
+    """Plain JSON values: numpy/torch scalars and arrays unwrapped, and NaN or infinity (an
+    unreachable target, a missing loss) as null, which every JSON parser reads (bare NaN/Infinity
+    are not JSON)."""
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    if isinstance(x, (str, bool, int)) or x is None:
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if hasattr(x, "tolist"):  # numpy / torch arrays and scalars
+        return strict_json(x.tolist())
     if hasattr(x, "item"):
-        return x.item()
-    if hasattr(x, "tolist"):
-        return x.tolist()
+        return strict_json(x.item())
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 

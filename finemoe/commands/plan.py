@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict
 
 from finemoe.commands.common import add_json_flag, emit, positive_float, positive_int
@@ -22,6 +23,10 @@ def add_law_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated G values searched (default powers of two 1..256)")
     p.add_argument("--continuous-g", action="store_true",
                    help="optimise G as a real number between the smallest and largest --granularities")
+    p.add_argument("--max-total-params", type=positive_float, default=None, metavar="N",
+                   help="cap on total non-embedding params (memory), for every model compared, e.g. 10e9")
+    p.add_argument("--max-active-params", type=positive_float, default=None, metavar="N",
+                   help="cap on active params (inference cost per token), for every model compared")
 
 
 def load_law_args(args: argparse.Namespace):
@@ -38,7 +43,8 @@ def load_law_args(args: argparse.Namespace):
         raise ConfigError(f"--c-r must be >= 0, got {args.c_r}")
     E = args.expansion_rate or coeffs.expansion_rate
     s = Settings(expansion_rate=E, c_f=args.c_f, c_r=args.c_r, aspect=args.aspect, granularities=gs,
-                 continuous_g=args.continuous_g)
+                 continuous_g=args.continuous_g, max_total_params=args.max_total_params,
+                 max_active_params=args.max_active_params)
     return coeffs, s
 
 
@@ -55,7 +61,8 @@ def register(sub) -> None:
 
 def _plan_dict(P) -> dict:
     return {"granularity": P.granularity, "active_params": P.active_params, "total_params": P.total_params,
-            "tokens": P.tokens, "loss": P.loss, "flops": P.flops, "d_model": P.d_model, "n_blocks": P.n_blocks}
+            "tokens": P.tokens, "loss": P.loss, "flops": P.flops, "d_model": P.d_model, "n_blocks": P.n_blocks,
+            "at_cap": P.at_cap}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,9 +97,9 @@ def paper_table(coeffs, s) -> dict:
     from finemoe.errors import ConfigError
     from finemoe.scaling import plan as P
 
-    if abs(s.expansion_rate - 64) > 0 or s.c_f != 6 or s.c_r != 14 or s.aspect != 64:
-        raise ConfigError("--paper-table recomputes Table 2 (E=64, c_f=6, c_r=14, aspect 64): use an E=64 coefficient set "
-                          "and leave --expansion-rate, --c-f, --c-r and --aspect at their defaults")
+    if abs(s.expansion_rate - 64) > 0 or s.c_f != 6 or s.c_r != 14 or s.aspect != 64 or s.capped:
+        raise ConfigError("--paper-table recomputes Table 2 (E=64, c_f=6, c_r=14, aspect 64, no size caps): use an E=64 "
+                          "coefficient set and leave --expansion-rate, --c-f, --c-r, --aspect and the --max-*-params unset")
     rows = []
     for label, n_act, D, G, F, L in P.PAPER_TABLE2:
         p = P.optimum_for_active(coeffs.require("moe"), n_act, s)
@@ -105,6 +112,25 @@ def paper_table(coeffs, s) -> dict:
 
 def _g(x: float) -> str:
     return f"{x:g}" if float(x).is_integer() else f"{x:.2f}"
+
+
+def _multiple(m: float | None, fmt: str) -> str:
+    """How much compute a comparison model needs to reach the MoE's loss, in words."""
+    if m is None or not math.isfinite(m):
+        return "cannot reach the MoE's loss at any budget"
+    if m < 1:
+        return f"reaches the MoE's loss with {m:{fmt}}x the FLOPs: better than this MoE here"
+    return f"needs {m:{fmt}}x the FLOPs to match"
+
+
+def _caps_line(o: dict) -> str | None:
+    st = o["settings"]
+    caps = [f"{what} <= {count(v, 4)}" for what, v in (("N", st.get("max_total_params")),
+                                                       ("N_act", st.get("max_active_params"))) if v is not None]
+    if not caps:
+        return None
+    binding = [name for name, p in (("MoE", o), ("G=1", o["g1"]), ("dense", o["dense"])) if p and p["at_cap"]]
+    return f"  size caps            {', '.join(caps)} (binding for {', '.join(binding) or 'none'})"
 
 
 def _human_plan(o: dict) -> str:
@@ -122,12 +148,15 @@ def _human_plan(o: dict) -> str:
         f"  N_act {count(a['active_params'], 4)}, N {count(a['total_params'], 4)}, tokens {count(a['tokens'], 4)}, "
         f"FLOPs {a['flops']:.4g}, loss {a['loss']:.4f}",
     ]
+    caps = _caps_line(o)
+    if caps:
+        lines.insert(6, caps)
     g1 = o["g1"]
-    lines.append(f"G=1 MoE at this budget: loss {g1['loss']:.4f}; needs {g1['flops_multiple']:.2f}x the FLOPs to match")
+    lines.append(f"G=1 MoE at this budget: loss {g1['loss']:.4f}; {_multiple(g1['flops_multiple'], '.2f')}")
     if o["dense"] is not None:
         d = o["dense"]
         lines.append(f"dense at this budget: N {count(d['total_params'], 4)}, D {count(d['tokens'], 4)}, loss {d['loss']:.4f}; "
-                     f"needs {d['flops_multiple']:.1f}x the FLOPs to match")
+                     f"{_multiple(d['flops_multiple'], '.1f')}")
     return "\n".join(lines)
 
 

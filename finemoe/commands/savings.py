@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from finemoe.commands.common import add_json_flag, emit, positive_float
 from finemoe.commands.plan import add_law_args, load_law_args
+from finemoe.units import count
 
 DEFAULT_BUDGETS = tuple(10.0**e for e in range(18, 27))
 
@@ -38,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"flops": F, "granularity": c.moe.granularity, "loss": c.moe.loss,
                      "dense_loss": c.dense.loss, "dense_flops_multiple": c.dense_flops_multiple,
                      "g1_loss": c.g1.loss, "g1_flops_multiple": c.g1_flops_multiple})
-    out = {"coefficients": coeffs.name, "expansion_rate": s.expansion_rate, "rows": rows}
-    if coeffs.name.startswith("paper"):
+    out = {"coefficients": coeffs.name, "expansion_rate": s.expansion_rate,
+           "max_total_params": s.max_total_params, "max_active_params": s.max_active_params, "rows": rows}
+    if coeffs.name.startswith("paper") and not s.capped:
         out["note"] = CLAIM_NOTE
     emit(args, out, _human)
     if args.plot:
@@ -51,14 +54,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _x(m: float, width: int, fmt: str) -> str:
+    return f"{m:{width}{fmt}}x" if math.isfinite(m) else f"{'never':>{width + 1}}"
+
+
 def _human(o: dict) -> str:
-    lines = [f"compute savings of the optimal MoE (coefficients: {o['coefficients']}, E={o['expansion_rate']:g})",
+    caps = [f"{what} <= {count(v, 4)}" for what, v in (("N", o.get("max_total_params")),
+                                                       ("N_act", o.get("max_active_params"))) if v is not None]
+    cap_text = f", size caps {', '.join(caps)} for every model" if caps else ""
+    lines = [f"compute savings of the optimal MoE (coefficients: {o['coefficients']}, E={o['expansion_rate']:g}{cap_text})",
              f"{'FLOPs':>9} {'G_opt':>6} {'MoE loss':>9} {'dense loss':>11} {'dense x':>8} {'G=1 x':>7}"]
     for r in o["rows"]:
         g = r["granularity"]
         lines.append(f"{r['flops']:9.2g} {g:6g} {r['loss']:9.4f} {r['dense_loss']:11.4f} "
-                     f"{r['dense_flops_multiple']:7.1f}x {r['g1_flops_multiple']:6.2f}x")
-    lines.append("dense x / G=1 x: FLOPs a compute-optimal dense / G=1 MoE model needs to reach the MoE's loss, as a multiple")
+                     f"{_x(r['dense_flops_multiple'], 7, '.1f')} {_x(r['g1_flops_multiple'], 6, '.2f')}")
+    lines.append("dense x / G=1 x: FLOPs a compute-optimal dense / G=1 MoE model needs to reach the MoE's loss, as a multiple"
+                 + ("; never: not at any budget under the caps" if caps else ""))
     if "note" in o:
         lines.append("note: " + o["note"])
     return "\n".join(lines)

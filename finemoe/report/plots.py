@@ -65,7 +65,8 @@ def loss_vs_flops(ax, coeffs, s: P.Settings, budgets: Sequence[float], marks: Se
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("predicted loss")
-    ax.set_title(f"compute-optimal loss ({coeffs.name}, E={s.expansion_rate:g})")
+    caps = f", {s.caps_text()} at most" if s.capped else ""
+    ax.set_title(f"compute-optimal loss ({coeffs.name}, E={s.expansion_rate:g}{caps})")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7)
 

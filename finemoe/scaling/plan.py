@@ -3,6 +3,11 @@
 For a budget F and granularity G the three constraints (F from Eq. 10, N = (8E+4) d^2 n, d = aspect*n)
 leave one free variable, d_model. The law is convex in log d (a falling and a rising power), so a
 bounded 1-D solver per G finds the optimum; G is then chosen over powers of two, as the paper did.
+
+Size caps (total parameters: what must fit in memory; active parameters: what each token costs at
+inference) only lower the upper bound on d_model, which is monotone in both, so the capped optimum
+is the same convex search clipped there: a bigger model would be better, the budget goes to tokens.
+Every model compared (the MoE, the G=1 MoE, dense) is held to the same caps.
 """
 
 from __future__ import annotations
@@ -43,17 +48,49 @@ class Settings:
     aspect: float = acc.ASPECT  # d_model = aspect * n_blocks
     granularities: tuple[float, ...] = POW2_G
     continuous_g: bool = False  # search G in [min, max] of `granularities` instead of the listed values
+    max_total_params: float | None = None  # non-embedding, router excluded (the paper's N)
+    max_active_params: float | None = None
 
     def __post_init__(self):
         if self.expansion_rate < 1 or self.c_f <= 0 or self.c_r < 0 or self.aspect <= 0:
             raise ConfigError("need expansion_rate >= 1, c_f > 0, c_r >= 0 and aspect > 0")
         if not self.granularities or min(self.granularities) < 1:
             raise ConfigError("granularities must be a non-empty list of values >= 1")
+        for name in ("max_total_params", "max_active_params"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name} must be a positive number of parameters, got {v!r}")
+
+    @property
+    def capped(self) -> bool:
+        return self.max_total_params is not None or self.max_active_params is not None
+
+    def log_d_max(self, dense: bool = False) -> float:
+        """Upper bound on log d_model: the solver's range, lowered by the size caps."""
+        bound = LOG_D_BOUNDS[1]
+        if self.max_total_params is not None:
+            E = 1 if dense else self.expansion_rate
+            bound = min(bound, math.log(acc.d_model_for_total(self.max_total_params, E, self.aspect)))
+        if self.max_active_params is not None:
+            bound = min(bound, math.log(acc.d_model_for_active(self.max_active_params, self.aspect)))
+        if bound <= LOG_D_BOUNDS[0]:
+            raise ConfigError(f"size cap too small: no model with d_model >= 1 has at most {self.caps_text()}")
+        return bound
+
+    def fits(self, total_params: float, active_params: float) -> bool:
+        return (self.max_total_params is None or total_params <= self.max_total_params) and (
+            self.max_active_params is None or active_params <= self.max_active_params)
+
+    def caps_text(self) -> str:
+        caps = [f"{v:.3g} {what} params" for v, what in ((self.max_total_params, "total"),
+                                                           (self.max_active_params, "active")) if v is not None]
+        return " and ".join(caps)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A continuous optimum: d_model and n_blocks are real numbers here; see `architecture`."""
+    """A continuous optimum: d_model and n_blocks are real numbers here; see `architecture`.
+    `at_cap`: a size cap binds (without it the optimum would be a bigger model)."""
 
     flops: float
     granularity: float
@@ -63,6 +100,18 @@ class Plan:
     total_params: float
     tokens: float
     loss: float
+    at_cap: bool = False
+
+
+def _at_cap(log_d: float, log_d_max: float) -> bool:
+    return log_d_max < LOG_D_BOUNDS[1] and log_d >= log_d_max
+
+
+def _argmin_log_d(f, hi: float) -> float:
+    """Bounded Brent over log d in [LOG_D_BOUNDS[0], hi]. It stops ~1e-7 short of a bound, so a
+    cap that binds is taken exactly (the loss there is no worse)."""
+    x = float(minimize_scalar(f, bounds=(LOG_D_BOUNDS[0], hi), method="bounded", options={"xatol": _XATOL}).x)
+    return hi if hi < LOG_D_BOUNDS[1] and x > hi - 1e-5 and f(hi) <= f(x) else x
 
 
 def _moe_point(law: MoELaw, flops: float, G: float, log_d: float, s: Settings) -> Plan:
@@ -70,14 +119,14 @@ def _moe_point(law: MoELaw, flops: float, G: float, log_d: float, s: Settings) -
     n = acc.n_blocks_for(d, s.aspect)
     D = acc.tokens_for_flops(flops, d, n, s.expansion_rate, G, s.c_f, s.c_r)
     N = acc.total_params(d, n, s.expansion_rate)
-    return Plan(flops, G, d, n, acc.active_params(d, n), N, D, float(law.loss(N, D, G)))
+    return Plan(flops, G, d, n, acc.active_params(d, n), N, D, float(law.loss(N, D, G)),
+                _at_cap(log_d, s.log_d_max()))
 
 
 def optimum_for_g(law: MoELaw, flops: float, G: float, s: Settings = Settings()) -> Plan:
     """Best d_model for a fixed G and budget (Brent, bounded, in log d)."""
     f = lambda x: float(law.loss(*_nd(flops, G, x, s), G))  # noqa: E731
-    r = minimize_scalar(f, bounds=LOG_D_BOUNDS, method="bounded", options={"xatol": _XATOL})
-    return _moe_point(law, flops, G, float(r.x), s)
+    return _moe_point(law, flops, G, _argmin_log_d(f, s.log_d_max()), s)
 
 
 def _nd(flops, G, log_d, s):
@@ -110,10 +159,10 @@ def dense_optimum(law: DenseLaw, flops: float, s: Settings = Settings()) -> Plan
         D = acc.tokens_for_flops(flops, d, n, c_f=s.c_f)
         return d, n, N, D
 
-    r = minimize_scalar(lambda x: float(law.loss(*point(x)[2:])), bounds=LOG_D_BOUNDS, method="bounded",
-                        options={"xatol": _XATOL})
-    d, n, N, D = point(float(r.x))
-    return Plan(flops, 0, d, n, N, N, D, float(law.loss(N, D)))
+    hi = s.log_d_max(dense=True)
+    x = _argmin_log_d(lambda x: float(law.loss(*point(x)[2:])), hi)
+    d, n, N, D = point(x)
+    return Plan(flops, 0, d, n, N, N, D, float(law.loss(N, D)), _at_cap(x, hi))
 
 
 def flops_to_reach(loss_at, target: float, start: float) -> float:
@@ -200,12 +249,23 @@ def _pow2_near(g: float) -> int:
     return int(2 ** round(math.log2(max(g, 1.0))))
 
 
+def _deepest_under_caps(d: int, E: int, s: Settings) -> list[int]:
+    """With a size cap, the most blocks a d_model-wide model may have (if at least one): rounding the
+    shape down to d/aspect blocks alone can leave much of the cap unused."""
+    if not s.capped:
+        return []
+    n = min(math.floor(c / per_block) for c, per_block in ((s.max_total_params, acc.total_params(d, 1, E)),
+                                                            (s.max_active_params, acc.active_params(d, 1)))
+            if c is not None)
+    return [n] if n >= 1 else []
+
+
 def architecture(law: MoELaw, plan: Plan, s: Settings = Settings(), head_dim: int = 64, ff_mult: int = 4) -> Architecture:
     """Round a continuous plan to a model one can build, spending the same budget.
 
     d_model is a multiple of head_dim (n_heads = d_model / head_dim) and makes the expert width
-    ff_mult*d_model/G a multiple of 8; n_blocks is an integer near d_model/aspect. A continuous G is
-    rounded to the nearest power of two.
+    ff_mult*d_model/G a multiple of 8; n_blocks is an integer near d_model/aspect, or under a size
+    cap the most that fit. A continuous G is rounded to the nearest power of two.
     Among the neighbouring choices the one with the lowest predicted loss wins; tokens are what the
     budget buys for that model, and loss and FLOPs are recomputed for it.
     """
@@ -218,13 +278,17 @@ def architecture(law: MoELaw, plan: Plan, s: Settings = Settings(), head_dim: in
     d_lo = max(q, int(plan.d_model // q) * q)
     for d in {d_lo, d_lo + q}:
         n0 = d / s.aspect
-        for n in {max(1, math.floor(n0)), max(1, math.ceil(n0))}:
+        for n in {max(1, math.floor(n0)), max(1, math.ceil(n0)), *_deepest_under_caps(d, E, s)}:
             fpt = acc.flops_per_token(d, n, E, G, s.c_f, s.c_r)
             D = int(plan.flops // fpt)
             if D < 1:
                 continue
             N = acc.total_params(d, n, E)
-            cands.append((float(law.loss(N, D, G)), d, n, D, fpt, N))
+            if s.fits(N, acc.active_params(d, n)):
+                cands.append((float(law.loss(N, D, G)), d, n, D, fpt, N))
+    if not cands and s.capped and plan.flops // acc.flops_per_token(q, 1, E, G, s.c_f, s.c_r) >= 1:
+        raise ConfigError(f"no buildable G={G} model (d_model a multiple of {q}) has at most {s.caps_text()}; "
+                          "raise the cap or search smaller G with --granularities")
     if not cands:
         raise ConfigError(f"budget {plan.flops:.3g} FLOPs cannot train even one token of the smallest buildable model")
     loss, d, n, D, fpt, N = min(cands)
