@@ -1,7 +1,6 @@
 """`finemoe quickstart`: data → sweep → fits → plan → report, and a second run reuses all of it."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

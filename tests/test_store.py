@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import sqlite3
 import subprocess
 import sys

@@ -6,7 +6,7 @@ import torch
 
 from _train_fixtures import TINY_MODEL, make_data, read_metrics, tiny_config
 from finemoe.errors import ConfigError, DataError
-from finemoe.nn.model import ModelOutput, Transformer, load_pretrained
+from finemoe.nn.model import Transformer, load_pretrained
 from finemoe.train import trainer
 from finemoe.train.config import TrainConfig
 from finemoe.train.metrics import imbalance

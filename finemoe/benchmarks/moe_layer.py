@@ -22,6 +22,7 @@ backward) over the dense FFN's, i.e. the ratio if gathers, routing, combines and
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -135,7 +136,8 @@ def bench_moe_layer(
                     faults[name].append(f)
             if breakdown:
                 for name, layer in layers.items():
-                    runs = [step_breakdown(lambda: _step(layer, x, dy, sync), sync) for _ in range(breakdown_steps)]
+                    step = functools.partial(_step, layer, x, dy, sync)
+                    runs = [step_breakdown(step, sync) for _ in range(breakdown_steps)]
                     split[name][str(G)] = min(runs, key=lambda b: sum(b.values()))
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         for k, v in med.items():

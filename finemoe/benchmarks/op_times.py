@@ -12,7 +12,6 @@ import time
 from collections import defaultdict
 from typing import Callable
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 KINDS = ("expert matmuls", "other matmuls", "gather/combine", "other ops", "unattributed")
