@@ -96,7 +96,7 @@ def bench_moe_layer(
     seed: int = 0,
     cpu_matmul: str = "mkl",
     breakdown: bool = False,
-    breakdown_steps: int = 2,
+    breakdown_steps: int = 3,
 ) -> dict:
     """Median fwd+bwd milliseconds per layer and the MoE/dense ratios, per granularity."""
     torch.manual_seed(seed)

@@ -6,8 +6,8 @@ Two layouts of the routed (expert, token) slots:
   convolutions instead of the bmms but for the weight gradients);
 - sorted by expert with per-expert counts (Token Choice): two grouped GEMMs (`F.grouped_mm`) on
   GPU; elsewhere (CPU, where grouped_mm runs one mm per expert with a 2-4x slower backward, or
-  unaligned rows) a fixed capacity for all experts plus a small overflow batch for the heavier
-  ones, both through the fixed-capacity path with zero gates on the padding.
+  unaligned rows) the experts, by load, in a few runs each padded to its heaviest expert (zero
+  gates on the padding), stored one after another: one gather, one bmm per run, one combine.
 
 Speed notes (the G-replicated [G*N, d] tensors dominate memory traffic on CPU):
 - gather and combine are each the other's backward: index_select, and a per-token segmented sum
@@ -20,6 +20,8 @@ Speed notes (the G-replicated [G*N, d] tensors dominate memory traffic on CPU):
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +98,24 @@ def gather_rows(x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
     return _GatherRows.apply(x, dispatch)
 
 
+class _PermuteExperts(torch.autograd.Function):
+    """w[order] for a permutation `order` of the experts; the backward gathers by the inverse
+    permutation instead of adding into zeros. Advanced indexing, not index_select: on these few
+    large rows index_select measured 4x slower (2-D) to 40x slower (3-D) on 2 cores."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        ctx.save_for_backward(inverse)
+        return w[order]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return g[inverse], None
+
+
 class BatchedMM:
     """Fixed capacity, expert-major: x [n, C, k] @ w [n, k, o] by bmm."""
 
@@ -124,6 +144,44 @@ class GroupedMM:
 
     def dw(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return F.grouped_mm(x.t(), g, offs=self.offs)
+
+
+class RunsMM:
+    """Slots in runs of experts, stored run after run: run b holds `rows[b]` experts (consecutive in
+    w) with `caps[b]` slots each. x [S, k] @ w[e] per expert as one bmm per run, a fixed handful
+    of batched problems each over many experts (Token Choice on CPU, see `_pad_buckets`)."""
+
+    def __init__(self, rows: list[int], caps: list[int]):
+        self.rows, self.caps = rows, caps
+
+    def _runs(self):
+        s = e = 0
+        for r, c in zip(self.rows, self.caps):
+            yield slice(s, s + r * c), slice(e, e + r), r, c
+            s, e = s + r * c, e + r
+
+    def fwd(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty(x.shape[0], w.shape[-1])
+        for sl, ex, r, c in self._runs():
+            if c:
+                torch.bmm(x[sl].view(r, c, -1), w[ex], out=out[sl].view(r, c, -1))
+        return out
+
+    def dx(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = g.new_empty(g.shape[0], w.shape[1])
+        for sl, ex, r, c in self._runs():
+            if c:
+                torch.bmm(g[sl].view(r, c, -1), w[ex].transpose(1, 2), out=out[sl].view(r, c, -1))
+        return out
+
+    def dw(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty(sum(self.rows), x.shape[-1], g.shape[-1])
+        for sl, ex, r, c in self._runs():
+            if c:
+                torch.bmm(x[sl].view(r, c, -1).transpose(1, 2), g[sl].view(r, c, -1), out=out[ex])
+            else:
+                out[ex].zero_()  # experts no token chose
+        return out
 
 
 class ConvMM:
@@ -292,18 +350,19 @@ class Experts(nn.Module):
         """x [N, d], slots sorted by expert with per-expert counts -> [N, d]."""
         dtype = compute_dtype(x)
         if not self._grouped_ok(x, dtype):
-            order, sizes, parts = _pad_buckets(slots)
+            runs = _pad_buckets(slots)
             with torch.autocast(x.device.type, enabled=False):
-                # experts in load order, one contiguous slice per run: split's backward is one cat
-                w1, w2 = (w.index_select(0, order).split(sizes) for w in self._weights(dtype))
-            out = None
-            for b, part in enumerate(parts):
-                if part is not None:
-                    padded, tokens, slot_ids = part
-                    dispatch = Dispatch.sorting(padded.idx.reshape(-1), x.shape[0], tokens, slot_ids)
-                    y = self._capacity(x, padded, dispatch, weights=(w1[b], w2[b]))
-                    out = y if out is None else out + y
-            return out
+                # experts in load order: each run is a contiguous slice
+                w1, w2 = (_PermuteExperts.apply(w, runs.order) for w in self._weights(dtype))
+            if onednn_applies(x.to(dtype), w1):
+                return self._runs_one_by_one(x, runs, w1, w2)
+            # routed pairs listed expert by expert, as the router gave them, with their padded slots
+            dispatch = Dispatch.sorting(runs.idx, x.shape[0], slots.idx, runs.slot_of_pair)
+            with torch.autocast(x.device.type, enabled=False):
+                mm = RunsMM(runs.rows, runs.caps)
+                xg = gather_rows(x.to(dtype), dispatch)
+                h = activation(_ExpertMM.apply(xg, w1, mm), self.act)
+                return _GatedOutput.apply(h, w2, runs.gates.to(dtype), dispatch, mm)
         offs = torch.cumsum(slots.counts, 0).to(torch.int32)
         dispatch = Dispatch.sorting(slots.idx, x.shape[0])
         with torch.autocast(x.device.type, enabled=False):
@@ -312,6 +371,16 @@ class Experts(nn.Module):
             mm = GroupedMM(offs)
             h = activation(_ExpertMM.apply(xs, w1, mm), self.act)
             return _GatedOutput.apply(h, w2, slots.gates.to(dtype), dispatch, mm)
+
+    def _runs_one_by_one(self, x: torch.Tensor, runs: "Runs", w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        """Each run through the fixed-capacity path on its own (its convolutions need one layout per
+        run), the outputs summed."""
+        out = None
+        for part, e, pairs in runs.parts():
+            dispatch = Dispatch.sorting(part.idx.reshape(-1), x.shape[0], *pairs)
+            y = self._capacity(x, part, dispatch, weights=(w1[e], w2[e]))
+            out = y if out is None else out + y
+        return out
 
     def _grouped_ok(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         """grouped_mm needs 16-byte aligned row strides. On CPU it runs one mm per expert and its
@@ -359,7 +428,33 @@ def _bucket_cuts(c: list[int], max_buckets: int) -> list[int]:
     return [0] + cuts[::-1]
 
 
-def _pad_buckets(slots: Slots, max_buckets: int = 4) -> tuple[torch.Tensor, list[int], list[tuple]]:
+@dataclass(frozen=True)
+class Runs:
+    """Dropless slots padded into runs of experts (see `_pad_buckets`), stored run after run."""
+
+    order: torch.Tensor  # expert ids by load, heaviest first: run b is order[e0 : e0 + rows[b]]
+    rows: list[int]  # experts per run
+    caps: list[int]  # slots per expert in each run (its heaviest expert's count)
+    idx: torch.Tensor  # [S] token of each padded slot (padding: token 0)
+    gates: torch.Tensor  # [S] (padding: 0, so padding adds nothing)
+    pair_tokens: torch.Tensor  # the routed pairs' tokens, expert-major as the router listed them
+    slot_of_pair: torch.Tensor  # each routed pair's padded slot
+    run_of_pair: torch.Tensor
+
+    def parts(self):
+        """Per non-empty run: its slots [rows, cap], its experts (a slice of `order`), and its routed
+        pairs as (tokens, slot ids within the run)."""
+        lo = e = 0
+        for b, (r, c) in enumerate(zip(self.rows, self.caps)):
+            hi = lo + r * c
+            if c:
+                sel = self.run_of_pair == b
+                part = Slots(self.idx[lo:hi].view(r, c), self.gates[lo:hi].view(r, c))
+                yield part, slice(e, e + r), (self.pair_tokens[sel], self.slot_of_pair[sel] - lo)
+            lo, e = hi, e + r
+
+
+def _pad_buckets(slots: Slots, max_buckets: int = 4) -> Runs:
     """Sorted (dropless) slots -> a few fixed-capacity problems with little padding.
 
     (A fixed loop of at most `max_buckets` batched problems, each over many experts.)
@@ -367,8 +462,7 @@ def _pad_buckets(slots: Slots, max_buckets: int = 4) -> tuple[torch.Tensor, list
     Padding every expert to the largest count wastes a third of the expert matmuls at a typical load
     imbalance, so the experts, ordered by load, are cut into runs each padded to its heaviest
     expert (about 4% padding with 4 runs where one run has 25-40%). Padding slots point at token 0
-    with gate 0, so they add nothing. Returns the expert order, the run sizes and, per non-empty
-    run, (padded slots, tokens and padded slot ids of its routed pairs).
+    with gate 0, so they add nothing.
     """
     counts, idx, gates = slots.counts, slots.idx, slots.gates
     n = counts.numel()
@@ -393,13 +487,4 @@ def _pad_buckets(slots: Slots, max_buckets: int = 4) -> tuple[torch.Tensor, list
     total = int(base[-1])
     pidx = idx.new_zeros(total).index_copy(0, dest, idx)
     pg = gates.new_zeros(total).index_copy(0, dest, gates)
-    parts = []
-    for b, (rows, width) in enumerate(zip(sizes, caps)):
-        if width == 0:
-            parts.append(None)
-            continue
-        lo, hi = int(base[b]), int(base[b + 1])
-        sel = r == b
-        part = Slots(pidx[lo:hi].view(rows, width), pg[lo:hi].view(rows, width))
-        parts.append((part, idx[sel], dest[sel] - lo))
-    return order, sizes, parts
+    return Runs(order, sizes, caps, pidx, pg, idx, dest, r)
