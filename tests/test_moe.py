@@ -257,6 +257,29 @@ def test_token_choice_skewed_load_uses_overflow_batch_and_matches_reference():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_token_choice_with_idle_experts_matches_reference():
+    """Experts that no token picks form an empty run: zero weight gradients, nothing else touched."""
+    from finemoe.nn.experts import _pad_buckets
+
+    torch.manual_seed(1)
+    m = MoE(_cfg(routing="tc", expansion_rate=4, granularity=2))
+    with torch.no_grad():
+        m.router.weight[4:] = -5.0  # experts 4..7 lose to 0..3 for every token
+        m.router.weight[4:, 0] = 0.0
+    x = torch.randn(4, 5, 16).abs()
+    probs = m.router(x).softmax(-1).view(20, -1)
+    slots, _ = token_choice(probs, 2)
+    runs = _pad_buckets(slots)
+    assert (slots.counts[4:] == 0).all() and 0 in runs.caps
+    r = torch.randn(4, 5, 16)
+    ref_y, ref_g = _grads(m, x, lambda v: reference_moe(m, v), r)
+    y, g = _grads(m, x, lambda v: m(v)[0], r)
+    torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert m.experts.w1.grad[4:].abs().sum() == 0 and m.experts.w2.grad[4:].abs().sum() == 0
+
+
 def test_bucket_cuts_minimise_padded_slots():
     import itertools
 
