@@ -354,7 +354,7 @@ class Experts(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 # experts in load order: each run is a contiguous slice
                 w1, w2 = (_PermuteExperts.apply(w, runs.order) for w in self._weights(dtype))
-            if onednn_applies(x.to(dtype), w1):
+            if onednn_applies(x, w1):
                 return self._runs_one_by_one(x, runs, w1, w2)
             # routed pairs listed expert by expert, as the router gave them, with their padded slots
             dispatch = Dispatch.sorting(runs.idx, x.shape[0], slots.idx, runs.slot_of_pair)
