@@ -8,6 +8,7 @@ import os
 import sys
 
 from finemoe.errors import FinemoeError
+from finemoe.io import os_error_text
 
 # Each module defines register(subparsers) and keeps heavy imports (torch, scipy) inside its handler,
 # so `finemoe plan` never pays for torch.
@@ -63,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as e:  # the disk filled, a file vanished mid-run, ...: the system's reason, one line
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"finemoe {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"finemoe {args.command}: error: {os_error_text(e)}", file=sys.stderr)
         return 1
 
 

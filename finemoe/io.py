@@ -12,7 +12,8 @@ from typing import Any, Iterator
 from finemoe.errors import FinemoeError
 
 
-def _reason(e: OSError) -> str:
+def os_error_text(e: OSError) -> str:
+    """The system's reason for an OSError, after the file it concerns if it names one."""
     where = f"{e.filename}: " if e.filename else ""
     return f"{where}{e.strerror or e}"
 
@@ -27,7 +28,7 @@ def ensure_dir(path: str | os.PathLike, what: str = "folder", probe: bool = Fals
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise FinemoeError(f"cannot create {what} {path} ({_reason(e)}); choose another location") from None
+        raise FinemoeError(f"cannot create {what} {path} ({os_error_text(e)}); choose another location") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise FinemoeError(f"{what} {path} is not writable; choose another location or fix its permissions")
     if probe:
