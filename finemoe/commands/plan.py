@@ -123,10 +123,14 @@ def _multiple(m: float | None, fmt: str) -> str:
     return f"needs {m:{fmt}}x the FLOPs to match"
 
 
+def cap_terms(max_total: float | None, max_active: float | None) -> list[str]:
+    """The size caps in force, as `N <= 20B` and `N_act <= 1B` (shared with `savings`)."""
+    return [f"{what} <= {count(v, 4)}" for what, v in (("N", max_total), ("N_act", max_active)) if v is not None]
+
+
 def _caps_line(o: dict) -> str | None:
     st = o["settings"]
-    caps = [f"{what} <= {count(v, 4)}" for what, v in (("N", st.get("max_total_params")),
-                                                       ("N_act", st.get("max_active_params"))) if v is not None]
+    caps = cap_terms(st["max_total_params"], st["max_active_params"])
     if not caps:
         return None
     binding = [name for name, p in (("MoE", o), ("G=1", o["g1"]), ("dense", o["dense"])) if p and p["at_cap"]]

@@ -6,8 +6,7 @@ import argparse
 import math
 
 from finemoe.commands.common import add_json_flag, emit, positive_float
-from finemoe.commands.plan import add_law_args, load_law_args
-from finemoe.units import count
+from finemoe.commands.plan import add_law_args, cap_terms, load_law_args
 
 DEFAULT_BUDGETS = tuple(10.0**e for e in range(18, 27))
 
@@ -59,8 +58,7 @@ def _x(m: float, width: int, fmt: str) -> str:
 
 
 def _human(o: dict) -> str:
-    caps = [f"{what} <= {count(v, 4)}" for what, v in (("N", o.get("max_total_params")),
-                                                       ("N_act", o.get("max_active_params"))) if v is not None]
+    caps = cap_terms(o["max_total_params"], o["max_active_params"])
     cap_text = f", size caps {', '.join(caps)} for every model" if caps else ""
     lines = [f"compute savings of the optimal MoE (coefficients: {o['coefficients']}, E={o['expansion_rate']:g}{cap_text})",
              f"{'FLOPs':>9} {'G_opt':>6} {'MoE loss':>9} {'dense loss':>11} {'dense x':>8} {'G=1 x':>7}"]
