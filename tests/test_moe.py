@@ -54,6 +54,15 @@ def _grads(m, x, fn, r):
     return y.detach(), [x.grad] + [p.grad.clone() for p in m.parameters()]
 
 
+def _assert_matches_reference(m, x, r):
+    """The layer's output and every gradient equal the slow reference's."""
+    ref_y, ref_g = _grads(m, x, lambda v: reference_moe(m, v), r)
+    y, g = _grads(m, x, lambda v: m(v)[0], r)
+    torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 CASES = [  # (routing, E, G, B, extra)
     ("ec", 1, 1, 4, {}),
     ("ec", 2, 2, 6, {}),
@@ -75,13 +84,9 @@ def test_matches_reference_outputs_and_grads(routing, E, G, B, extra):
     m = MoE(_cfg(routing=routing, expansion_rate=E, granularity=G, **extra))
     x = torch.randn(B, 5, 16)
     r = torch.randn(B, 5, 16)
-    ref_y, ref_g = _grads(m, x, lambda v: reference_moe(m, v), r)
     for grouped in (False, True):  # padded bmm and grouped GEMM give the same answer
         m.experts.use_grouped_mm = grouped
-        y, g = _grads(m, x, lambda v: m(v)[0], r)
-        torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-4)
-        for a, b in zip(g, ref_g):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        _assert_matches_reference(m, x, r)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 6])  # k <= 4: repeated max; above: topk
@@ -249,12 +254,7 @@ def test_token_choice_skewed_load_uses_overflow_batch_and_matches_reference():
     probs = m.router(x).softmax(-1).view(20, -1)
     slots, _ = token_choice(probs, 2)
     assert int(slots.counts[0]) == 20 and len(list(_pad_buckets(slots).parts())) >= 2
-    r = torch.randn(4, 5, 16)
-    ref_y, ref_g = _grads(m, x, lambda v: reference_moe(m, v), r)
-    y, g = _grads(m, x, lambda v: m(v)[0], r)
-    torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-4)
-    for a, b in zip(g, ref_g):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    _assert_matches_reference(m, x, torch.randn(4, 5, 16))
 
 
 def test_token_choice_with_idle_experts_matches_reference():
@@ -271,12 +271,7 @@ def test_token_choice_with_idle_experts_matches_reference():
     slots, _ = token_choice(probs, 2)
     runs = _pad_buckets(slots)
     assert (slots.counts[4:] == 0).all() and 0 in runs.caps
-    r = torch.randn(4, 5, 16)
-    ref_y, ref_g = _grads(m, x, lambda v: reference_moe(m, v), r)
-    y, g = _grads(m, x, lambda v: m(v)[0], r)
-    torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-4)
-    for a, b in zip(g, ref_g):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    _assert_matches_reference(m, x, torch.randn(4, 5, 16))
     assert m.experts.w1.grad[4:].abs().sum() == 0 and m.experts.w2.grad[4:].abs().sum() == 0
 
 
