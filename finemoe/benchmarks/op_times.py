@@ -16,8 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 KINDS = ("expert matmuls", "other matmuls", "gather/combine", "other ops", "unattributed")
 
-_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "_grouped_mm"}
-_EXPERT_MATMULS = {"bmm", "baddbmm", "_grouped_mm"}
+_MATMULS = {"mm", "addmm", "addbmm"}
+# the fused CPU kernels (finemoe.nn.cpu_kernels) count here with the gathers inside them
+_EXPERT_MATMULS = {"bmm", "baddbmm", "_grouped_mm", "gather_mm", "expert_backward"}
 _CONVOLUTIONS = {"convolution", "_convolution", "convolution_backward", "mkldnn_convolution"}
 _GATHERS = {
     "index_select", "index", "index_put", "index_put_", "index_add", "index_add_", "gather", "scatter",
@@ -41,8 +42,10 @@ def op_kind(func, args: tuple = (), kwargs: dict | None = None) -> str:
     if name in _CONVOLUTIONS:
         groups = _argument(func, args, kwargs or {}, "groups")
         return "expert matmuls" if groups not in (None, 1) else "other matmuls"
+    if name in _EXPERT_MATMULS:
+        return "expert matmuls"
     if name in _MATMULS:
-        return "expert matmuls" if name in _EXPERT_MATMULS else "other matmuls"
+        return "other matmuls"
     return "gather/combine" if name in _GATHERS else "other ops"
 
 

@@ -2,8 +2,9 @@
 
 Two layouts of the routed (expert, token) slots:
 - fixed capacity [n_experts, C] (Expert Choice): gather the tokens, two `bmm`s, combine per token
-  (on the opt-in CPU oneDNN path, finemoe.nn.linear: the slots stored [C, n_experts] and grouped 1x1
-  convolutions instead of the bmms but for the weight gradients);
+  (on fp32 CPU, the fused kernels of finemoe.nn.cpu_kernels where they build; on the opt-in CPU
+  oneDNN path, finemoe.nn.linear: the slots stored [C, n_experts] and grouped 1x1 convolutions
+  instead of the bmms but for the weight gradients);
 - sorted by expert with per-expert counts (Token Choice): two grouped GEMMs (`F.grouped_mm`) on
   GPU; elsewhere (CPU, where grouped_mm runs one mm per expert with a 2-4x slower backward, or
   unaligned rows) the experts, by load, in a few runs each padded to its heaviest expert (zero
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finemoe.config import ModelConfig
+from finemoe.nn import cpu_kernels
 from finemoe.nn.init import trunc_normal_
 from finemoe.nn.linear import conv_linear, onednn_applies
 from finemoe.nn.model import ACT
@@ -309,6 +311,9 @@ class Experts(nn.Module):
         self.act = ACT[cfg.activation]
         # None: grouped GEMM where it is fast (CUDA sm90+, bf16); True/False force it on or off.
         self.use_grouped_mm: bool | None = None
+        # Expert Choice on fp32 CPU runs the fused kernels (finemoe.nn.cpu_kernels) where they
+        # apply; False keeps the unfused path.
+        self.use_cpu_kernels = True
 
     def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.w1.to(dtype), self.w2.to(dtype)
@@ -340,6 +345,11 @@ class Experts(nn.Module):
             if onednn_applies(x, w1):  # the CPU oneDNN path (finemoe.nn.linear)
                 mm, shape = ConvMM(n), (C, -1)
                 dispatch, gates = dispatch.capacity_major(n, C), gates.t()
+            elif self.use_cpu_kernels and self.act is F.relu and cpu_kernels.applies(x, w1, n):
+                return cpu_kernels.FusedExpertChoice.apply(
+                    x.contiguous(), w1.contiguous(), w2.contiguous(), gates.to(dtype).contiguous(),
+                    slots.idx.contiguous(), dispatch,
+                )
             else:
                 mm, shape = BatchedMM(), (n, C, -1)
             xg = gather_rows(x, dispatch).view(*shape)
