@@ -163,7 +163,8 @@ def _breakdown_table(split: dict) -> list[str]:
     kinds = list(next(iter(first.values())))
     lines = [
         "ms per op kind in one step with every op timed (expert matmuls: bmm / grouped GEMMs / grouped "
-        "convolutions; other matmuls: the router, or the dense FFN itself)",
+        "convolutions / the fused CPU kernels, gathers included; other matmuls: the router, or the dense "
+        "FFN itself)",
         f"{'G':>3}  {'layer':<6}{'step':>8}" + "".join(f"  {k:>14}" for k in kinds),
     ]
     for g in first:
