@@ -36,8 +36,8 @@ def _argument(func, args: tuple, kwargs: dict, name: str):
 
 def op_kind(func, args: tuple = (), kwargs: dict | None = None) -> str:
     """The kind of one aten op. Expert matmuls are the batched and grouped products, grouped
-    convolutions (the experts on the oneDNN path) and the fused CPU kernels; other matmuls are the router's and the dense
-    FFN's (mm, addmm, or ungrouped 1x1 convolutions on the oneDNN path)."""
+    convolutions (the experts on the oneDNN path) and the fused CPU kernels; other matmuls are the
+    router's and the dense FFN's (mm, addmm, or ungrouped 1x1 convolutions on the oneDNN path)."""
     name = func.overloadpacket.__name__
     if name in _CONVOLUTIONS:
         groups = _argument(func, args, kwargs or {}, "groups")

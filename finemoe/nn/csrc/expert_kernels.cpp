@@ -60,8 +60,10 @@ void check(const at::Tensor& t, int64_t dim, at::ScalarType dtype, const char* n
 // The kernels read rows by these ids unchecked.
 void check_tokens(const at::Tensor& idx, int64_t n_tokens) {
   check(idx, 2, at::kLong, "idx");
-  TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < n_tokens),
-              "idx: token ids must lie in [0, ", n_tokens, ")");
+  if (idx.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(idx);
+  TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < n_tokens, "idx: token ids must lie in [0, ",
+              n_tokens, ")");
 }
 
 // x [N, d], idx [n, C] token ids, w [n, d, o] -> out [n, C, o] = x[idx[e]] @ w[e] per expert e.
