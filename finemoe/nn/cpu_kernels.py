@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -28,13 +29,28 @@ SOURCE = Path(__file__).with_name("csrc") / "expert_kernels.cpp"
 
 
 def _build() -> None:
-    from torch.utils.cpp_extension import load
+    """Build in a folder named by the source's hash, from a copy of the source kept there, so that every
+    checkout of the same kernels shares one build and checkouts of different ones never rebuild each other."""
+    import hashlib
+    import shutil
 
+    from torch.utils.cpp_extension import get_default_build_root, load
+
+    key = SOURCE.read_bytes() + f"{torch.__version__} {sys.version_info[:2]}".encode()  # the ABI it builds for
+    name = f"finemoe_cpu_kernels_{hashlib.sha256(key).hexdigest()[:12]}"
+    folder = Path(get_default_build_root()) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / SOURCE.name
+    if not source.is_file():
+        tmp = folder / f".{SOURCE.name}.{os.getpid()}.tmp"
+        shutil.copyfile(SOURCE, tmp)
+        os.replace(tmp, source)  # another process building at the same time never reads half a file
     load(
-        "finemoe_cpu_kernels",
-        [str(SOURCE)],
+        name,
+        [str(source)],
         extra_cflags=["-O3", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
+        build_directory=str(folder),
         is_python_module=False,
     )
 

@@ -62,7 +62,7 @@ def run_sweep(spec: Spec, executor: str | None = None, options: dict[str, Any] |
         if spec.csv:
             store.export_csv(spec.csv)
 
-    ex.run(store, pending, spec.trainer, on_done)
+    ex.run(store, pending, spec.trainer, on_done, parents={r.run_id: r.parent for r in spec.runs})
     if spec.csv:
         store.export_csv(spec.csv)
     counts = store.counts(ids)

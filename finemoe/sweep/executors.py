@@ -24,6 +24,18 @@ from finemoe.sweep.store import Store
 OnDone = Callable[[str], None]
 
 
+def waves(run_ids: Sequence[str], parents: dict[str, str | None]) -> list[list[str]]:
+    """Runs grouped so that each one comes after its parent (a stable run before its branches)."""
+    left, out = list(run_ids), []
+    while left:
+        wave = [r for r in left if parents.get(r) not in left]
+        if not wave:  # a cycle cannot come from a spec; run the rest rather than hang
+            wave = left
+        out.append(wave)
+        left = [r for r in left if r not in wave]
+    return out
+
+
 def _die_with_parent() -> None:
     """Linux: a worker gets SIGKILL when the sweep process dies, even by SIGKILL, so no orphan keeps training."""
     try:
@@ -38,10 +50,12 @@ class InProcessExecutor:
     def __init__(self, threads: int | None = None, **_: Any):
         self.threads = threads
 
-    def run(self, store: Store, run_ids: Sequence[str], trainer: str, on_done: OnDone) -> None:
-        for rid in run_ids:
-            execute_run(str(store.path), rid, trainer, self.threads)
-            on_done(rid)
+    def run(self, store: Store, run_ids: Sequence[str], trainer: str, on_done: OnDone,
+            parents: dict[str, str | None] | None = None) -> None:
+        for wave in waves(run_ids, parents or {}):
+            for rid in wave:
+                execute_run(str(store.path), rid, trainer, self.threads)
+                on_done(rid)
 
 
 class LocalExecutor:
@@ -75,14 +89,20 @@ class LocalExecutor:
             if out:
                 out.close()
 
-    def run(self, store: Store, run_ids: Sequence[str], trainer: str, on_done: OnDone) -> None:
+    def run(self, store: Store, run_ids: Sequence[str], trainer: str, on_done: OnDone,
+            parents: dict[str, str | None] | None = None) -> None:
+        """A branch waits while its stable parent is queued or training, then starts from its snapshot."""
+        parents = parents or {}
         queue = list(run_ids)
         live: dict[str, subprocess.Popen] = {}
         try:
             while queue or live:
-                while queue and len(live) < self.workers:
-                    rid = queue.pop(0)
-                    live[rid] = self._spawn(store, rid, trainer)
+                while len(live) < self.workers:
+                    ready = [r for r in queue if parents.get(r) not in queue and parents.get(r) not in live]
+                    if not ready:
+                        break
+                    queue.remove(ready[0])
+                    live[ready[0]] = self._spawn(store, ready[0], trainer)
                 time.sleep(0.2)
                 for rid, proc in list(live.items()):
                     if proc.poll() is None:
@@ -116,7 +136,9 @@ class SlurmExecutor:
         self.folder, self.cluster, self.threads, self.wait = folder, cluster, threads, wait
         self.params = {"timeout_min": 60 * 24, **params}
 
-    def run(self, store: Store, run_ids: Sequence[str], trainer: str, on_done: OnDone) -> None:
+    def run(self, store: Store, run_ids: Sequence[str], trainer: str, on_done: OnDone,
+            parents: dict[str, str | None] | None = None) -> None:
+        """Stable runs are submitted before their branches, one wave after another when waiting."""
         try:
             import submitit
         except ImportError:
@@ -131,8 +153,12 @@ class SlurmExecutor:
             ex.update_parameters(**self.params)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"slurm executor parameters rejected by submitit: {e}") from None
-        n = len(run_ids)
         path = str(store.path.resolve())
+        for wave in waves(run_ids, parents or {}) if self.wait else [list(run_ids)]:
+            self._submit(ex, store, path, wave, trainer, on_done)
+
+    def _submit(self, ex, store: Store, path: str, run_ids: Sequence[str], trainer: str, on_done: OnDone) -> None:
+        n = len(run_ids)
         jobs = ex.map_array(execute_run, [path] * n, list(run_ids), [trainer] * n, [self.threads] * n)
         print(f"submitted {n} job(s): {', '.join(j.job_id for j in jobs[:5])}{' ...' if n > 5 else ''}")
         if not self.wait:

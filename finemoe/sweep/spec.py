@@ -22,6 +22,12 @@ for every other command.
     dense: true                  # a dense baseline per (size, D, seed)
     seeds: [0]
     executor: {kind: local, workers: 1}                           # or slurm: {...}
+
+An iso-FLOP spec gives `budgets` (paper FLOPs, c_f·N_act·D plus the router) instead of `tokens`, at the
+top or per size; each run's tokens are then the whole steps its budget buys, and the run keeps its
+budget. With `branches: true` (and `train: {schedule: wsd}`), the longest run of each (size, FFN, seed)
+is a stable run that saves a snapshot at every shorter run's decay start, and each shorter run starts
+from that snapshot: a cooldown branch, recorded with its parent.
 """
 
 from __future__ import annotations
@@ -34,16 +40,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from finemoe.accounting import paper_counts
 from finemoe.config import ModelConfig
 from finemoe.errors import ConfigError
+from finemoe.train.config import TrainConfig
 
 TOP_KEYS = {
     "name", "description", "data_dir", "runs_dir", "store", "csv", "model", "train", "sizes",
-    "granularities", "tokens", "dense", "seeds", "executor", "trainer",
+    "granularities", "tokens", "budgets", "branches", "dense", "seeds", "executor", "trainer",
 }
-SIZE_KEYS = {"tokens", "granularities", "dense", "name"}
+SIZE_KEYS = {"tokens", "budgets", "granularities", "dense", "name"}
+# Train keys that do not change what a run computes, so they stay out of its id.
+NOT_IDENTITY = ("out_dir", "cpu_matmul", "snapshot_steps", "init_from")
 DEFAULT_TRAINER = "finemoe.sweep.runner:train_run"
 _MODEL_DEFAULTS = ModelConfig().to_dict()
+
 _MISSING = object()
 
 
@@ -54,6 +65,8 @@ class Run:
     run_id: str
     label: str
     config: dict[str, Any]
+    budget: float | None = None  # the compute budget (paper FLOPs) an iso-FLOP spec gave this run
+    parent: str | None = None  # the stable run a cooldown branch starts from
 
 
 @dataclass
@@ -73,10 +86,11 @@ def config_hash(config: dict[str, Any]) -> str:
     """Stable id of a run config: sha256 of its canonical JSON.
 
     out_dir is excluded (it is derived from the id), so is cpu_matmul (the CPU kernels: float rounding
-    only, so switching it does not re-run a sweep), and model fields at their ModelConfig default are
-    dropped, so a field added to ModelConfig later does not change the id of every finished run.
+    only, so switching it does not re-run a sweep), and so are a branch's snapshot settings (a branch
+    computes the same from its parent's snapshot as from step 0). Model fields at their ModelConfig
+    default are dropped, so a field added to ModelConfig later does not change the id of every finished run.
     """
-    c = {k: v for k, v in config.items() if k not in ("out_dir", "cpu_matmul")}
+    c = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
     if isinstance(c.get("model"), dict):
         c["model"] = {k: v for k, v in c["model"].items() if _MODEL_DEFAULTS.get(k, _MISSING) != v}
     blob = json.dumps(c, sort_keys=True, separators=(",", ":"), default=_canon)
@@ -109,11 +123,6 @@ def _list(x: Any, what: str) -> list:
 
 
 def _check_train(config: dict[str, Any]) -> None:
-    """Validate against the trainer's config class when it is installed; the model is always checked."""
-    try:
-        from finemoe.train.config import TrainConfig
-    except ImportError:
-        return
     TrainConfig.from_dict(copy.deepcopy(config))
 
 
@@ -140,47 +149,117 @@ def expand(raw: dict[str, Any], source: str = "<spec>") -> Spec:
         raise ConfigError(f"{source}: 'sizes' must be a non-empty list such as [{{d_model: 64, n_blocks: 2}}]")
     seeds = [int(s) for s in _list(raw.get("seeds", [0]), "seeds")] or [0]
 
-    runs: list[Run] = []
-    seen: set[str] = set()
+    branches = raw.get("branches", False)
+    if not isinstance(branches, bool):
+        raise ConfigError(f"{source}: 'branches' must be true or false, got {branches!r}")
+    if branches and train_base.get("schedule") != "wsd":
+        raise ConfigError(f"{source}: 'branches: true' needs train: {{schedule: wsd}} (a cosine run cannot be branched)")
+    batch_size = _whole(train_base.get("batch_size", TrainConfig().batch_size), "train.batch_size")
+
+    drafts: list[dict[str, Any]] = []  # configs before ids: branches still change them
     for i, size in enumerate(sizes):
         if not isinstance(size, dict):
             raise ConfigError(f"{source}: sizes[{i}] must be a mapping such as {{d_model: 64, n_blocks: 2}}")
         model_over = {k: v for k, v in size.items() if k not in SIZE_KEYS}
         tokens = _list(size.get("tokens", raw.get("tokens")), "tokens")
-        if not tokens:
-            raise ConfigError(f"{source}: no token budgets for sizes[{i}]; set 'tokens' at the top or in the size")
-        gs = [int(g) for g in _list(size.get("granularities", raw.get("granularities")), "granularities")]
+        budgets = _list(size.get("budgets", raw.get("budgets")), "budgets")
+        if tokens and budgets:
+            raise ConfigError(f"{source}: sizes[{i}] has both token budgets and compute budgets; give one")
+        if not tokens and not budgets:
+            raise ConfigError(f"{source}: no token or compute budgets for sizes[{i}]; set 'tokens' or 'budgets'")
+        gs = [_whole(g, f"sizes[{i}] granularities") for g in _list(size.get("granularities", raw.get("granularities")), "granularities")]
         dense = bool(size.get("dense", raw.get("dense", False)))
         if not gs and not dense:
             raise ConfigError(f"{source}: sizes[{i}] has no granularities and no dense baseline; nothing to run")
         variants = ([{"ffn": "dense"}] if dense else []) + [{"ffn": "moe", "granularity": g} for g in gs]
-        for d in tokens:
-            d = int(round(_number(d, f"sizes[{i}] tokens")))
-            for seed in seeds:
-                for var in variants:
-                    model = {**model_base, **model_over, **var}
-                    try:
-                        mc = ModelConfig.from_dict(model)
-                    except ConfigError as e:
-                        raise ConfigError(f"{source}: sizes[{i}] {var}: {e}") from None
+        for var in variants:
+            model = {**model_base, **model_over, **var}
+            try:
+                mc = ModelConfig.from_dict(model)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: sizes[{i}] {var}: {e}") from None
+            step = batch_size * mc.seq_len
+            per_token = paper_counts(mc)["flops_per_token"]
+            lengths = [(int(round(_number(d, f"sizes[{i}] tokens"))), None) for d in tokens]
+            for f in budgets:
+                f = _number(f, f"sizes[{i}] budgets")
+                d = int(f / per_token // step) * step
+                if d < step:
+                    raise ConfigError(f"{source}: sizes[{i}] {var}: budget {f:.3g} FLOPs buys less than one step "
+                                      f"({step * per_token:.3g} FLOPs); raise the budget or drop the size")
+                lengths.append((d, f))
+            for d, f in lengths:
+                for seed in seeds:
                     config = {**copy.deepcopy(train_base), "model": mc.to_dict(), "data_dir": str(data_dir),
                               "tokens": d, "seed": seed}
-                    run_id = config_hash(config)
-                    if run_id in seen:
-                        continue  # the same run listed twice (e.g. overlapping sizes) runs once
-                    seen.add(run_id)
-                    config["out_dir"] = str(Path(runs_dir) / run_id)
-                    _check_train(config)
-                    runs.append(Run(run_id, run_label(config), config))
+                    drafts.append({"config": config, "budget": f, "group": (i, json.dumps(var), seed), "parent": None})
+    if branches:
+        _branch(drafts, runs_dir)
+
+    runs: list[Run] = []
+    seen: set[str] = set()
+    ids = {id(dr): config_hash(dr["config"]) for dr in drafts}
+    for dr in drafts:
+        run_id, config = ids[id(dr)], dr["config"]
+        if run_id in seen:
+            continue  # the same run listed twice (e.g. overlapping sizes) runs once
+        seen.add(run_id)
+        config["out_dir"] = str(Path(runs_dir) / run_id)
+        _check_train(config)
+        parent = ids[id(dr["parent"])] if dr["parent"] is not None else None
+        runs.append(Run(run_id, run_label(config, dr["budget"]), config, dr["budget"], parent))
     executor = dict(raw.get("executor") or {})
     return Spec(name=name, data_dir=str(data_dir), runs_dir=runs_dir, store=store, csv=raw.get("csv"),
                 runs=runs, executor=executor, trainer=str(raw.get("trainer") or DEFAULT_TRAINER), source=source)
 
 
-def run_label(config: dict[str, Any]) -> str:
+def _branch(drafts: list[dict[str, Any]], runs_dir: str) -> None:
+    """Make the longest run of each group the stable parent of the others (in place, parents first).
+
+    All runs of a group share the parent's warmup (a fixed number of tokens), so each shorter run's
+    schedule equals the parent's up to its own decay start, where the parent saves a snapshot for it.
+    """
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for dr in drafts:
+        groups.setdefault(dr["group"], []).append(dr)
+    ordered = []
+    for members in groups.values():
+        members.sort(key=lambda dr: -dr["config"]["tokens"])
+        head = members[0]["config"]
+        if "warmup_tokens" not in head:
+            longest = TrainConfig.from_dict(copy.deepcopy(head))
+            warmup = longest.warmup_steps * longest.tokens_per_step
+            for dr in members:
+                dr["config"]["warmup_tokens"] = warmup
+        parent_dir = Path(runs_dir) / config_hash(head)
+        starts = []
+        for dr in members[1:]:
+            start = TrainConfig.from_dict(copy.deepcopy(dr["config"])).decay_start
+            starts.append(start)
+            dr["config"]["init_from"] = str(parent_dir / "snapshots" / f"step_{start}.pt")
+            dr["parent"] = members[0]
+        head["snapshot_steps"] = sorted(set(starts))
+        ordered += members
+    drafts[:] = ordered
+
+
+def _whole(x: Any, what: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, float, str)):
+        raise ConfigError(f"{what} must be whole numbers, got {x!r}")
+    try:
+        v = float(x)
+    except ValueError:
+        raise ConfigError(f"{what} must be whole numbers, got {x!r}") from None
+    if not v.is_integer():
+        raise ConfigError(f"{what} must be whole numbers, got {x!r}")
+    return int(v)
+
+
+def run_label(config: dict[str, Any], budget: float | None = None) -> str:
     m = config["model"]
     kind = "dense" if m["ffn"] == "dense" else f"E{m['expansion_rate']}G{m['granularity']}"
-    return f"d{m['d_model']}x{m['n_blocks']} {kind} D={config['tokens']:.3g} s{config['seed']}"
+    compute = f" F={budget:.3g}" if budget is not None else ""
+    return f"d{m['d_model']}x{m['n_blocks']} {kind} D={config['tokens']:.3g}{compute} s{config['seed']}"
 
 
 def load(path: str | Path) -> Spec:

@@ -31,12 +31,12 @@ RECORD_COLUMNS = {
     "ffn": "TEXT", "granularity": "INTEGER", "expansion_rate": "INTEGER", "d_model": "INTEGER",
     "n_blocks": "INTEGER", "total_params": "INTEGER", "active_params": "INTEGER", "tokens": "INTEGER",
     "flops": "REAL", "train_loss": "REAL", "val_loss": "REAL", "steps": "INTEGER", "tokens_per_s": "REAL",
-    "wall_time_s": "REAL", "device": "TEXT",
+    "wall_time_s": "REAL", "device": "TEXT", "schedule": "TEXT", "branched_at": "INTEGER",
 }
 COLUMNS = {
     "run_id": "TEXT PRIMARY KEY", "sweep": "TEXT", "label": "TEXT", "status": "TEXT NOT NULL",
     **RECORD_COLUMNS,
-    "seed": "INTEGER", "error": "TEXT", "code_version": "TEXT", "owner": "TEXT", "heartbeat_at": "TEXT",
+    "seed": "INTEGER", "budget": "REAL", "parent": "TEXT", "error": "TEXT", "code_version": "TEXT", "owner": "TEXT", "heartbeat_at": "TEXT",
     "started_at": "TEXT", "finished_at": "TEXT", "attempts": "INTEGER NOT NULL DEFAULT 0",
     "config": "TEXT NOT NULL", "record": "TEXT",
 }
@@ -156,9 +156,10 @@ class Store:
         with self.transaction() as con:
             before = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
             con.executemany(
-                "INSERT OR IGNORE INTO runs (run_id, sweep, label, status, seed, config, ffn, granularity,"
-                " expansion_rate, d_model, n_blocks, tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(r.run_id, sweep, r.label, "pending", r.config.get("seed"), json.dumps(r.config, sort_keys=True),
+                "INSERT OR IGNORE INTO runs (run_id, sweep, label, status, seed, budget, parent, config, ffn,"
+                " granularity, expansion_rate, d_model, n_blocks, tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(r.run_id, sweep, r.label, "pending", r.config.get("seed"), getattr(r, "budget", None),
+                  getattr(r, "parent", None), json.dumps(r.config, sort_keys=True),
                   r.config["model"]["ffn"], _g(r.config["model"]), _e(r.config["model"]),
                   r.config["model"]["d_model"], r.config["model"]["n_blocks"], r.config["tokens"]) for r in runs],
             )

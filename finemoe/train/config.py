@@ -18,9 +18,11 @@ from typing import Any
 
 from finemoe.config import CPU_MATMULS, ModelConfig, check_known_keys
 from finemoe.errors import ConfigError
+from finemoe.train.schedule import COOLDOWN_SHAPES, WarmupCosine, WarmupStableDecay
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
+SCHEDULES = ("cosine", "wsd")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -42,6 +44,10 @@ class TrainConfig:
     lr: float = 2e-4
     final_lr_fraction: float = 0.1
     warmup_fraction: float = 0.01
+    warmup_tokens: int | None = None  # fixed warmup length, independent of D (WSD branches share it)
+    schedule: str = "cosine"  # the paper's cosine, or warmup-stable-decay (WSD)
+    cooldown_fraction: float = 0.2  # WSD: the decay covers this fraction of the steps
+    cooldown_shape: str = "1-sqrt"  # WSD: linear or 1-sqrt (Hägele et al. 2024)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.1  # matrices only: not norms, biases or embeddings
@@ -56,6 +62,10 @@ class TrainConfig:
     ckpt_every: int = 200  # steps; also at the end
     smooth_window: int | None = None  # steps in the final train loss; None: max(1, 10% of steps)
     smooth_fraction: float = 0.1
+    # WSD branches: a stable run saves snapshots/step_<s>.pt at these steps, and a shorter run whose
+    # `init_from` names such a snapshot starts there instead of at step 0 (it computes the same either way)
+    snapshot_steps: tuple[int, ...] = ()
+    init_from: str | None = None
     # execution
     device: str = "auto"
     dtype: str = "auto"  # fp32 on CPU, bf16 autocast on CUDA
@@ -79,6 +89,20 @@ class TrainConfig:
         _check(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
         _check(0 <= self.final_lr_fraction <= 1, f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
         _check(0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        _check(self.warmup_tokens is None or self.warmup_tokens >= 0,
+               f"warmup_tokens must be >= 0 or null, got {self.warmup_tokens}")
+        _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check(0 < self.cooldown_fraction <= 1, f"cooldown_fraction must be in (0, 1], got {self.cooldown_fraction}")
+        _check(self.cooldown_shape in COOLDOWN_SHAPES,
+               f"cooldown_shape must be one of {COOLDOWN_SHAPES}, got {self.cooldown_shape!r}")
+        if self.schedule == "wsd":
+            _check(self.warmup_steps <= self.decay_start,
+                   f"the warmup ({self.warmup_steps} steps) runs into the cooldown, which starts at step "
+                   f"{self.decay_start}; lower warmup_tokens/warmup_fraction or cooldown_fraction")
+        object.__setattr__(self, "snapshot_steps", tuple(sorted(set(self.snapshot_steps))))
+        _check(all(isinstance(s, int) and self.warmup_steps <= s <= self.decay_start for s in self.snapshot_steps),
+               f"snapshot_steps must be whole steps between the warmup's end ({self.warmup_steps}) and the "
+               f"decay's start ({self.decay_start}), got {list(self.snapshot_steps)}")
         _check(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"betas must be two numbers in [0, 1), got {list(self.betas)}",
@@ -111,8 +135,24 @@ class TrainConfig:
 
     @property
     def warmup_steps(self) -> int:
-        """round(1% of steps), as the paper's code (`lr_warmup_steps = round(0.01 * n_steps)`)."""
+        """round(1% of steps), as the paper's code (`lr_warmup_steps = round(0.01 * n_steps)`), unless
+        warmup_tokens fixes it."""
+        if self.warmup_tokens is not None:
+            return round(self.warmup_tokens / self.tokens_per_step)
         return round(self.warmup_fraction * self.steps)
+
+    @property
+    def decay_start(self) -> int:
+        """The first step below the peak LR after warmup: where a WSD branch of this length begins."""
+        return self.lr_multiplier().decay_start if self.schedule == "wsd" else self.warmup_steps
+
+    def lr_multiplier(self) -> WarmupCosine | WarmupStableDecay:
+        """The LR schedule as a multiplier of the peak for each step (torch's LambdaLR takes it)."""
+        if self.schedule == "wsd":
+            cooldown = max(1, round(self.cooldown_fraction * self.steps))
+            return WarmupStableDecay(self.steps, self.warmup_steps, cooldown, self.final_lr_fraction,
+                                     self.cooldown_shape)
+        return WarmupCosine(self.steps, self.warmup_steps, self.final_lr_fraction)
 
     @property
     def window(self) -> int:
@@ -124,6 +164,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        d["snapshot_steps"] = list(self.snapshot_steps)
         return d
 
     @classmethod
@@ -202,6 +243,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return int(f)
     if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(name, v, args[0]) for v in value)
         return tuple(_coerce(name, v, a) for v, a in zip(value, args))
     return value
 

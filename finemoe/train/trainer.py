@@ -31,14 +31,17 @@ from finemoe.nn.model import Transformer, save_pretrained
 from finemoe.train import checkpoint, distributed
 from finemoe.train.config import TrainConfig
 from finemoe.train.metrics import METRICS_NAME, MetricsLog, Smoother, finite_or_none, imbalance
-from finemoe.train.schedule import WarmupCosine
 
 FINAL_NAME = "final.json"
 # Settings that may change between a run and its resumption without changing what it computes (the
 # thread count and the CPU matmul path change float rounding only).
 RESUMABLE_CHANGES = {
     "out_dir", "data_dir", "device", "compile", "threads", "cpu_matmul", "eval_every", "ckpt_every", "deterministic",
+    "snapshot_steps", "init_from",
 }
+# What a WSD branch may change against the stable run it starts from (the schedules are compared apart).
+BRANCH_CHANGES = RESUMABLE_CHANGES | {"tokens", "smooth_window"}
+SNAPSHOT_DIR = "snapshots"
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -96,6 +99,7 @@ class _Run:
         self.out = Path(cfg.out_dir)
         self.autocast = autocast_for(cfg, device)
         self.counts = paper_counts(cfg.model)
+        self.branched_at = 0  # steps taken from a stable run's snapshot rather than trained here
 
     # ---- setup -------------------------------------------------------------------------------
     def _open_data(self) -> tuple[TokenFile, TokenFile | None]:
@@ -134,14 +138,10 @@ class _Run:
         self.opt = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None
         )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, WarmupCosine(cfg.steps, cfg.warmup_steps, cfg.final_lr_fraction)
-        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cfg.lr_multiplier())
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        saved = ckpt["config"]
-        now = self.cfg.to_dict()
-        diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+        diff = config_diff(ckpt["config"], self.cfg, RESUMABLE_CHANGES)
         if diff:
             raise ConfigError(
                 f"{self.out / checkpoint.CKPT_NAME} was written with a different config ({', '.join(diff)} differ); "
@@ -151,6 +151,32 @@ class _Run:
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         checkpoint.set_rng_state(ckpt["rng"])
+
+    def _branch(self, path: Path) -> dict[str, Any] | None:
+        """Start from a stable run's snapshot when it computes exactly what training from step 0 would.
+
+        That holds when the configs differ only in length and the two LR schedules agree on every step
+        before the snapshot. A missing snapshot (its run was never trained here) is not an error: the run
+        then trains from step 0 and reaches the same result, only slower.
+        """
+        if not path.is_file():
+            return None
+        snap = checkpoint.load(path)
+        step, parent = snap["step"], TrainConfig.from_dict(snap["config"])
+        diff = config_diff(snap["config"], self.cfg, BRANCH_CHANGES)
+        ours, theirs = self.cfg.lr_multiplier(), parent.lr_multiplier()
+        if diff or step >= self.cfg.steps or any(ours(s) != theirs(s) for s in range(step)):
+            why = f"{', '.join(diff)} differ" if diff else "its LR schedule differs before the snapshot"
+            raise ConfigError(f"init_from {path} cannot start this run ({why}); branch only from a stable run of "
+                              "the same config, at or before this run's decay start")
+        self.model.load_state_dict(snap["model"])
+        self.opt.load_state_dict(snap["optimizer"])
+        self.sched.load_state_dict({**snap["scheduler"], "lr_lambdas": [None] * len(self.opt.param_groups)})
+        for group, base in zip(self.opt.param_groups, self.sched.base_lrs):
+            group["lr"] = base * ours(step)  # this run's own schedule from here on
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+        checkpoint.set_rng_state(snap["rng"])
+        return snap
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self, resume: bool) -> dict[str, Any]:
@@ -169,6 +195,10 @@ class _Run:
             self._restore(ckpt)
             start, history = ckpt["step"], ckpt["losses"]
             elapsed, train_time = ckpt["elapsed"], ckpt["train_time"]
+            self.branched_at = ckpt.get("branched_at", 0)
+        elif cfg.init_from and (snap := self._branch(Path(cfg.init_from))) is not None:
+            start, history = snap["step"], snap["losses"]
+            self.branched_at = start
         distributed.barrier(self.dist)  # every rank has read the checkpoint before rank 0 rewrites it
         if main:
             ensure_dir(out, "run folder")
@@ -211,6 +241,9 @@ class _Run:
                     bar.set_postfix(loss=f"{rec['loss_smooth']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
                 if done % cfg.ckpt_every == 0 or done == cfg.steps:
                     self._save(done, list(smoother.losses), elapsed + time.perf_counter() - t_start, train_time)
+                if done in cfg.snapshot_steps:
+                    self._save(done, list(smoother.losses), elapsed + time.perf_counter() - t_start, train_time,
+                               out / SNAPSHOT_DIR / f"step_{done}.pt")
         finally:
             if bar is not None:
                 bar.close()
@@ -221,7 +254,7 @@ class _Run:
             val_loss = self.evaluate()
         trained = completed * cfg.tokens_per_step
         record = self._record(status, smoother.value if status == "done" else math.nan, val_loss if status == "done" else None,
-                              trained, elapsed + time.perf_counter() - t_start, train_time)
+                              trained, elapsed + time.perf_counter() - t_start, train_time, completed)
         if main:
             if status == "done":
                 save_pretrained(self.model, out / "model")
@@ -280,10 +313,12 @@ class _Run:
         self.model.train()
         return finite_or_none(distributed.mean(total / n_batches, d).item())
 
-    def _save(self, step: int, losses: list[float], elapsed: float, train_time: float) -> None:
+    def _save(self, step: int, losses: list[float], elapsed: float, train_time: float, path: Path | None = None) -> None:
         if self.dist.main:
+            if path is not None:
+                ensure_dir(path.parent, "snapshot folder")
             checkpoint.save(
-                self.out / checkpoint.CKPT_NAME,
+                path or self.out / checkpoint.CKPT_NAME,
                 model=self.model.state_dict(),
                 optimizer=self.opt.state_dict(),
                 scheduler=self.sched.state_dict(),
@@ -291,6 +326,7 @@ class _Run:
                 losses=losses,
                 elapsed=elapsed,
                 train_time=train_time,
+                branched_at=self.branched_at,
                 config=self.cfg.to_dict(),
             )
         distributed.barrier(self.dist)
@@ -304,8 +340,10 @@ class _Run:
 
         return tqdm(total=self.cfg.steps, initial=start, unit="step", dynamic_ncols=True, desc=self.out.name)
 
-    def _record(self, status: str, train_loss: float, val_loss: float | None, tokens: int, wall: float, train_time: float):
+    def _record(self, status: str, train_loss: float, val_loss: float | None, tokens: int, wall: float,
+                train_time: float, completed: int):
         cfg, m = self.cfg, self.cfg.model
+        trained_here = (completed - self.branched_at) * cfg.tokens_per_step
         moe = m.ffn == "moe"
         return {
             "status": status,
@@ -329,7 +367,10 @@ class _Run:
             "batch_size": cfg.batch_size,
             "seq_len": cfg.seq_len,
             "wall_time_s": wall,
-            "tokens_per_s": tokens / train_time if train_time > 0 else None,
+            "tokens_per_s": trained_here / train_time if train_time > 0 else None,
+            "schedule": cfg.schedule,
+            "branched_at": self.branched_at,  # steps taken from a stable run's snapshot (0: trained from scratch)
+            "tokens_trained_here": trained_here,
             "exact_params": exact_params(m)["total"],
             "world_size": self.dist.world_size,
             "device": _device_name(self.device),
@@ -337,6 +378,14 @@ class _Run:
             "out_dir": str(self.out),
             "config": cfg.to_dict(),
         }
+
+
+def config_diff(saved: dict[str, Any], cfg: TrainConfig, allowed: set[str]) -> list[str]:
+    """Keys of a checkpoint's config that differ from `cfg` outside `allowed`; a key the checkpoint's
+    version did not know yet counts as its default."""
+    now = cfg.to_dict()
+    saved = {**TrainConfig().to_dict(), **saved}
+    return sorted(k for k in set(saved) | set(now) if k not in allowed and saved.get(k) != now.get(k))
 
 
 def _device_name(device: torch.device) -> str:
