@@ -44,7 +44,7 @@ def run_sweep(spec: Spec, executor: str | None = None, options: dict[str, Any] |
         f"{len(pending)} to run  (store {spec.store})")
     if dry_run or not pending:
         return {"sweep": spec.name, "store": spec.store, "to_run": len(pending), **counts}
-    opts = {**spec.executor, **(options or {})}
+    opts = {**spec.executor, **{k: v for k, v in (options or {}).items() if v is not None}}
     kind = executor or opts.get("kind") or "local"
     ex = make_executor(kind, opts, spec.runs_dir)
     labels = {r.run_id: r.label for r in spec.runs}
