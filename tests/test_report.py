@@ -51,7 +51,7 @@ def test_report_without_finished_runs_lists_runs(tmp_path):
     st.fail(s.runs[0].run_id, "Traceback...\nRuntimeError: boom")
     from finemoe.report.report import build_report
 
-    md = build_report(st.path, tmp_path / "rep").read_text()
+    md = build_report(st.path, tmp_path / "rep").path.read_text()
     assert "## Runs" in md and "failed: RuntimeError: boom" in md and "No finished runs yet" in md
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from finemoe.commands.common import add_json_flag, emit, positive_float, positive_int
 
+PRIORS = ("paper", "paper-precise")
+
 
 def register(sub) -> None:
     p = sub.add_parser("fit", help="fit a scaling law to finished runs (CSV or the sweep's SQLite store)")
@@ -17,6 +19,11 @@ def register(sub) -> None:
                    help="fit target (the paper fits the final smoothed training loss)")
     p.add_argument("--fix-c", type=positive_float, default=None, metavar="VALUE",
                    help="hold the irreducible loss c fixed (the paper's code: 0.472)")
+    p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
+                   help="hold any coefficient fixed, e.g. --fix alpha=0.115 (repeatable)")
+    p.add_argument("--prior", choices=PRIORS, default=None,
+                   help="borrow the exponents small runs cannot identify from a published set: "
+                        "paper fixes gamma, alpha, beta at Table 1's (dense: alpha, beta)")
     p.add_argument("--huber-delta", type=positive_float, default=0.1, help="Huber delta (0.1, the paper's)")
     p.add_argument("--space", choices=("loss", "log"), default="loss",
                    help="residuals on the loss (paper) or on log-loss (Chinchilla; use --huber-delta 1e-3)")
@@ -30,7 +37,8 @@ def register(sub) -> None:
                    help="resample size as a fraction of the runs, with replacement (paper: 0.8)")
     p.add_argument("--budgets", type=positive_float, nargs="+", default=[1e20, 1e22, 1e24], metavar="F",
                    help="budgets for bootstrap intervals of the optimal G, N, D")
-    p.add_argument("--expansion-rate", "-E", type=positive_int, default=64, help="E of the runs (64)")
+    p.add_argument("--expansion-rate", "-E", type=positive_int, default=None,
+                   help="E of the runs (default: the results' expansion_rate column, else 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="COEFFS.json",
                    help="write the coefficients (merged into this file if it already holds the other law)")
@@ -73,15 +81,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     if not 0 <= args.holdout_best < 1:
         raise ConfigError(f"--holdout-best must be in [0, 1), got {args.holdout_best}")
-    if args.law == "granularity" and (args.bootstrap or args.fix_c):
-        raise ConfigError("--bootstrap and --fix-c apply to the moe and dense laws, not to --law granularity")
+    fixed = fixed_coefficients(args.law, args.fix, args.prior, args.fix_c)
+    if args.law == "granularity" and (args.bootstrap or fixed):
+        raise ConfigError("--bootstrap, --fix, --fix-c and --prior apply to the moe and dense laws, not to --law granularity")
     pts = load_points(args.results, args.law, args.loss_column)
-    res = fit(pts, args.law, fixed={"c": args.fix_c} if args.fix_c else None, huber_delta=args.huber_delta,
+    if args.expansion_rate is None:
+        args.expansion_rate = expansion_rate_of(args.results)
+    _check_holdout(args, pts, fixed)
+    res = fit(pts, args.law, fixed=fixed or None, huber_delta=args.huber_delta,
               space=args.space, weight_decay=args.weight_decay, n_polish=args.starts,
               holdout=args.holdout_best if args.law != "granularity" and args.holdout_best > 0 else None,
               bootstrap=args.bootstrap, bootstrap_fraction=args.bootstrap_fraction, seed=args.seed,
               derived=_derived(args.law, args.budgets, args.expansion_rate) if args.bootstrap else None)
-    out = {"results": str(args.results), "loss_column": args.loss_column, **res.to_dict()}
+    out = {"results": str(args.results), "loss_column": args.loss_column, "prior": args.prior, **res.to_dict()}
     if args.out:
         doc = _merge(Path(args.out), args, res)
         write_json_atomic(args.out, doc)
@@ -96,6 +108,60 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def expansion_rate_of(results) -> int:
+    """The E most MoE runs of a results table used (64, the paper's, when the table does not say)."""
+    from collections import Counter
+
+    from finemoe.scaling.runs import read_table
+
+    rates = Counter(str(r.get("expansion_rate")) for r in read_table(results) if str(r.get("ffn", "moe")) == "moe")
+    for value, _ in rates.most_common():
+        try:
+            return int(float(value))
+        except ValueError:
+            continue
+    return 64
+
+
+def fixed_coefficients(law: str, pairs: list[str], prior: str | None, fix_c: float | None) -> dict[str, float]:
+    """--prior's exponents, then --fix NAME=VALUE pairs, then --fix-c: the coefficients held fixed."""
+    import math
+
+    from finemoe.errors import ConfigError
+    from finemoe.scaling.laws import load_coefficients
+
+    fixed: dict[str, float] = {}
+    if prior is not None and law in ("moe", "dense"):
+        published = getattr(load_coefficients(prior), law)
+        fixed.update({k: getattr(published, k) for k in ("gamma", "alpha", "beta") if hasattr(published, k)})
+    for item in pairs:
+        name, sep, text = item.partition("=")
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not sep or not name.strip() or not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--fix {item!r}: write NAME=VALUE with a positive number, e.g. --fix alpha=0.115")
+        fixed[name.strip()] = value
+    if fix_c is not None:
+        fixed["c"] = fix_c
+    return fixed
+
+
+def _check_holdout(args, pts, fixed) -> None:
+    """Too few runs for the default holdout is the user's to decide: say how to turn it off."""
+    from finemoe.errors import ConfigError
+    from finemoe.scaling.fit import n_free_params
+
+    if args.law == "granularity" or not args.holdout_best:
+        return
+    kept = len(pts) - round(args.holdout_best * len(pts))
+    need = n_free_params(args.law, fixed) + 1
+    if kept < need:
+        raise ConfigError(f"holding out the best {args.holdout_best:.0%} of {len(pts)} runs leaves {kept}, fewer than "
+                          f"the {need} the {args.law} law needs; pass --holdout-best 0 to fit without a holdout")
+
+
 def _merge(path: Path, args, res) -> dict:
     """Keep the other law of an existing coefficients file, so `--law moe` then `--law dense` build one set."""
     doc: dict = {}
@@ -108,8 +174,8 @@ def _merge(path: Path, args, res) -> dict:
             doc = {}
     doc.update({"name": doc.get("name", path.stem), "expansion_rate": args.expansion_rate,
                 "source": f"finemoe fit {Path(args.results).name} ({args.loss_column})"})
-    doc[args.law] = res.groups if args.law == "granularity" else res.params
-    doc.setdefault("fit", {})[args.law] = {k: v for k, v in res.to_dict().items() if k != "groups"}
+    doc[args.law] = res.groups if args.law == "granularity" else {**res.fixed, **res.params}
+    doc.setdefault("fit", {})[args.law] = {k: v for k, v in res.to_dict(draws=True).items() if k != "groups"}
     return doc
 
 
@@ -129,6 +195,11 @@ def _human(o: dict) -> str:
             ci = f"   [{boot[k][0]:.4g}, {boot[k][-1]:.4g}]" if k in boot and not fixed else ""
             lines.append(f"  {k:<6} {v:10.4f}{fixed}{ci}")
     lines.append(f"in-sample RMSE {o['rmse']:.4f}")
+    for flag in o.get("flags", []):
+        lines.append(f"DEGENERATE FIT: {flag}")
+    if o.get("flags"):
+        lines.append("  these runs do not identify the law; plans from it are not predictions. Borrow the exponents "
+                     "(--prior paper) or add runs at more sizes and token counts")
     if "holdout" in o:
         h = o["holdout"]
         lines.append(f"held-out RMSE {h['rmse']:.4f} on the best {h['n_heldout']} runs ({h['fraction']:.0%}), refit without them")

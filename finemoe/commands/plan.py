@@ -54,7 +54,11 @@ def register(sub) -> None:
     what.add_argument("--flops", type=positive_float, help="training budget in FLOPs, e.g. 1e20")
     what.add_argument("--paper-table", action="store_true", help="recompute the paper's Table 2 beside the printed values")
     add_law_args(p)
-    p.add_argument("--plot", metavar="OUT.png", help="also draw loss vs FLOPs and iso-FLOP curves over G")
+    p.add_argument("--plot", metavar="OUT.png",
+                   help="also draw loss vs FLOPs and iso-FLOP curves over G; with a fit's bootstrap draws, "
+                        "a fan chart of G*, N_act*, D* and the loss over budgets")
+    p.add_argument("--write-config", metavar="FILE.yaml",
+                   help="write a training config for the planned architecture and its tokens (`finemoe train FILE`)")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -82,15 +86,65 @@ def run(args: argparse.Namespace) -> int:
                "settings": asdict(s)}
         if out["dense"] is not None:
             out["dense"].pop("granularity")
+        out.update(assess(coeffs, args.flops, s, cmp))
+        if args.write_config:
+            out["config"] = write_training_config(args.write_config, arch, s)
+        if args.json:
+            warn_loudly(out)
         emit(args, out, _human_plan)
     if args.plot:
-        from finemoe.report.plots import plan_figure
+        from finemoe.report.plots import fan_figure, plan_figure
+        from finemoe.scaling.trust import draws_of
 
-        marks = [r["flops"] for r in out["rows"]] if args.paper_table else [args.flops]
-        plan_figure(coeffs, s, marks, args.plot)
+        if not args.paper_table and draws_of(coeffs, "moe"):
+            fan_figure(coeffs, s, args.flops, args.plot)
+        else:
+            marks = [r["flops"] for r in out["rows"]] if args.paper_table else [args.flops]
+            plan_figure(coeffs, s, marks, args.plot)
         if not args.json:
             print(f"wrote {args.plot}")
     return 0
+
+
+def assess(coeffs, flops: float, s, cmp) -> dict:
+    """What the plan rests on: the fit's flags, how far it extrapolates, its bootstrap band."""
+    from finemoe.scaling.trust import coefficient_flags, plan_extrapolation, plan_uncertainty
+
+    flags = coefficient_flags(coeffs)
+    return {"flags": flags, "degenerate": any(flags.values()),
+            "extrapolation": plan_extrapolation(coeffs, flops, cmp.moe.total_params, cmp.moe.tokens),
+            "uncertainty": plan_uncertainty(coeffs, flops, s)}
+
+
+def warn_loudly(out: dict) -> None:
+    """With --json, degenerate fits and far extrapolation also go to stderr, where a pipeline still shows them."""
+    import sys
+
+    ext = out.get("extrapolation") or {}
+    lines = [f"WARNING: the {law} fit is degenerate: {'; '.join(f)}" for law, f in out["flags"].items() if f]
+    if ext.get("loud"):
+        lines.append(f"WARNING: {ext['warning']}")
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
+def write_training_config(path: str, arch, s) -> str:
+    """A `finemoe train` config for the planned model and token budget (data and batch left at defaults)."""
+    import yaml
+
+    from finemoe.io import ensure_dir, write_text_atomic
+    from finemoe.train.config import TrainConfig
+    from pathlib import Path
+
+    model = {"d_model": arch.d_model, "n_blocks": arch.n_blocks, "head_dim": arch.d_model // arch.n_heads,
+             "ffn": "moe", "expansion_rate": int(round(s.expansion_rate)), "granularity": arch.granularity}
+    cfg = TrainConfig.from_dict({"model": model, "tokens": int(arch.tokens),
+                                 "out_dir": f"runs/plan-{Path(path).stem}"})  # validated before it is written
+    ensure_dir(Path(path).parent, "config folder")
+    text = ("# written by `finemoe plan`: the planned architecture and tokens; set data_dir, batch_size and lr\n"
+            "# for your corpus and hardware before training\n")
+    write_text_atomic(path, text + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
 
 
 def paper_table(coeffs, s) -> dict:
@@ -139,7 +193,7 @@ def _caps_line(o: dict) -> str | None:
 
 def _human_plan(o: dict) -> str:
     a = o["architecture"]
-    lines = [
+    lines = _trust_lines(o) + [
         f"compute-optimal MoE for {o['budget']:.3g} FLOPs (coefficients: {o['coefficients']}, E={o['settings']['expansion_rate']:g})",
         f"  granularity G        {_g(o['granularity'])}",
         f"  active params N_act  {count(o['active_params'], 4)}",
@@ -161,7 +215,27 @@ def _human_plan(o: dict) -> str:
         d = o["dense"]
         lines.append(f"dense at this budget: N {count(d['total_params'], 4)}, D {count(d['tokens'], 4)}, loss {d['loss']:.4f}; "
                      f"{_multiple(d['flops_multiple'], '.1f')}")
+    u = o.get("uncertainty")
+    if u:
+        lines.append(f"bootstrap band over {u['n_draws']} draws of the fit (p10 / p50 / p90)")
+        for key, name in (("granularity", "G*"), ("active_params", "N_act*"), ("tokens", "D*"), ("loss", "loss"),
+                          ("dense_flops_multiple", "dense x")):
+            vals = [u[p].get(key) for p in ("p10", "p50", "p90")]
+            if all(v is not None for v in vals):
+                fmt = (lambda v: f"{v:.4f}") if key == "loss" else (lambda v: count(v, 3) if v >= 1000 else f"{v:.3g}")
+                lines.append(f"  {name:<8} {' / '.join(fmt(v) for v in vals)}")
+    if o.get("config"):
+        lines.append(f"wrote {o['config']}: train it with `finemoe train {o['config']}`")
     return "\n".join(lines)
+
+
+def _trust_lines(o: dict) -> list[str]:
+    out = [f"DEGENERATE {law} FIT ({'; '.join(f)}): this plan is what the fit implies, not a prediction"
+           for law, f in (o.get("flags") or {}).items() if f]
+    ext = o.get("extrapolation")
+    if ext and ext.get("warning"):
+        out.append(ext["warning"])
+    return out
 
 
 def _human_table(o: dict) -> str:

@@ -68,16 +68,24 @@ def run(args: argparse.Namespace) -> int:
                          notes=[f"A {len(spec.runs)}-run sweep of tiny models: it shows the pipeline, not the paper's "
                                 f"numbers. c is fixed at {args.fix_c} because so few runs cannot identify it.",
                                 "For the real experiment see experiments/mini/."])
-    report = build_report(spec.store, out, opts)
-    coeffs = out / "coefficients.json"
-    result = {"report": str(report), "store": spec.store, "coefficients": str(coeffs) if coeffs.is_file() else None,
+    rep = build_report(spec.store, out, opts)
+    coeffs = rep.coefficients
+    result = {"report": str(rep.path), "store": spec.store, "coefficients": str(coeffs) if coeffs else None,
+              "flags": rep.flags, "degenerate": rep.degenerate,
               "seconds": round(time.time() - t0, 1), **{k: counts[k] for k in ("done", "diverged", "failed", "to_run")}}
 
     def human(o):
         lines = [f"done in {o['seconds']:.0f} s: {o['done']} runs done, {o['diverged']} diverged, {o['failed']} failed",
                  f"report:  {o['report']}", f"results: {o['store']}  (finemoe sweep status {args.spec})"]
-        if o["coefficients"]:
+        for law, why in o["flags"].items():
+            if why:
+                lines.append(f"the {law} fit is degenerate ({'; '.join(why)})")
+        if o["coefficients"] and not o["degenerate"]:
             lines.append(f"plan with the fitted law: finemoe plan --flops 1e18 --coefficients {o['coefficients']}")
+        elif o["coefficients"]:
+            lines.append("these runs do not identify the law, so no plan is recommended from it: plan with the "
+                         "paper's coefficients (finemoe plan --flops 1e18), or run a larger sweep "
+                         "(experiments/isoflop)")
         return "\n".join(lines)
 
     emit(args, result, human)

@@ -63,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
                          budgets=tuple(args.budgets or DEFAULT_BUDGETS), paper_coefficients=args.coefficients,
                          title=args.title, notes=list(args.note), filename=args.name,
                          discussion=discussion)
-    path = build_report(results, out, opts)
-    pngs = sorted(str(p) for p in path.parent.glob("*.png"))
-    emit(args, {"report": str(path), "figures": pngs}, lambda o: f"report: {o['report']}")
+    rep = build_report(results, out, opts)
+    pngs = sorted(str(p) for p in rep.path.parent.glob("*.png"))
+    out = {"report": str(rep.path), "figures": pngs, "flags": rep.flags, "degenerate": rep.degenerate}
+    emit(args, out, lambda o: "\n".join([f"DEGENERATE {law} FIT: {'; '.join(f)}" for law, f in o["flags"].items() if f]
+                                        + [f"report: {o['report']}"]))
     return 0

@@ -159,3 +159,29 @@ def fit_figure(res, path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     pred_vs_obs(ax, res)
     _save(fig, path)
+
+
+def fan_figure(coeffs, s: P.Settings, flops: float, path, span: float = 1e4, n: int = 9) -> None:
+    """The plan's bootstrap band (p10-p90 shaded, p50 line) over budgets around `flops`."""
+    from finemoe.scaling.trust import plan_uncertainty
+
+    budgets = np.geomspace(flops / math.sqrt(span), flops * math.sqrt(span), n)
+    bands = [plan_uncertainty(coeffs, float(F), s) for F in budgets]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    for ax, (key, label) in zip(axes, (("granularity", "optimal G"), ("active_params", "optimal N_act"),
+                                       ("tokens", "optimal D"), ("loss", "loss at the optimum"))):
+        q = {p: np.array([b[p][key] if b and b[p][key] is not None else np.nan for b in bands], float)
+             for p in ("p10", "p50", "p90")}
+        ax.fill_between(budgets, q["p10"], q["p90"], alpha=0.3, label="p10-p90")
+        ax.plot(budgets, q["p50"], marker="o", label="p50")
+        ax.axvline(flops, color="grey", linestyle=":", label="this budget")
+        ax.set_xscale("log")
+        if key != "loss":
+            ax.set_yscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel(label)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"compute-optimal plan over {bands[len(bands) // 2]['n_draws'] if bands[len(bands) // 2] else 0} "
+                 f"bootstrap draws of {coeffs.name}")
+    _save(fig, path)

@@ -76,9 +76,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def _points(df, loss: str):
     from finemoe.scaling.fit import Points
 
+    from finemoe.scaling.runs import run_groups
+
     g = df.granularity.where(df.ffn == "moe", 1).astype(float)
+    flops = df.flops.astype(float).to_numpy() if "flops" in df.columns else None
     return Points(df.total_params.astype(float).to_numpy(), df.tokens.astype(float).to_numpy(),
-                  g.to_numpy(), df[loss].astype(float).to_numpy())
+                  g.to_numpy(), df[loss].astype(float).to_numpy(), flops, run_groups(df.to_dict("records")))
 
 
 # -- sections ------------------------------------------------------------------------------------
@@ -165,12 +168,30 @@ def _coef_table(res, names: Sequence[str]) -> str:
 
 
 def degenerate(res) -> str | None:
-    """Why a fit cannot be read as a law (an exponent far outside the plausible range, or a coefficient
-    that ran off to infinity trading against another), or None."""
-    p = res.params
-    bad = [f"{k}={p[k]:.3g}" for k in ("alpha", "beta", "gamma") if k in p and not 0 < p[k] < 3]
-    bad += [f"{k}={p[k]:.3g}" for k in ("a", "b", "g") if k in p and p[k] > 1e6]
-    return ", ".join(bad) or None
+    """Why a fit cannot be read as a law (finemoe.scaling.trust.fit_flags), or None."""
+    return "; ".join(res.flags) or None
+
+
+def _prior_comparison(pts, law: str, res, o: ReportOptions) -> str:
+    """Held-out RMSE of the free fit against one that borrows the paper's exponents (Choshen et al. 2024)."""
+    from finemoe.scaling.fit import fit
+    from finemoe.scaling.laws import load_coefficients
+
+    if not res.holdout:
+        return ""
+    published = getattr(load_coefficients("paper"), law)
+    fixed = {k: getattr(published, k) for k in ("gamma", "alpha", "beta") if hasattr(published, k)}
+    if o.fix_c is not None:
+        fixed["c"] = o.fix_c
+    try:
+        borrowed = fit(pts, law=law, fixed=fixed, holdout=res.holdout["fraction"])
+    except (FinemoeError, ValueError):
+        return ""
+    names = ", ".join(fixed)
+    return _table(["fit", "in-sample RMSE", f"held-out RMSE (best {res.holdout['fraction']:.0%})"],
+                  [["all exponents free", _num(res.rmse), _num(res.holdout["rmse"])],
+                   [f"{names} fixed at the paper's (`fit --prior paper`)", _num(borrowed.rmse),
+                    _num(borrowed.holdout["rmse"])]])
 
 
 def _fit_summary(res) -> str:
@@ -186,29 +207,32 @@ def _fit_summary(res) -> str:
 
 
 def _fit_with_figure(runs, law: str, eq: str, out: Path, o: ReportOptions, n_min: int):
-    """(fit, None) with its predicted-vs-observed figure written as fit_<law>.png, or (None, why not)."""
+    """(fit, None, prior comparison) with its predicted-vs-observed figure written as fit_<law>.png, or
+    (None, why not, "")."""
     from finemoe.report.plots import fit_figure
 
     try:
-        res = _law_fit(_points(runs, o.loss), law, o, n_min)
+        pts = _points(runs, o.loss)
+        res = _law_fit(pts, law, o, n_min)
     except (FinemoeError, ValueError) as e:
-        return None, f"{eq} not fitted: {e}"
+        return None, f"{eq} not fitted: {e}", ""
     fit_figure(res, out / f"fit_{law}.png")
-    return res, None
+    return res, None, _prior_comparison(pts, law, res, o)
 
 
 def _moe_section(done, out: Path, o: ReportOptions):
-    res, why = _fit_with_figure(done[done.ffn == "moe"], "moe", "Eq. 9", out, o, 8)
+    res, why, prior = _fit_with_figure(done[done.ffn == "moe"], "moe", "Eq. 9", out, o, 8)
     if res is None:
         return why, None
     text = [_coef_table(res, ["g", "gamma", "a", "alpha", "b", "beta", "c"]), "", _fit_summary(res)]
+    if prior:
+        text += ["", prior]
     g = res.params.get("gamma")
     ci = (res.bootstrap or {}).get("values", {}).get("gamma")
     bad = degenerate(res)
     if bad:
-        text.append(f"\n**Degenerate fit** ({bad}): these runs do not pin down every term of Eq. 9 (too few "
-                    "distinct N or D); read γ from the per-(N, D) fits above, and the planner's fitted column "
-                    "as meaningless.")
+        text.append(f"\n**Degenerate fit** ({bad}): these runs do not pin down every term of Eq. 9; read γ from "
+                    "the per-(N, D) fits above, and the planner's fitted column as meaningless.")
     elif g is not None:
         verdict = ("finer experts help (γ > 0" + (f", interval [{ci[0]:.3g}, {ci[1]:.3g}] above 0)" if ci and ci[0] > 0.01 else ")")
                    if g > 0.01 else "no measurable benefit of granularity (γ ≈ 0)")
@@ -218,13 +242,13 @@ def _moe_section(done, out: Path, o: ReportOptions):
 
 
 def _dense_section(done, out: Path, o: ReportOptions):
-    res, why = _fit_with_figure(done[done.ffn == "dense"], "dense", "Eq. 1", out, o, 6)
+    res, why, prior = _fit_with_figure(done[done.ffn == "dense"], "dense", "Eq. 1", out, o, 6)
     if res is None:
         return why, None
     bad = degenerate(res)
-    warn = f"\n**Degenerate fit** ({bad}): too few distinct N or D to identify Eq. 1." if bad else ""
-    return "\n".join([_coef_table(res, ["a", "alpha", "b", "beta", "c"]), "", _fit_summary(res) + warn,
-                      "\n![predicted vs observed, Eq. 1](fit_dense.png)"]), res
+    warn = f"\n**Degenerate fit** ({bad}): these runs do not identify Eq. 1." if bad else ""
+    return "\n".join([_coef_table(res, ["a", "alpha", "b", "beta", "c"]), "", _fit_summary(res) + warn]
+                     + (["", prior] if prior else []) + ["\n![predicted vs observed, Eq. 1](fit_dense.png)"]), res
 
 
 def dense_loss_at(flops: float, dense_flops: Sequence[float], dense_loss: Sequence[float]) -> float | None:
@@ -275,9 +299,11 @@ def fitted_coefficients(moe_res, dense_res, E: int, source: str):
     """The fitted laws as a coefficient set (`finemoe plan --coefficients FILE.json` reads its JSON)."""
     from finemoe.scaling.laws import CoefficientSet, DenseLaw, MoELaw
 
-    return CoefficientSet("fitted", MoELaw(**{**moe_res.fixed, **moe_res.params}),
-                          DenseLaw(**{**dense_res.fixed, **dense_res.params}) if dense_res is not None else None,
-                          expansion_rate=E, source=source)
+    fits = {"moe": moe_res.to_dict(draws=True)}
+    if dense_res is not None:
+        fits["dense"] = dense_res.to_dict(draws=True)
+    return CoefficientSet("fitted", moe_res.model(), dense_res.model() if dense_res is not None else None,
+                          expansion_rate=E, source=source, extra={"fit": fits})
 
 
 def _plan_section(fitted, o: ReportOptions) -> str:
@@ -315,8 +341,19 @@ def _plan_section(fitted, o: ReportOptions) -> str:
 # -- assembly ------------------------------------------------------------------------------------
 
 
-def build_report(results: str | Path, out_dir: str | Path, options: ReportOptions | None = None) -> Path:
-    """Write `report.md` and its PNGs into out_dir; returns the Markdown path."""
+@dataclass(frozen=True)
+class Report:
+    path: Path  # the Markdown file; its PNGs sit beside it
+    coefficients: Path | None  # the fitted laws, for `finemoe plan --coefficients`
+    flags: dict[str, list[str]]  # per fitted law, why it is degenerate (empty lists: it is not)
+
+    @property
+    def degenerate(self) -> bool:
+        return any(self.flags.values())
+
+
+def build_report(results: str | Path, out_dir: str | Path, options: ReportOptions | None = None) -> Report:
+    """Write `report.md` and its PNGs into out_dir."""
     from finemoe.sweep.store import load_runs
 
     o = options or ReportOptions()
@@ -331,6 +368,8 @@ def build_report(results: str | Path, out_dir: str | Path, options: ReportOption
     out = ensure_dir(out_dir, "report folder")
     done = df[(df.status == "done") & df[o.loss].notna()].copy()
     md = [f"# {o.title or 'finemoe sweep report'}", "", _summary(df, str(results)), ""]
+    flags: dict[str, list[str]] = {}
+    coeff_path = None
     md += [f"> {n}" for n in o.notes]
     md += ["", "## Runs", "", _runs_table(df, o.loss), ""]
     if done.empty:
@@ -346,12 +385,14 @@ def build_report(results: str | Path, out_dir: str | Path, options: ReportOption
         dense_text, dense_res = _dense_section(done, out, o)
         md += [f"## Eq. 1 (dense): L = c + a·N^−α + b·D^−β{c_note}", "", dense_text, ""]
         fitted = None
+        flags = {law: r.flags for law, r in (("moe", moe_res), ("dense", dense_res)) if r is not None}
         if moe_res is not None:
             fitted = fitted_coefficients(moe_res, dense_res, E, f"finemoe report {results}")
-            write_text_atomic(out / "coefficients.json", json.dumps(fitted.to_dict(), indent=2) + "\n")
+            coeff_path = out / "coefficients.json"
+            write_text_atomic(coeff_path, json.dumps(fitted.to_dict(), indent=2) + "\n")
         md += ["## Planner: fitted law vs the paper's coefficients", "", _plan_section(fitted, o), ""]
     if o.discussion and o.discussion.strip():
         md += ["## Discussion", "", o.discussion.strip(), ""]
     path = out / o.filename
     write_text_atomic(path, "\n".join(md).rstrip() + "\n")
-    return path
+    return Report(path, coeff_path, flags)

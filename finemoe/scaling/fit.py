@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from finemoe.errors import DataError
 from finemoe.scaling.laws import DenseLaw, GranularityLaw, MoELaw
+from finemoe.scaling.trust import data_range, fit_flags
 
 LAWS = ("moe", "dense", "granularity")
 
@@ -91,25 +92,38 @@ _LAWS = {
 
 @dataclass(frozen=True)
 class Points:
-    """What a fit sees: total params N, tokens D, granularity G (1 for dense) and the observed loss."""
+    """What a fit sees: total params N, tokens D, granularity G (1 for dense) and the observed loss.
+
+    Optional: each run's FLOPs (how far a plan extrapolates is measured against them) and its group,
+    the runs that must be resampled together (a stable run and its cooldown branches share one).
+    """
 
     N: np.ndarray
     D: np.ndarray
     G: np.ndarray
     loss: np.ndarray
+    flops: np.ndarray | None = None
+    group: np.ndarray | None = None
 
     def __post_init__(self):
         arrs = [np.asarray(x, float) for x in (self.N, self.D, self.G, self.loss)]
+        if self.flops is not None:
+            arrs.append(np.asarray(self.flops, float))
         if len({a.shape for a in arrs}) != 1 or arrs[0].ndim != 1:
-            raise DataError("N, D, G and loss must be 1-D arrays of the same length")
-        for k, a in zip(("N", "D", "G", "loss"), arrs):
+            raise DataError("N, D, G, loss (and flops) must be 1-D arrays of the same length")
+        for k, a in zip(("N", "D", "G", "loss", "flops"), arrs):
             object.__setattr__(self, k, a)
+        group = np.arange(len(arrs[0])) if self.group is None else np.asarray(self.group)
+        if group.shape != arrs[0].shape:
+            raise DataError("group must give one label per run")
+        object.__setattr__(self, "group", group)
 
     def __len__(self) -> int:
         return len(self.loss)
 
     def take(self, idx) -> "Points":
-        return Points(self.N[idx], self.D[idx], self.G[idx], self.loss[idx])
+        return Points(self.N[idx], self.D[idx], self.G[idx], self.loss[idx],
+                      None if self.flops is None else self.flops[idx], self.group[idx])
 
     def features(self) -> dict[str, np.ndarray]:
         return {"logN": np.log(self.N), "logD": np.log(self.D), "logG": np.log(self.G)}
@@ -214,18 +228,22 @@ class FitResult:
     bootstrap: dict[str, Any] | None = None
     groups: list[dict[str, Any]] = field(default_factory=list)  # granularity law: one fit per (N, D)
     weight_decay: float = 0.0
+    data: dict[str, float] = field(default_factory=dict)  # the span of the fitted runs (trust.data_range)
+    flags: list[str] = field(default_factory=list)  # why the fit is degenerate (trust.fit_flags); empty if not
 
     def model(self):
-        return _LAWS[self.law].cls(**self.params)
+        return _LAWS[self.law].cls(**{**self.fixed, **self.params})
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, draws: bool = False) -> dict[str, Any]:
+        """Everything a reader needs; the bootstrap's coefficient draws only with draws=True (they are long)."""
         out = {"law": self.law, "coefficients": self.params, "fixed": sorted(self.fixed), "n_points": self.n_points,
                "rmse": self.rmse, "huber_delta": self.huber_delta, "space": self.space,
-               "weight_decay": self.weight_decay}
+               "weight_decay": self.weight_decay, "data": self.data, "flags": self.flags,
+               "degenerate": bool(self.flags)}
         if self.holdout is not None:
             out["holdout"] = {k: v for k, v in self.holdout.items() if k not in ("predicted", "observed", "index")}
         if self.bootstrap is not None:
-            out["bootstrap"] = self.bootstrap
+            out["bootstrap"] = {k: v for k, v in self.bootstrap.items() if draws or k != "draws"}
         if self.groups:
             out["groups"] = self.groups
         return out
@@ -310,6 +328,8 @@ def _fit(pts, law, fixed, huber_delta, space, weight_decay, n_polish, holdout, b
     if bootstrap:
         res.bootstrap = _bootstrap(spec, law, pts, fixed, obj, theta, bootstrap, bootstrap_fraction,
                                    percentiles, seed, derived)
+    res.data = data_range(pts.N, pts.D, pts.flops)
+    res.flags = fit_flags(res.params, list(fixed), res.bootstrap, float(pts.loss.min()))
     return res
 
 
@@ -340,12 +360,17 @@ def _holdout(spec, pts, fixed, obj, theta, frac, law) -> dict[str, Any]:
 
 
 def _bootstrap(spec, law, pts, fixed, obj, theta, n, frac, percentiles, seed, derived) -> dict[str, Any]:
+    """Refits on resamples of whole groups with replacement (the paper's code resamples runs; a group is
+    a run unless branches share a stable run), each resample `frac` of the groups."""
     rng = np.random.default_rng(seed)
-    size = max(1, int(round(frac * len(pts))))
+    labels, members = np.unique(pts.group, return_inverse=True)
+    by_group = [np.flatnonzero(members == i) for i in range(len(labels))]
+    size = max(1, int(round(frac * len(labels))))
     rows: list[dict[str, float]] = []
+    draws: list[dict[str, float]] = []
     skipped = 0
     for _ in range(n):
-        sample = pts.take(rng.integers(0, len(pts), size))  # with replacement, as the paper's code
+        sample = pts.take(np.concatenate([by_group[i] for i in rng.integers(0, len(labels), size)]))
         try:
             validate(sample, law, fixed)
             t, _ = _solve(spec, sample, fixed, obj, theta[None, :], 1)
@@ -353,6 +378,7 @@ def _bootstrap(spec, law, pts, fixed, obj, theta, n, frac, percentiles, seed, de
             skipped += 1
             continue
         row = _named(spec, t)
+        draws.append(dict(row))
         if derived is not None:
             row.update(derived(spec.cls(**row)))
         rows.append(row)
@@ -362,7 +388,9 @@ def _bootstrap(spec, law, pts, fixed, obj, theta, n, frac, percentiles, seed, de
     table = {k: np.array([r[k] for r in rows], float) for k in keys}
     return {
         "n": len(rows), "skipped": skipped, "fraction": frac, "percentiles": list(percentiles),
+        "resampled": "groups" if len(labels) < len(pts) else "runs", "n_groups": int(len(labels)),
         "values": {k: [float(np.percentile(v, q)) for q in percentiles] for k, v in table.items()},
+        "draws": draws,
     }
 
 

@@ -1,8 +1,9 @@
 """Load a run table (CSV, or the sweep's SQLite store with a `runs` table) into fit points.
 
 Columns used: total_params (N), tokens (D), granularity (G), the loss column, and when present
-`status` (only 'done' rows) and `ffn` ('moe' | 'dense', selecting the rows a law applies to;
-without it every row is used).
+`status` (only 'done' rows), `ffn` ('moe' | 'dense', selecting the rows a law applies to;
+without it every row is used), `flops` (how far a plan extrapolates) and `run_id`/`parent` (a
+stable run and its cooldown branches are one group to the bootstrap).
 """
 
 from __future__ import annotations
@@ -77,5 +78,17 @@ def load_points(path: str | Path, law: str = "moe", loss_column: str = "train_lo
     if not rows:
         raise DataError(f"results {path}: no finished ('done') {'dense' if law == 'dense' else 'moe'} runs to fit the {law} law")
     G = _column(path, rows, "granularity") if law != "dense" else np.ones(len(rows))
+    flops = _column(path, rows, "flops") if "flops" in cols else None
     return Points(_column(path, rows, "total_params"), _column(path, rows, "tokens"), G,
-                  _column(path, rows, loss_column))
+                  _column(path, rows, loss_column), flops, run_groups(rows))
+
+
+def run_groups(rows: list[dict]) -> np.ndarray:
+    """A label per row: its parent's id for a cooldown branch, its own id otherwise (the row number
+    when the table has no ids)."""
+    labels = []
+    for i, r in enumerate(rows):
+        parent = r.get("parent")
+        own = r.get("run_id")
+        labels.append(str(parent) if parent not in (None, "") and parent == parent else str(own if own else i))
+    return np.array(labels)
