@@ -67,3 +67,25 @@ def test_real_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
     assert Path("runs/quickstart/report/report.md").is_file()
     assert main(["quickstart", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["to_run"] == 0
+
+
+@pytest.mark.parametrize("flags", [{"moe": ["exponent beta=11.9 is outside [0.01, 2]"], "dense": []}, {"moe": [], "dense": []}])
+def test_quickstart_recommends_a_plan_only_from_an_unflagged_fit(tmp_path, monkeypatch, capsys, flags):
+    from finemoe.report import report as R
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(TESTS))
+    _user_data(tmp_path / "data")
+    spec = {"name": "qs", "data_dir": "data", "runs_dir": "runs/qs", "trainer": "sweep_fake_trainer:fake_train",
+            "model": {"vocab_size": 64, "seq_len": 8, "expansion_rate": 4}, "sizes": [{"d_model": 64, "n_blocks": 1}],
+            "granularities": [1, 2], "tokens": [1000], "executor": {"kind": "inprocess"}}
+    (tmp_path / "qs.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr(R, "build_report", lambda *a, **k: R.Report(Path("r.md"), Path("c.json"), flags))
+    assert main(["quickstart", "--spec", "qs.yaml", "--bootstrap", "0"]) == 0
+    out = capsys.readouterr().out
+    if flags["moe"]:
+        assert "the moe fit is degenerate (exponent beta=11.9" in out and "no plan is recommended" in out
+        assert "--coefficients c.json" not in out
+    else:
+        assert "plan with the fitted law: finemoe plan --flops 1e18 --coefficients c.json" in out
+        assert "degenerate" not in out

@@ -320,7 +320,7 @@ def _fit(pts, law, fixed, huber_delta, space, weight_decay, n_polish, holdout, b
             raise DataError(f"fixed {k}={v} must be positive (parameters are positive by construction)")
     theta, value = _solve(spec, pts, fixed, obj, _starts(spec, fixed), n_polish)
     pred = _predict(spec, theta, pts)
-    res = FitResult(law, _named(spec, theta), fixed, len(pts), _rmse(pred, pts.loss), value, huber_delta, space,
+    res = FitResult(law, _named(spec, theta, fixed), fixed, len(pts), _rmse(pred, pts.loss), value, huber_delta, space,
                     pred, pts.loss.copy(), weight_decay=weight_decay)
 
     if holdout:
@@ -333,8 +333,9 @@ def _fit(pts, law, fixed, huber_delta, space, weight_decay, n_polish, holdout, b
     return res
 
 
-def _named(spec: _Law, theta: np.ndarray) -> dict[str, float]:
-    return {k: float(v) for k, v in zip(spec.names, np.exp(theta))}
+def _named(spec: _Law, theta: np.ndarray, fixed: dict[str, float] | None = None) -> dict[str, float]:
+    """Coefficients by name; fixed ones exactly as given, not through exp(log(x))."""
+    return {k: float(v) for k, v in zip(spec.names, np.exp(theta))} | (fixed or {})
 
 
 def _holdout(spec, pts, fixed, obj, theta, frac, law) -> dict[str, Any]:
@@ -354,7 +355,7 @@ def _holdout(spec, pts, fixed, obj, theta, frac, law) -> dict[str, Any]:
     t, _ = _solve(spec, tr, fixed, obj, starts, 4)
     te = pts.take(test)
     pred = _predict(spec, t, te)
-    return {"fraction": frac, "n_heldout": int(k), "rmse": _rmse(pred, te.loss), "coefficients": _named(spec, t),
+    return {"fraction": frac, "n_heldout": int(k), "rmse": _rmse(pred, te.loss), "coefficients": _named(spec, t, fixed),
             "train_rmse": _rmse(_predict(spec, t, tr), tr.loss), "predicted": pred, "observed": te.loss,
             "index": test}
 
@@ -377,7 +378,7 @@ def _bootstrap(spec, law, pts, fixed, obj, theta, n, frac, percentiles, seed, de
         except DataError:
             skipped += 1
             continue
-        row = _named(spec, t)
+        row = _named(spec, t, fixed)
         draws.append(dict(row))
         if derived is not None:
             row.update(derived(spec.cls(**row)))
@@ -408,7 +409,7 @@ def _fit_groups(pts, fixed, obj: Objective, n_polish) -> FitResult:
         theta, _ = _solve(spec, sub, fixed, obj, _starts(spec, fixed), n_polish)
         p = _predict(spec, theta, sub)
         pred[idx] = p
-        groups.append({"N": float(N), "D": float(D), "n_points": int(len(idx)), **_named(spec, theta),
+        groups.append({"N": float(N), "D": float(D), "n_points": int(len(idx)), **_named(spec, theta, fixed),
                        "rmse": _rmse(p, sub.loss)})
     if not groups:
         raise DataError("the granularity law needs an (N, D) pair with runs at 3 or more distinct G; none has")
