@@ -295,6 +295,78 @@ def _equal_flops_section(done, out: Path, o: ReportOptions) -> str:
     return "\n".join(text)
 
 
+def iso_runs(done, loss: str):
+    """The finished runs of an iso-FLOP sweep (those with a budget) for finemoe.scaling.isoflop."""
+    from finemoe.scaling.isoflop import IsoRuns
+    from finemoe.scaling.runs import run_groups
+
+    iso = done[done.budget.notna()] if "budget" in done.columns else done.iloc[:0]
+    g = iso.granularity.where(iso.ffn == "moe", 0).astype(int)
+    return IsoRuns(iso.budget.astype(float).to_numpy(), iso.active_params.astype(float).to_numpy(), g.to_numpy(),
+                   iso[loss].astype(float).to_numpy(), run_groups(iso.to_dict("records")))
+
+
+def _isoflop_section(done, out: Path, o: ReportOptions, E: int) -> str | None:
+    """Chinchilla approach 2 per G; None when the runs have no compute budgets."""
+    from finemoe.report.run_plots import isoflop_curves
+    from finemoe.scaling import isoflop as I
+    from finemoe.scaling import plan as P
+    from finemoe.scaling.laws import load_coefficients
+
+    runs = iso_runs(done, o.loss)
+    if len(runs.loss) == 0:
+        return None
+    try:
+        res = I.analyse(runs, bootstrap=max(o.bootstrap, 0))
+    except DataError as e:
+        return f"Iso-FLOP curves not drawn: {e}."
+    isoflop_curves(runs, res, out / "isoflop.png", o.loss)
+    gs = tuple(sorted({int(g) for g in runs.granularity if g > 0}))
+    paper, s = load_coefficients("paper"), P.Settings(expansion_rate=E, granularities=gs or (1,))
+    boot = res["bootstrap"]
+    rows = []
+    for F in res["budgets"]:
+        for opt in [x for x in res["optima"] if x["budget"] == F]:
+            band = boot["curves"][f"{F:.4g}/G{opt['granularity']}"]
+            ci = band["active_params"]
+            rows.append([f"{F:.3g}", "dense" if opt["granularity"] == 0 else opt["granularity"],
+                         count(opt["active_params"]) + ("" if opt["inside"] else " (outside the sizes run)"),
+                         f"{count(ci['p10'])}–{count(ci['p90'])}" if ci else "–", _num(opt["loss"]),
+                         f"{band['n_draws']}/{boot['n']}"])
+    text = ["Chinchilla's approach 2 per FFN: at each budget, a parabola in ln N_act through the runs' "
+            f"{o.loss.replace('_', ' ')}; its minimum is the compute-optimal size and loss. Intervals: p10–p90 over "
+            f"{boot['n']} bootstrap resamples of whole run groups (a stable run with its cooldown branches); a "
+            "resample that leaves a curve fewer than 3 sizes has no minimum for it ('draws').", "",
+            "![iso-FLOP curves](isoflop.png)", "",
+            _table(["budget", "FFN", "optimal N_act", "p10–p90", "loss at the optimum", "draws"], rows), ""]
+    rows = []
+    for F in res["budgets"]:
+        b = boot["best_granularity_log2"].get(F) or {}
+        share = ", ".join(f"G={g}: {v:.0%}" for g, v in (b.get("share") or {}).items())
+        m, mb = res["dense_flops_multiple"][F], boot["dense_flops_multiple"][F]
+        try:
+            paper_g = f"{P.optimum(paper.moe, F, s).granularity:g}"
+        except (FinemoeError, ValueError, ArithmeticError):
+            paper_g = "–"
+        rows.append([f"{F:.3g}", res["best_granularity"][F] or "–", share or "–",
+                     f"{m:.2f}×" if m else "–", f"{mb['p10']:.2f}–{mb['p90']:.2f}×" if mb else "–", paper_g])
+    text += [_table(["budget", "best G", "best G across draws", "dense FLOPs to match", "p10–p90",
+                     f"paper law's G* (E={E}, G ≤ {max(gs) if gs else 1})"], rows), ""]
+    gr = res["grows"]
+    if gr["grows"] is None:
+        text.append("**Does the best G grow with compute?** Not answerable: a budget lacks an MoE optimum.")
+    else:
+        verdict = "yes" if gr["grows"] else ("no, it shrinks" if gr["best_at_largest"] < gr["best_at_smallest"] else "no")
+        text.append(f"**Does the best G grow with compute?** {verdict.capitalize()} in these runs: G={gr['best_at_smallest']} "
+                    f"at {gr['smallest_budget']:.3g} FLOPs, G={gr['best_at_largest']} at {gr['largest_budget']:.3g}. "
+                    f"It grows in {gr['share_of_draws_growing']:.0%} of the bootstrap draws and shrinks in "
+                    f"{gr['share_of_draws_shrinking']:.0%}.")
+    text.append("'dense FLOPs to match' is the compute the dense optimum needs to reach the best MoE's optimal loss "
+                "at that budget (dense optima linear in ln FLOPs across the budgets), over the budget: above 1× the "
+                "MoE wins.")
+    return "\n".join(text)
+
+
 def fitted_coefficients(moe_res, dense_res, E: int, source: str):
     """The fitted laws as a coefficient set (`finemoe plan --coefficients FILE.json` reads its JSON)."""
     from finemoe.scaling.laws import CoefficientSet, DenseLaw, MoELaw
@@ -378,6 +450,9 @@ def build_report(results: str | Path, out_dir: str | Path, options: ReportOption
         E = int(done[done.ffn == "moe"].expansion_rate.mode().iloc[0]) if (done.ffn == "moe").any() else 64
         gran, _ = _granularity_section(done, out, o)
         md += ["## Loss vs granularity per (N, D) — Eq. 4: L = g/G^γ + h", "", gran, ""]
+        iso = _isoflop_section(done, out, o, E)
+        if iso is not None:
+            md += ["## Iso-FLOP curves: the best G per compute budget", "", iso, ""]
         md += ["## MoE vs dense at equal compute", "", _equal_flops_section(done, out, o), ""]
         c_note = f" with c fixed at {o.fix_c}" if o.fix_c is not None else ""
         moe_text, moe_res = _moe_section(done, out, o)

@@ -84,3 +84,55 @@ def loss_vs_flops(df, path: str | Path, loss: str = "train_loss") -> Path:
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def isoflop_curves(runs, res: dict, path: str | Path, loss: str = "train_loss") -> Path:
+    """One panel per budget: loss vs N_act for dense and each G, the approach-2 parabola through each
+    curve, its minimum marked; a last panel: the best G per budget with its bootstrap p10-p90."""
+    budgets = res["budgets"]
+    fig, axes = plt.subplots(1, len(budgets) + 1, figsize=(4.6 * (len(budgets) + 1), 4.2), squeeze=False)
+    gs = sorted({int(g) for g in runs.granularity})
+    cmap = plt.get_cmap("viridis")
+    opt = {(o["budget"], o["granularity"]): o for o in res["optima"]}
+    for ax, F in zip(axes[0], budgets):
+        for i, G in enumerate(gs):
+            sel = (runs.budget == F) & (runs.granularity == G)
+            if not sel.any():
+                continue
+            color = "black" if G == 0 else cmap(i / max(1, len(gs) - 1) * 0.85)
+            x, y = runs.active_params[sel], runs.loss[sel]
+            order = np.argsort(x)
+            name = "dense" if G == 0 else f"G={G}"
+            ax.plot(x[order], y[order], "o", color=color, label=name, ms=4)
+            if len(np.unique(x)) >= 3:
+                a, b, c = np.polyfit(np.log(x), y, 2)
+                xs = np.geomspace(x.min(), x.max(), 40)
+                ax.plot(xs, a * np.log(xs) ** 2 + b * np.log(xs) + c, "--" if G == 0 else "-", color=color, lw=1)
+            o = opt.get((F, G))
+            if o is not None and o["inside"]:
+                ax.plot([o["active_params"]], [o["loss"]], "*", color=color, ms=11, mec="white")
+        ax.set_xscale("log")
+        ax.set_xlabel("active params N_act")
+        ax.set_ylabel(f"{loss.replace('_', ' ')} (nats)")
+        ax.set_title(f"{F:.3g} FLOPs (★ minimum of the parabola)", fontsize=10)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    ax = axes[0][-1]
+    best = res["bootstrap"]["best_granularity_log2"]
+    xs = [F for F in budgets if best.get(F) and "p50" in best[F]]
+    if xs:
+        mid = [2 ** best[F]["p50"] for F in xs]
+        lo = [2 ** best[F]["p10"] for F in xs]
+        hi = [2 ** best[F]["p90"] for F in xs]
+        ax.fill_between(xs, lo, hi, alpha=0.3, label="bootstrap p10-p90")
+        ax.plot(xs, mid, "o-", label="bootstrap p50")
+    point = [(F, res["best_granularity"][F]) for F in budgets if res["best_granularity"][F]]
+    ax.plot([F for F, _ in point], [g for _, g in point], "k*", ms=11, label="all runs")
+    ax.set_xscale("log")
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("compute budget (FLOPs)")
+    ax.set_ylabel("best G at the budget")
+    ax.set_title("does the best G grow with compute?", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

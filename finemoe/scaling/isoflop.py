@@ -1,0 +1,164 @@
+"""Iso-FLOP analysis (Chinchilla's approach 2) per granularity, with a bootstrap over run groups. No torch.
+
+At each compute budget, each FFN kind (dense, or MoE at one G) has runs at several sizes; a parabola in
+log N_act through their losses puts the compute-optimal size and loss at its minimum. Comparing those
+minima across G answers which G is best at that budget, and whether that grows with the budget; the
+dense minima, linear in log FLOPs across budgets, say how much compute dense needs to match the best MoE.
+
+The bootstrap resamples whole groups (a stable run and its cooldown branches: one size and FFN across
+budgets) with replacement, so the curves of one draw stay consistent across budgets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from finemoe.errors import DataError
+from finemoe.scaling.trust import QUANTILES
+
+DENSE = 0  # the granularity label of dense runs
+
+
+@dataclass(frozen=True)
+class IsoRuns:
+    """One row per finished run of an iso-FLOP sweep."""
+
+    budget: np.ndarray
+    active_params: np.ndarray
+    granularity: np.ndarray  # 0 for dense
+    loss: np.ndarray
+    group: np.ndarray
+
+    def take(self, idx) -> "IsoRuns":
+        return IsoRuns(*(getattr(self, k)[idx] for k in ("budget", "active_params", "granularity", "loss", "group")))
+
+
+@dataclass(frozen=True)
+class Optimum:
+    """The parabola's minimum for one (budget, FFN). `inside`: the minimum lies within the sizes run;
+    outside it, the optimum is an extrapolation and the grid should move."""
+
+    active_params: float
+    loss: float
+    inside: bool
+    n_sizes: int
+
+
+def parabola_optimum(active_params: Sequence[float], loss: Sequence[float]) -> Optimum | None:
+    """Least-squares loss = a·x² + b·x + c with x = ln N_act; None unless 3+ sizes and a > 0 (a minimum)."""
+    x, y = np.log(np.asarray(active_params, float)), np.asarray(loss, float)
+    if len(np.unique(x)) < 3:
+        return None
+    a, b, c = np.polyfit(x, y, 2)
+    if not a > 0:
+        return None
+    x0 = -b / (2 * a)
+    return Optimum(float(math.exp(x0)), float(c - b * b / (4 * a)), bool(x.min() <= x0 <= x.max()),
+                   int(len(np.unique(x))))
+
+
+def optima(runs: IsoRuns) -> dict[tuple[float, int], Optimum]:
+    """(budget, G) → the parabola's optimum, for every curve that has one."""
+    out = {}
+    for F in np.unique(runs.budget):
+        for G in np.unique(runs.granularity[runs.budget == F]):
+            sel = (runs.budget == F) & (runs.granularity == G)
+            opt = parabola_optimum(runs.active_params[sel], runs.loss[sel])
+            if opt is not None:
+                out[(float(F), int(G))] = opt
+    return out
+
+
+def best_granularity(opt: dict[tuple[float, int], Optimum], budget: float) -> int | None:
+    """The MoE G whose iso-FLOP minimum is lowest at `budget` (dense excluded)."""
+    at = {G: o.loss for (F, G), o in opt.items() if F == budget and G != DENSE}
+    return min(at, key=at.get) if at else None
+
+
+def dense_multiple(opt: dict[tuple[float, int], Optimum], budget: float) -> float | None:
+    """Dense compute to reach the best MoE's optimal loss at `budget`, over `budget`.
+
+    The dense optima are a line in ln F (least squares over the budgets that have one); a multiple > 1
+    means the MoE wins. None with fewer than two dense optima or a dense line that does not fall.
+    """
+    dense = sorted((F, o.loss) for (F, G), o in opt.items() if G == DENSE)
+    G = best_granularity(opt, budget)
+    if len(dense) < 2 or G is None:
+        return None
+    slope, icpt = np.polyfit(np.log([F for F, _ in dense]), [L for _, L in dense], 1)
+    if not slope < 0:
+        return None
+    target = opt[(budget, G)].loss
+    return float(math.exp((target - icpt) / slope) / budget)
+
+
+def summarize(opt: dict[tuple[float, int], Optimum]) -> dict[str, Any]:
+    budgets = sorted({F for F, _ in opt})
+    return {
+        "budgets": budgets,
+        "optima": [{"budget": F, "granularity": G, "active_params": o.active_params, "loss": o.loss,
+                    "inside": o.inside, "n_sizes": o.n_sizes} for (F, G), o in sorted(opt.items())],
+        "best_granularity": {F: best_granularity(opt, F) for F in budgets},
+        "dense_flops_multiple": {F: dense_multiple(opt, F) for F in budgets},
+    }
+
+
+def analyse(runs: IsoRuns, bootstrap: int = 200, seed: int = 0) -> dict[str, Any]:
+    """The optima, best G and dense multiple per budget, with p10/p50/p90 over group resamples."""
+    if len(runs.loss) == 0 or not np.all(np.isfinite(runs.loss)):
+        raise DataError("iso-FLOP analysis needs finished runs with finite losses")
+    point = summarize(optima(runs))
+    if not point["optima"]:
+        raise DataError("no (budget, FFN) has runs at 3 or more sizes: an iso-FLOP curve needs them")
+    labels, members = np.unique(runs.group, return_inverse=True)
+    by_group = [np.flatnonzero(members == i) for i in range(len(labels))]
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(bootstrap):
+        idx = np.concatenate([by_group[i] for i in rng.integers(0, len(labels), len(labels))])
+        draws.append(summarize(optima(runs.take(idx))))
+    point["bootstrap"] = _bands(point, draws)
+    point["grows"] = _grows(point, draws)
+    return point
+
+
+def _q(vals: list[float]) -> dict[str, float] | None:
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    if not vals:
+        return None
+    return {f"p{q}": float(np.percentile(vals, q)) for q in QUANTILES} | {"n": len(vals)}
+
+
+def _bands(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]:
+    curves = {}
+    for o in point["optima"]:
+        key = (o["budget"], o["granularity"])
+        mine = [p for d in draws for p in d["optima"] if (p["budget"], p["granularity"]) == key]
+        curves[f"{o['budget']:.4g}/G{o['granularity']}"] = {
+            "active_params": _q([p["active_params"] for p in mine]), "loss": _q([p["loss"] for p in mine]),
+            "n_draws": len(mine)}
+    best = {}
+    for F in point["budgets"]:
+        picks = [d["best_granularity"].get(F) for d in draws]
+        picks = [g for g in picks if g is not None]
+        best[F] = {"share": {int(g): picks.count(g) / len(picks) for g in sorted(set(picks))} if picks else {},
+                   **(_q([math.log2(g) for g in picks]) or {})}
+    return {"n": len(draws), "curves": curves, "best_granularity_log2": best,
+            "dense_flops_multiple": {F: _q([d["dense_flops_multiple"].get(F) for d in draws]) for F in point["budgets"]}}
+
+
+def _grows(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]:
+    """Does the best G at the largest budget exceed the one at the smallest? In the point fit and in
+    what share of the draws (ties count as not growing)."""
+    lo, hi = point["budgets"][0], point["budgets"][-1]
+    pairs = [(d["best_granularity"].get(lo), d["best_granularity"].get(hi)) for d in draws]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    g_lo, g_hi = point["best_granularity"][lo], point["best_granularity"][hi]
+    return {"smallest_budget": lo, "largest_budget": hi, "best_at_smallest": g_lo, "best_at_largest": g_hi,
+            "grows": None if g_lo is None or g_hi is None else g_hi > g_lo,
+            "share_of_draws_growing": sum(b > a for a, b in pairs) / len(pairs) if pairs else None,
+            "share_of_draws_shrinking": sum(b < a for a, b in pairs) / len(pairs) if pairs else None}

@@ -1,0 +1,94 @@
+"""Iso-FLOP analysis (approach 2): parabola optima, best G per budget, dense multiple, group bootstrap."""
+
+import numpy as np
+import pytest
+
+from finemoe import accounting as acc
+from finemoe.errors import DataError
+from finemoe.scaling import isoflop as I
+from finemoe.scaling.laws import load_coefficients
+
+PAPER = load_coefficients("paper")
+E = 8
+
+
+def synthetic(budgets=(1e12, 1e13, 1e14), noise=0.0, seed=0) -> I.IsoRuns:
+    """Runs of the paper's laws at E = 8: at each budget, 7 sizes around the dense optimum, G in 1..16 and
+    dense. The planner puts G* at 8 for 1e12 and 1e13 FLOPs and at 16 for 1e14."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for F in budgets:
+        n_mid = (F / 120) ** 0.5  # D = 20 N
+        for k, n_act in enumerate(n_mid * 2.0 ** np.arange(-3, 4)):
+            d = (n_act / 12 * 64) ** (1 / 3)  # d = 64 n, N_act = 12 d^2 n
+            n = d / 64
+            for G in (0, 1, 2, 4, 8, 16):
+                if G == 0:
+                    D = F / acc.flops_per_token(d, n)
+                    loss = PAPER.dense.loss(n_act, D)
+                else:
+                    D = F / acc.flops_per_token(d, n, E, G)
+                    loss = PAPER.moe.loss(acc.total_params(d, n, E), D, G)
+                rows.append((F, n_act, G, loss + noise * rng.standard_normal(), f"{k}-{G}"))
+    F, N, G, L, grp = map(np.array, zip(*rows))
+    return I.IsoRuns(F, N, G, L, grp)
+
+
+def test_parabola_recovers_a_known_minimum_and_says_when_it_is_outside():
+    x = np.exp(np.linspace(0, 4, 5))
+    o = I.parabola_optimum(x, 2 + 0.1 * (np.log(x) - 2.5) ** 2)
+    assert o.active_params == pytest.approx(np.exp(2.5)) and o.loss == pytest.approx(2) and o.inside
+    edge = I.parabola_optimum(x, 2 + 0.1 * (np.log(x) - 6) ** 2)
+    assert edge.active_params == pytest.approx(np.exp(6)) and not edge.inside
+    assert I.parabola_optimum(x[:2], [1, 2]) is None  # two sizes: no curve
+    assert I.parabola_optimum(x, -(np.log(x) - 2) ** 2) is None  # a maximum, not a minimum
+
+
+def test_on_the_paper_law_the_best_g_grows_and_moe_beats_dense():
+    res = I.analyse(synthetic(), bootstrap=20)
+    best = [res["best_granularity"][F] for F in res["budgets"]]
+    assert best == sorted(best) and best[-1] > best[0]
+    assert all(m > 1 for m in res["dense_flops_multiple"].values())
+    assert all(o["inside"] for o in res["optima"])
+    assert res["grows"]["grows"] is True and res["grows"]["share_of_draws_growing"] > 0.5
+    band = res["bootstrap"]["dense_flops_multiple"][1e13]
+    assert band["p10"] <= band["p50"] <= band["p90"]
+
+
+def test_noise_widens_the_bands_and_the_bootstrap_keeps_groups():
+    quiet = I.analyse(synthetic(noise=0.0), bootstrap=30)["bootstrap"]["curves"]["1e+13/G0"]["loss"]
+    noisy = I.analyse(synthetic(noise=0.02), bootstrap=30)["bootstrap"]["curves"]["1e+13/G0"]["loss"]
+    assert noisy["p90"] - noisy["p10"] > quiet["p90"] - quiet["p10"]
+
+
+def test_without_three_sizes_there_is_nothing_to_analyse():
+    runs = synthetic()
+    few = runs.take(np.flatnonzero(np.isin(runs.group, ["0-0", "1-0", "0-1", "1-1"])))
+    with pytest.raises(DataError, match="3 or more sizes"):
+        I.analyse(few, bootstrap=0)
+
+
+def test_report_draws_iso_flop_curves_and_answers_the_question(tmp_path):
+    import csv
+
+    from finemoe.cli import main
+
+    runs = synthetic(noise=0.003)
+    path = tmp_path / "iso.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run_id", "status", "ffn", "granularity", "expansion_rate", "d_model", "n_blocks", "total_params",
+                    "active_params", "tokens", "flops", "train_loss", "val_loss", "budget", "parent", "wall_time_s"])
+        for i, (F, n, G, L, grp) in enumerate(zip(runs.budget, runs.active_params, runs.granularity, runs.loss,
+                                                   runs.group)):
+            d = round((n / 12 * 64) ** (1 / 3))
+            total = n if G == 0 else acc.total_params(d, d / 64, E)
+            parent = "" if F == 1e14 else f"{grp}-1e14"  # the largest budget's run is each group's stable run
+            w.writerow([f"{grp}-{F:.0e}" if parent else f"{grp}-1e14", "done", "dense" if G == 0 else "moe", G, E, d,
+                        1, total, n, F / (6 * n), F, L, L + 0.01, F, parent, 1.0])
+    out = tmp_path / "rep"
+    assert main(["report", str(path), "--out", str(out), "--bootstrap", "20"]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Iso-FLOP curves: the best G per compute budget" in md and "![iso-FLOP curves](isoflop.png)" in md
+    assert "**Does the best G grow with compute?** Yes in these runs: G=8 at 1e+12 FLOPs, G=16 at 1e+14." in md
+    assert (out / "isoflop.png").stat().st_size > 0
