@@ -12,7 +12,7 @@ export MALLOC_TOP_PAD_ ?= 268435456
 # fewer faults while the heap grows; MoE/dense training tokens/s 0.91 against 0.82 (medians, bench_train.py).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: venv test bench quickstart replicate clean
+.PHONY: venv test bench quickstart replicate replicate-isoflop clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,18 @@ replicate: $(STAMP)
 	$(VENV)/bin/finemoe report experiments/mini/results.csv --out experiments/mini --name REPORT.md \
 	  --title "Mini-replication on 2 CPU cores" --note "$(REPLICATE_NOTE)" \
 	  --discussion experiments/mini/discussion.md
+
+# Replication v2 (experiments/isoflop/): iso-FLOP curves per G from WSD cooldown branches, about 11
+# worker-hours on 2 CPU cores (two 1-thread workers). Like `replicate`, it trains only what the
+# committed CSVs lack, then rebuilds the report from all finished runs.
+replicate-isoflop: $(STAMP)
+	$(VENV)/bin/finemoe data prepare
+	$(VENV)/bin/finemoe sweep run experiments/isoflop/wsd_check.yaml
+	$(VENV)/bin/finemoe sweep run experiments/isoflop/spec.yaml
+	$(VENV)/bin/finemoe report experiments/isoflop/results.csv --out experiments/isoflop --name REPORT.md \
+	  --loss val_loss --title "Iso-FLOP replication on 2 CPU cores" --note "make replicate-isoflop on $(shell nproc) CPU cores" \
+	  $(if $(wildcard experiments/isoflop/discussion.md),--discussion experiments/isoflop/discussion.md)
+	$(PY) experiments/isoflop/compare_wsd.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

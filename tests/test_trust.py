@@ -178,3 +178,26 @@ def test_write_config_trains(tmp_path, capsys):
                  "model.seq_len=16", "eval_batches=1", "--quiet"]) == 0
     record = json.loads((out / "final.json").read_text())
     assert record["status"] == "done" and record["d_model"] == a["d_model"]
+
+
+def test_fit_reads_several_tables_and_holds_out_the_largest_budget(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    head = "run_id,status,ffn,granularity,expansion_rate,total_params,tokens,flops,train_loss"
+    old, new = [head], [head + ",budget,parent"]
+    for n in (2e6, 4e6, 8e6):
+        for g in (1, 4):
+            for d in (1e7, 3e7):
+                loss = PAPER.moe.loss(n, d, g) + 0.002 * rng.standard_normal()
+                old.append(f"o{len(old)},done,moe,{g},8,{n:.0f},{d:.0f},{6 * n * d / 8:.4g},{loss:.5f}")
+            for F in (1e15, 1e16):
+                d = F / (6 * n / 8)
+                loss = PAPER.moe.loss(n, d, g) + 0.002 * rng.standard_normal()
+                new.append(f"n{len(new)},done,moe,{g},8,{n:.0f},{d:.0f},{F:.4g},{loss:.5f},{F:.4g},")
+    (tmp_path / "old.csv").write_text("\n".join(old) + "\n")
+    (tmp_path / "new.csv").write_text("\n".join(new) + "\n")
+    res = run_json(capsys, "fit", str(tmp_path / "old.csv"), str(tmp_path / "new.csv"), "--holdout-budget",
+                   "--fix-c", "0.47")
+    assert res["n_points"] == 12 + 12 and res["holdout"]["held_out"] == "given" and res["holdout"]["n_heldout"] == 6
+    assert res["holdout"]["rmse"] < 0.05
+    assert main(["fit", str(tmp_path / "old.csv"), "--holdout-budget"]) == 2
+    assert "needs an iso-FLOP sweep" in capsys.readouterr().err

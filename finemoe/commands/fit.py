@@ -13,7 +13,8 @@ PRIORS = ("paper", "paper-precise")
 
 def register(sub) -> None:
     p = sub.add_parser("fit", help="fit a scaling law to finished runs (CSV or the sweep's SQLite store)")
-    p.add_argument("results", metavar="RESULTS", help="runs CSV or SQLite store with a `runs` table")
+    p.add_argument("results", metavar="RESULTS", nargs="+",
+                   help="runs CSV or SQLite store with a `runs` table; several are fitted as one")
     p.add_argument("--law", choices=("moe", "dense", "granularity"), default="moe")
     p.add_argument("--loss-column", choices=("train_loss", "val_loss"), default="train_loss",
                    help="fit target (the paper fits the final smoothed training loss)")
@@ -32,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--starts", type=positive_int, default=8, help="grid starting points polished (default 8)")
     p.add_argument("--holdout-best", type=float, default=0.2, metavar="FRAC",
                    help="refit without the best FRAC runs and report their RMSE (0 to skip)")
+    p.add_argument("--holdout-budget", action="store_true",
+                   help="hold out the runs at the largest compute budget (an iso-FLOP sweep's) instead of the best")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap refits (paper: 100)")
     p.add_argument("--bootstrap-fraction", type=positive_float, default=0.8,
                    help="resample size as a fraction of the runs, with replacement (paper: 0.8)")
@@ -84,16 +87,22 @@ def run(args: argparse.Namespace) -> int:
     fixed = fixed_coefficients(args.law, args.fix, args.prior, args.fix_c)
     if args.law == "granularity" and (args.bootstrap or fixed):
         raise ConfigError("--bootstrap, --fix, --fix-c and --prior apply to the moe and dense laws, not to --law granularity")
+    if args.holdout_budget and args.law == "granularity":
+        raise ConfigError("--holdout-budget applies to the moe and dense laws, not to --law granularity")
     pts = load_points(args.results, args.law, args.loss_column)
     if args.expansion_rate is None:
         args.expansion_rate = expansion_rate_of(args.results)
-    _check_holdout(args, pts, fixed)
+    if args.holdout_budget:
+        holdout = pts.largest_budget()
+    else:
+        _check_holdout(args, pts, fixed)
+        holdout = args.holdout_best if args.law != "granularity" and args.holdout_best > 0 else None
     res = fit(pts, args.law, fixed=fixed or None, huber_delta=args.huber_delta,
               space=args.space, weight_decay=args.weight_decay, n_polish=args.starts,
-              holdout=args.holdout_best if args.law != "granularity" and args.holdout_best > 0 else None,
+              holdout=holdout,
               bootstrap=args.bootstrap, bootstrap_fraction=args.bootstrap_fraction, seed=args.seed,
               derived=_derived(args.law, args.budgets, args.expansion_rate) if args.bootstrap else None)
-    out = {"results": str(args.results), "loss_column": args.loss_column, "prior": args.prior, **res.to_dict()}
+    out = {"results": ", ".join(args.results), "loss_column": args.loss_column, "prior": args.prior, **res.to_dict()}
     if args.out:
         doc = _merge(Path(args.out), args, res)
         write_json_atomic(args.out, doc)
@@ -114,7 +123,8 @@ def expansion_rate_of(results) -> int:
 
     from finemoe.scaling.runs import read_table
 
-    rates = Counter(str(r.get("expansion_rate")) for r in read_table(results) if str(r.get("ffn", "moe")) == "moe")
+    rates = Counter(str(r.get("expansion_rate")) for path in results for r in read_table(path)
+                    if str(r.get("ffn", "moe")) == "moe")
     for value, _ in rates.most_common():
         try:
             return int(float(value))
@@ -173,7 +183,7 @@ def _merge(path: Path, args, res) -> dict:
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             doc = {}
     doc.update({"name": doc.get("name", path.stem), "expansion_rate": args.expansion_rate,
-                "source": f"finemoe fit {Path(args.results).name} ({args.loss_column})"})
+                "source": f"finemoe fit {' '.join(Path(r).name for r in args.results)} ({args.loss_column})"})
     doc[args.law] = res.groups if args.law == "granularity" else {**res.fixed, **res.params}
     doc.setdefault("fit", {})[args.law] = {k: v for k, v in res.to_dict(draws=True).items() if k != "groups"}
     return doc
@@ -202,7 +212,9 @@ def _human(o: dict) -> str:
                      "(--prior paper) or add runs at more sizes and token counts")
     if "holdout" in o:
         h = o["holdout"]
-        lines.append(f"held-out RMSE {h['rmse']:.4f} on the best {h['n_heldout']} runs ({h['fraction']:.0%}), refit without them")
+        which = f"the best {h['n_heldout']} runs ({h['fraction']:.0%})" if h["held_out"] == "best" else \
+            f"the {h['n_heldout']} runs at the largest budget"
+        lines.append(f"held-out RMSE {h['rmse']:.4f} on {which}, refit without them")
     if "bootstrap" in o:
         b = o["bootstrap"]
         lines.append(f"bootstrap: {b['n']} refits of {b['fraction']:.0%} resamples; percentiles {b['percentiles']}")

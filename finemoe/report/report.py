@@ -300,7 +300,9 @@ def iso_runs(done, loss: str):
     from finemoe.scaling.isoflop import IsoRuns
     from finemoe.scaling.runs import run_groups
 
-    iso = done[done.budget.notna()] if "budget" in done.columns else done.iloc[:0]
+    if "budget" not in done.columns:
+        return IsoRuns(*(np.array([]) for _ in range(5)))
+    iso = done[done.budget.notna()]
     g = iso.granularity.where(iso.ffn == "moe", 0).astype(int)
     return IsoRuns(iso.budget.astype(float).to_numpy(), iso.active_params.astype(float).to_numpy(), g.to_numpy(),
                    iso[loss].astype(float).to_numpy(), run_groups(iso.to_dict("records")))
@@ -369,7 +371,7 @@ def _isoflop_section(done, out: Path, o: ReportOptions, E: int) -> str | None:
 
 def fitted_coefficients(moe_res, dense_res, E: int, source: str):
     """The fitted laws as a coefficient set (`finemoe plan --coefficients FILE.json` reads its JSON)."""
-    from finemoe.scaling.laws import CoefficientSet, DenseLaw, MoELaw
+    from finemoe.scaling.laws import CoefficientSet
 
     fits = {"moe": moe_res.to_dict(draws=True)}
     if dense_res is not None:

@@ -104,17 +104,17 @@ class Points:
     loss: np.ndarray
     flops: np.ndarray | None = None
     group: np.ndarray | None = None
+    budget: np.ndarray | None = None  # an iso-FLOP sweep's compute budget per run (NaN: none)
 
     def __post_init__(self):
-        arrs = [np.asarray(x, float) for x in (self.N, self.D, self.G, self.loss)]
-        if self.flops is not None:
-            arrs.append(np.asarray(self.flops, float))
-        if len({a.shape for a in arrs}) != 1 or arrs[0].ndim != 1:
-            raise DataError("N, D, G, loss (and flops) must be 1-D arrays of the same length")
-        for k, a in zip(("N", "D", "G", "loss", "flops"), arrs):
+        names = ("N", "D", "G", "loss", "flops", "budget")
+        arrs = {k: np.asarray(getattr(self, k), float) for k in names if getattr(self, k) is not None}
+        if len({a.shape for a in arrs.values()}) != 1 or arrs["N"].ndim != 1:
+            raise DataError("N, D, G, loss (and flops, budget) must be 1-D arrays of the same length")
+        for k, a in arrs.items():
             object.__setattr__(self, k, a)
-        group = np.arange(len(arrs[0])) if self.group is None else np.asarray(self.group)
-        if group.shape != arrs[0].shape:
+        group = np.arange(len(arrs["N"])) if self.group is None else np.asarray(self.group)
+        if group.shape != arrs["N"].shape:
             raise DataError("group must give one label per run")
         object.__setattr__(self, "group", group)
 
@@ -123,7 +123,14 @@ class Points:
 
     def take(self, idx) -> "Points":
         return Points(self.N[idx], self.D[idx], self.G[idx], self.loss[idx],
-                      None if self.flops is None else self.flops[idx], self.group[idx])
+                      None if self.flops is None else self.flops[idx], self.group[idx],
+                      None if self.budget is None else self.budget[idx])
+
+    def largest_budget(self) -> np.ndarray:
+        """Indices of the runs at the largest compute budget (an iso-FLOP sweep's), to hold out."""
+        if self.budget is None or not np.isfinite(self.budget).any():
+            raise DataError("no run has a compute budget: holding out the largest budget needs an iso-FLOP sweep's results")
+        return np.flatnonzero(self.budget == np.nanmax(self.budget))
 
     def features(self) -> dict[str, np.ndarray]:
         return {"logN": np.log(self.N), "logD": np.log(self.D), "logG": np.log(self.G)}
@@ -285,12 +292,14 @@ def _rmse(pred, obs) -> float:
 
 
 def fit(pts: Points, law: str = "moe", *, fixed: dict[str, float] | None = None, huber_delta: float = 0.1,
-        space: str = "loss", weight_decay: float = 0.0, n_polish: int = 8, holdout: float | None = 0.2,
+        space: str = "loss", weight_decay: float = 0.0, n_polish: int = 8, holdout: float | np.ndarray | None = 0.2,
         bootstrap: int = 0,
         bootstrap_fraction: float = 0.8, percentiles: Sequence[float] = (10, 90), seed: int = 0,
         derived: Callable[[Any], dict[str, float]] | None = None) -> FitResult:
-    """Fit one law. `derived(law_object)` maps a fitted law to named quantities (e.g. optimal G at a
-    budget) whose bootstrap percentiles are reported beside the coefficients'."""
+    """Fit one law. `holdout` is the fraction of best runs refitted without and scored, or the indices
+    of the runs to hold out (e.g. `pts.largest_budget()`). `derived(law_object)` maps a fitted law to
+    named quantities (e.g. optimal G at a budget) whose bootstrap percentiles are reported beside the
+    coefficients'."""
     # Thousands of tiny solves: threaded BLAS inside L-BFGS-B only adds contention (10-50x slower on a
     # busy machine), so run single-threaded; bootstrap refits are the unit of parallelism, not BLAS.
     with threadpool_limits(1):
@@ -323,7 +332,7 @@ def _fit(pts, law, fixed, huber_delta, space, weight_decay, n_polish, holdout, b
     res = FitResult(law, _named(spec, theta, fixed), fixed, len(pts), _rmse(pred, pts.loss), value, huber_delta, space,
                     pred, pts.loss.copy(), weight_decay=weight_decay)
 
-    if holdout:
+    if holdout is not None and (np.ndim(holdout) or holdout):
         res.holdout = _holdout(spec, pts, fixed, obj, theta, holdout, law)
     if bootstrap:
         res.bootstrap = _bootstrap(spec, law, pts, fixed, obj, theta, bootstrap, bootstrap_fraction,
@@ -338,24 +347,32 @@ def _named(spec: _Law, theta: np.ndarray, fixed: dict[str, float] | None = None)
     return {k: float(v) for k, v in zip(spec.names, np.exp(theta))} | (fixed or {})
 
 
-def _holdout(spec, pts, fixed, obj, theta, frac, law) -> dict[str, Any]:
-    if not 0 < frac < 1:
-        raise DataError(f"--holdout-best must be a fraction in (0, 1), got {frac}")
-    order = np.argsort(pts.loss)
-    k = int(round(frac * len(pts)))
-    if k < 1:
-        raise DataError(f"holding out {frac:.0%} of {len(pts)} runs leaves nothing to validate on; use more runs")
-    test, train = order[:k], order[k:]
+def _holdout(spec, pts, fixed, obj, theta, holdout, law) -> dict[str, Any]:
+    if np.ndim(holdout):
+        test = np.asarray(holdout, int)
+        frac, what = len(test) / len(pts), f"the {len(test)} runs asked for"
+        if not 0 < len(test) < len(pts):
+            raise DataError(f"holding out {len(test)} of {len(pts)} runs leaves nothing to fit or to validate on")
+    else:
+        frac = holdout
+        if not 0 < frac < 1:
+            raise DataError(f"--holdout-best must be a fraction in (0, 1), got {frac}")
+        k = int(round(frac * len(pts)))
+        if k < 1:
+            raise DataError(f"holding out {frac:.0%} of {len(pts)} runs leaves nothing to validate on; use more runs")
+        test, what = np.argsort(pts.loss)[:k], f"the best {frac:.0%} of runs"
+    train = np.setdiff1d(np.arange(len(pts)), test)
+    k = len(test)
     tr = pts.take(train)
     try:
         validate(tr, law, fixed)
     except DataError as e:
-        raise DataError(f"after holding out the best {frac:.0%} of runs: {e}") from None
+        raise DataError(f"after holding out {what}: {e}") from None
     starts = np.vstack([theta[None, :], _starts(spec, fixed)])
     t, _ = _solve(spec, tr, fixed, obj, starts, 4)
     te = pts.take(test)
     pred = _predict(spec, t, te)
-    return {"fraction": frac, "n_heldout": int(k), "rmse": _rmse(pred, te.loss), "coefficients": _named(spec, t, fixed),
+    return {"fraction": frac, "held_out": "given" if np.ndim(holdout) else "best", "n_heldout": int(k), "rmse": _rmse(pred, te.loss), "coefficients": _named(spec, t, fixed),
             "train_rmse": _rmse(_predict(spec, t, tr), tr.loss), "predicted": pred, "observed": te.loss,
             "index": test}
 

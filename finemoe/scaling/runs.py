@@ -49,7 +49,7 @@ def _column(path, rows: list[dict], col: str) -> np.ndarray:
     """A numeric column; an empty cell is NaN (a run with no loss), text is the user's mistake."""
     out = np.empty(len(rows))
     for i, r in enumerate(rows):
-        v = r[col]
+        v = r.get(col)
         if v is None or v == "":
             out[i] = math.nan
             continue
@@ -60,12 +60,18 @@ def _column(path, rows: list[dict], col: str) -> np.ndarray:
     return out
 
 
-def load_points(path: str | Path, law: str = "moe", loss_column: str = "train_loss") -> Points:
-    """Rows that a law applies to: finished runs of the right FFN kind. Dense rows get G = 1."""
-    rows = read_table(path)
+def load_points(path: str | Path | list, law: str = "moe", loss_column: str = "train_loss") -> Points:
+    """Rows that a law applies to: finished runs of the right FFN kind. Dense rows get G = 1.
+
+    Several tables (a list of paths) are read as one, each row keeping the columns its table has."""
+    if isinstance(path, (list, tuple)):
+        rows = [r for p in path for r in read_table(p)]
+        path = ", ".join(str(p) for p in path)
+    else:
+        rows = read_table(path)
     if not rows:
         raise DataError(f"results {path}: the table has no rows")
-    cols = set(rows[0])
+    cols = set().union(*rows)
     need = ["total_params", "tokens", loss_column] + (["granularity"] if law != "dense" else [])
     missing = [c for c in need if c not in cols]
     if missing:
@@ -79,8 +85,9 @@ def load_points(path: str | Path, law: str = "moe", loss_column: str = "train_lo
         raise DataError(f"results {path}: no finished ('done') {'dense' if law == 'dense' else 'moe'} runs to fit the {law} law")
     G = _column(path, rows, "granularity") if law != "dense" else np.ones(len(rows))
     flops = _column(path, rows, "flops") if "flops" in cols else None
+    budget = _column(path, rows, "budget") if "budget" in cols else None
     return Points(_column(path, rows, "total_params"), _column(path, rows, "tokens"), G,
-                  _column(path, rows, loss_column), flops, run_groups(rows))
+                  _column(path, rows, loss_column), flops, run_groups(rows), budget)
 
 
 def run_groups(rows: list[dict]) -> np.ndarray:
