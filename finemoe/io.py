@@ -39,28 +39,54 @@ def ensure_dir(path: str | os.PathLike, what: str = "folder", probe: bool = Fals
     return path
 
 
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file's content, or one line saying why it cannot be read."""
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FinemoeError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise FinemoeError(f"cannot read {what} {path} ({e.strerror or e})") from None
+
+
+def check_writable_file(path: str | os.PathLike, what: str = "output") -> Path:
+    """An output file path that can be written: not a folder, its folder creatable. Checked before work."""
+    path = Path(path)
+    if path.is_dir():
+        raise FinemoeError(f"{what} {path} is a folder; give a file path")
+    ensure_dir(path.parent, f"{what} folder")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
-    path = Path(path)
-    ensure_dir(path.parent)
+    """Yield a temp path beside `path`; on success fsync it and rename it over `path`.
+
+    Any failure (a full disk, a folder where the file should go) names `path`, never the temp file,
+    and leaves `path` as it was."""
+    path = check_writable_file(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise FinemoeError(f"cannot write {path} ({e.strerror or e}); choose another location") from None
     os.close(fd)
     tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            os.chmod(tmp, 0o666 & ~umask())  # mkstemp (and some writers) make 0600; give the mode open() would
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise FinemoeError(f"cannot write {path} ({e.strerror or e}); it is unchanged") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -32,7 +32,7 @@ from finemoe.data.sources import DEFAULT_SOURCES, SOURCES, check_sources
 from finemoe.data.tokenizer import Tokenizer, gpt2_tokenizer, train_bpe
 from finemoe.data.tokens import write_tokens
 from finemoe.errors import DataError
-from finemoe.io import ensure_dir, write_json_atomic, write_text_atomic
+from finemoe.io import ensure_dir, umask, write_json_atomic, write_text_atomic
 
 FORMAT = 1  # bump when the parsers or the layout change, so old folders are rebuilt
 
@@ -102,6 +102,8 @@ def prepare(
         tok = gpt2_tokenizer(cache, log)
     t_tok = time.perf_counter()
 
+    for stale in [*out.parent.glob(f".{out.name}.*.tmp"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a prepare that was killed
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         stats = {"train": {}, "val": {}}
@@ -219,11 +221,10 @@ def _totals(stats: dict) -> dict:
 
 def _make_readable(folder: Path) -> None:
     """Temp files are created private (0600/0700); give the result the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
+    mask = umask()
+    folder.chmod(0o777 & ~mask)
     for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
+        f.chmod(0o666 & ~mask)
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

@@ -10,24 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types as types_mod
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finemoe.config import CPU_MATMULS, ModelConfig, check_known_keys
+from finemoe import schema
+from finemoe.config import CPU_MATMULS, ModelConfig, check_known_keys, require
 from finemoe.errors import ConfigError
+from finemoe.io import read_text
 from finemoe.train.schedule import COOLDOWN_SHAPES, WarmupCosine, WarmupStableDecay
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "wsd")
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass(frozen=True)
@@ -77,49 +72,50 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
-        _check(isinstance(self.model, ModelConfig), "model must be a mapping of ModelConfig fields")
-        object.__setattr__(self, "betas", tuple(self.betas))
-        _check(self.tokens >= 1, f"tokens (the budget D) must be >= 1, got {self.tokens}")
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _check(
+        require(isinstance(self.model, ModelConfig), "model must be a mapping of ModelConfig fields")
+        schema.check(self, "train")
+        require(0 <= self.seed < 2**32, f"seed must be between 0 and 2**32 - 1, got {self.seed}")
+        require(self.tokens >= 1, f"tokens (the budget D) must be >= 1, got {self.tokens}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(
             self.steps >= 1,
             f"tokens={self.tokens} is less than one step of batch_size*seq_len="
             f"{self.tokens_per_step}; raise tokens or lower batch_size/seq_len",
         )
-        _check(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
-        _check(0 <= self.final_lr_fraction <= 1, f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
-        _check(0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        _check(self.warmup_tokens is None or self.warmup_tokens >= 0,
+        require(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
+        require(0 <= self.final_lr_fraction <= 1, f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+        require(0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        require(self.warmup_tokens is None or self.warmup_tokens >= 0,
                f"warmup_tokens must be >= 0 or null, got {self.warmup_tokens}")
-        _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        _check(0 < self.cooldown_fraction <= 1, f"cooldown_fraction must be in (0, 1], got {self.cooldown_fraction}")
-        _check(self.cooldown_shape in COOLDOWN_SHAPES,
+        require(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        require(0 < self.cooldown_fraction <= 1, f"cooldown_fraction must be in (0, 1], got {self.cooldown_fraction}")
+        require(self.cooldown_shape in COOLDOWN_SHAPES,
                f"cooldown_shape must be one of {COOLDOWN_SHAPES}, got {self.cooldown_shape!r}")
         if self.schedule == "wsd":
-            _check(self.warmup_steps <= self.decay_start,
+            require(self.warmup_steps <= self.decay_start,
                    f"the warmup ({self.warmup_steps} steps) runs into the cooldown, which starts at step "
                    f"{self.decay_start}; lower warmup_tokens/warmup_fraction or cooldown_fraction")
         object.__setattr__(self, "snapshot_steps", tuple(sorted(set(self.snapshot_steps))))
-        _check(all(isinstance(s, int) and self.warmup_steps <= s <= self.decay_start for s in self.snapshot_steps),
+        require(all(isinstance(s, int) and self.warmup_steps <= s <= self.decay_start for s in self.snapshot_steps),
                f"snapshot_steps must be whole steps between the warmup's end ({self.warmup_steps}) and the "
                f"decay's start ({self.decay_start}), got {list(self.snapshot_steps)}")
-        _check(
+        require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"betas must be two numbers in [0, 1), got {list(self.betas)}",
         )
-        _check(self.eps > 0, f"eps must be > 0, got {self.eps}")
-        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or null, got {self.grad_clip}")
-        _check(self.lb_loss_weight >= 0 and self.z_loss_weight >= 0, "lb_loss_weight and z_loss_weight must be >= 0")
-        _check(self.eval_every >= 1 and self.ckpt_every >= 1, "eval_every and ckpt_every must be >= 1 (steps)")
-        _check(self.eval_batches >= 1, f"eval_batches must be >= 1, got {self.eval_batches}")
-        _check(self.smooth_window is None or self.smooth_window >= 1, f"smooth_window must be >= 1 or null, got {self.smooth_window}")
-        _check(0 < self.smooth_fraction <= 1, f"smooth_fraction must be in (0, 1], got {self.smooth_fraction}")
-        _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
-        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        _check(self.threads is None or self.threads >= 1, f"threads must be >= 1 or null, got {self.threads}")
-        _check(self.cpu_matmul in CPU_MATMULS, f"cpu_matmul must be one of {CPU_MATMULS}, got {self.cpu_matmul!r}")
-        _check(bool(self.out_dir), "out_dir must be a folder path")
+        require(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        require(self.lb_loss_weight >= 0 and self.z_loss_weight >= 0, "lb_loss_weight and z_loss_weight must be >= 0")
+        require(self.eval_every >= 1 and self.ckpt_every >= 1, "eval_every and ckpt_every must be >= 1 (steps)")
+        require(self.eval_batches >= 1, f"eval_batches must be >= 1, got {self.eval_batches}")
+        require(self.smooth_window is None or self.smooth_window >= 1, f"smooth_window must be >= 1 or null, got {self.smooth_window}")
+        require(0 < self.smooth_fraction <= 1, f"smooth_fraction must be in (0, 1], got {self.smooth_fraction}")
+        require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        require(self.threads is None or self.threads >= 1, f"threads must be >= 1 or null, got {self.threads}")
+        require(self.cpu_matmul in CPU_MATMULS, f"cpu_matmul must be one of {CPU_MATMULS}, got {self.cpu_matmul!r}")
+        require(bool(self.out_dir), "out_dir must be a folder path")
 
     @property
     def seq_len(self) -> int:
@@ -169,16 +165,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "TrainConfig":
+        require(data is None or isinstance(data, dict), f"a training config must be a mapping, got {type(data).__name__}")
         data = dict(data or {})
         check_known_keys(cls, data, "training")
         if "model" in data:
             m = data["model"]
-            _check(isinstance(m, (dict, ModelConfig)), "model must be a mapping of ModelConfig fields")
-            data["model"] = m if isinstance(m, ModelConfig) else ModelConfig.from_dict(_coerce_all(ModelConfig, m))
-        try:
-            return cls(**_coerce_all(cls, data))
-        except TypeError as e:  # e.g. a list where a number belongs
-            raise ConfigError(f"invalid training config: {e}") from None
+            require(isinstance(m, (dict, ModelConfig)), "model must be a mapping of ModelConfig fields")
+            data["model"] = m if isinstance(m, ModelConfig) else ModelConfig.from_dict(m)
+        return cls(**schema.coerce(cls, data))
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "TrainConfig":
@@ -188,10 +182,10 @@ class TrainConfig:
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/tiny.yaml")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(read_text(path, "config")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        _check(isinstance(data, dict), f"{path} must hold a mapping of training keys")
+        require(isinstance(data, dict), f"{path} must hold a mapping of training keys")
         return cls.from_dict(apply_overrides(data, overrides or []))
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -205,48 +199,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for item in overrides:
         key, sep, text = item.partition("=")
-        _check(bool(sep) and bool(key), f"override {item!r} must look like key=value or model.key=value")
+        require(bool(sep) and bool(key), f"override {item!r} must look like key=value or model.key=value")
         value = yaml.safe_load(text) if text else None
         parts = key.split(".")
-        _check(len(parts) <= 2 and (len(parts) == 1 or parts[0] == "model"), f"override key {key!r}: only model.<key> nests")
+        require(len(parts) <= 2 and (len(parts) == 1 or parts[0] == "model"), f"override key {key!r}: only model.<key> nests")
         if len(parts) == 2:
             data.setdefault("model", {})
-            _check(isinstance(data["model"], dict), "model must be a mapping")
+            require(isinstance(data["model"], dict), "model must be a mapping")
             data["model"][parts[1]] = value
         else:
             data[key] = value
     return data
-
-
-def _coerce_all(cls, data: dict[str, Any]) -> dict[str, Any]:
-    """YAML reads `2e-4` as a string and users write `1e7` for an int: convert by the field's type."""
-    hints = typing.get_type_hints(cls)
-    return {k: _coerce(k, v, hints.get(k)) for k, v in data.items()}
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    if value is None or hint is None:
-        return value
-    args = typing.get_args(hint)
-    types = set(args) if typing.get_origin(hint) in (typing.Union, types_mod.UnionType) else {hint}
-    if float in types and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if int in types and isinstance(value, (float, str)) and not isinstance(value, bool):
-        try:
-            f = float(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-        if not f.is_integer():
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return int(f)
-    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(name, v, args[0]) for v in value)
-        return tuple(_coerce(name, v, a) for v, a in zip(value, args))
-    return value
 
 
 __all__ = ["TrainConfig", "apply_overrides"]

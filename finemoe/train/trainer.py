@@ -202,7 +202,7 @@ class _Run:
         distributed.barrier(self.dist)  # every rank has read the checkpoint before rank 0 rewrites it
         if main:
             ensure_dir(out, "run folder")
-            for stale in out.glob(".*.tmp"):  # a kill mid-write leaves its temp file behind
+            for stale in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:  # a kill mid-write leaves its temp file
                 stale.unlink(missing_ok=True)
             write_json_atomic(out / "config.json", cfg.to_dict())
             tok = Path(cfg.data_dir) / "tokenizer.json"
