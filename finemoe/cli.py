@@ -27,6 +27,19 @@ COMMANDS = (
 )
 
 
+DESCRIPTION = ("Fine-grained Mixture-of-Experts language models and their scaling laws: plan the MoE for your "
+               "compute budget, train it, sweep sizes and granularities, and fit the laws to your own runs.")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("finemoe")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (problem + where to look), exit code 2, from the
     (sub)command it concerns: each parser records itself, and the deepest one used wins."""
@@ -40,7 +53,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="finemoe", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="finemoe", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"finemoe {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"finemoe.commands.{name}").register(sub)

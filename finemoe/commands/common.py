@@ -67,3 +67,23 @@ def positive_float(text: str) -> float:
     if not math.isfinite(v) or v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
     return v
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def check_outputs(*paths: str | None) -> None:
+    """Output files named on the command line can be written (not a folder, folder creatable): checked
+    before any work, so a bad path never costs a computation."""
+    from finemoe.io import check_writable_file
+
+    for p in paths:
+        if p:
+            check_writable_file(p)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from finemoe.commands.common import add_json_flag, emit, positive_float, positive_int
+from finemoe.commands.common import add_json_flag, check_outputs, emit, nonnegative_int, positive_float, positive_int
 
 PRIORS = ("paper", "paper-precise")
 
@@ -15,7 +15,8 @@ def register(sub) -> None:
     p = sub.add_parser("fit", help="fit a scaling law to finished runs (CSV or the sweep's SQLite store)")
     p.add_argument("results", metavar="RESULTS", nargs="+",
                    help="runs CSV or SQLite store with a `runs` table; several are fitted as one")
-    p.add_argument("--law", choices=("moe", "dense", "granularity"), default="moe")
+    p.add_argument("--law", choices=("moe", "dense", "granularity"), default="moe",
+                   help="moe: Eq. 9 (default); dense: Eq. 1; granularity: Eq. 4 per (N, D)")
     p.add_argument("--loss-column", choices=("train_loss", "val_loss"), default="train_loss",
                    help="fit target (the paper fits the final smoothed training loss)")
     p.add_argument("--fix-c", type=positive_float, default=None, metavar="VALUE",
@@ -42,7 +43,7 @@ def register(sub) -> None:
                    help="budgets for bootstrap intervals of the optimal G, N, D")
     p.add_argument("--expansion-rate", "-E", type=positive_int, default=None,
                    help="E of the runs (default: the results' expansion_rate column, else 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="bootstrap resampling seed (default 0)")
     p.add_argument("--out", metavar="COEFFS.json",
                    help="write the coefficients (merged into this file if it already holds the other law)")
     p.add_argument("--plot", metavar="OUT.png", help="predicted vs observed loss (paper Fig. 5a)")
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     if not 0 <= args.holdout_best < 1:
         raise ConfigError(f"--holdout-best must be in [0, 1), got {args.holdout_best}")
+    check_outputs(args.out, args.plot)
     fixed = fixed_coefficients(args.law, args.fix, args.prior, args.fix_c)
     if args.law == "granularity" and (args.bootstrap or fixed):
         raise ConfigError("--bootstrap, --fix, --fix-c and --prior apply to the moe and dense laws, not to --law granularity")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from finemoe.commands.common import add_json_flag, emit, positive_int
+from finemoe.commands.common import add_json_flag, emit, nonnegative_int, positive_int
 
 
 def _temperature(text: str) -> float:
@@ -12,8 +12,8 @@ def _temperature(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return v
 
 
@@ -21,12 +21,12 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a trained model (a run folder or its ckpt.pt)")
     p.add_argument("checkpoint", help="run folder (out_dir of `finemoe train`) or its ckpt.pt")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=positive_int, default=100)
+    p.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to sample (default 100)")
     p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=positive_int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens (default 50)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (default 0)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the run's copy, else its data_dir's)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from finemoe.errors import ConfigError
     from finemoe.train.generate import find_tokenizer, load_model, sample
 
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("--prompt holds bytes that are not UTF-8 text; pass the prompt as UTF-8") from None
     if args.device == "cuda":
         import torch
 

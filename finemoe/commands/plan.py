@@ -6,7 +6,8 @@ import argparse
 import math
 from dataclasses import asdict
 
-from finemoe.commands.common import add_json_flag, emit, positive_float, positive_int
+from finemoe.commands.common import (add_json_flag, check_outputs, emit, nonnegative_float, positive_float,
+                                     positive_int)
 from finemoe.units import count
 
 
@@ -17,7 +18,8 @@ def add_law_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expansion-rate", "-E", type=positive_int, default=None,
                    help="E (default: the coefficient set's, 64 for the paper's)")
     p.add_argument("--c-f", type=positive_float, default=6.0, help="FLOPs per active parameter per token (6)")
-    p.add_argument("--c-r", type=float, default=14.0, help="routing FLOPs per router weight per token (14; paper: 6..20)")
+    p.add_argument("--c-r", type=nonnegative_float, default=14.0,
+                   help="routing FLOPs per router weight per token (14; paper: 6..20)")
     p.add_argument("--aspect", type=positive_float, default=64.0, help="d_model / n_blocks (64, the paper's)")
     p.add_argument("--granularities", default="1,2,4,8,16,32,64,128,256",
                    help="comma-separated G values searched (default powers of two 1..256)")
@@ -39,8 +41,6 @@ def load_law_args(args: argparse.Namespace):
         gs = tuple(float(x) for x in args.granularities.split(",") if x.strip())
     except ValueError:
         raise ConfigError(f"--granularities must be comma-separated numbers >= 1, got {args.granularities!r}") from None
-    if args.c_r < 0:
-        raise ConfigError(f"--c-r must be >= 0, got {args.c_r}")
     E = args.expansion_rate or coeffs.expansion_rate
     s = Settings(expansion_rate=E, c_f=args.c_f, c_r=args.c_r, aspect=args.aspect, granularities=gs,
                  continuous_g=args.continuous_g, max_total_params=args.max_total_params,
@@ -72,6 +72,7 @@ def _plan_dict(P) -> dict:
 def run(args: argparse.Namespace) -> int:
     from finemoe.scaling import plan as P
 
+    check_outputs(args.plot, args.write_config)
     coeffs, s = load_law_args(args)
     if args.paper_table:
         out = paper_table(coeffs, s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from finemoe.commands.common import add_json_flag, emit, positive_float
+from finemoe.commands.common import add_json_flag, check_outputs, emit, positive_float
 from finemoe.commands.plan import add_law_args, cap_terms, load_law_args
 
 DEFAULT_BUDGETS = tuple(10.0**e for e in range(18, 27))
@@ -31,6 +31,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from finemoe.scaling.plan import compare
 
+    check_outputs(args.plot)
     coeffs, s = load_law_args(args)
     coeffs.require("dense")
     rows = []

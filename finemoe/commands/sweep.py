@@ -80,7 +80,7 @@ def status(args: argparse.Namespace) -> int:
         raise ConfigError("give a sweep SPEC or --store PATH")
     if spec is not None:
         spec.store = path
-        store = Store(path) if Path(path).is_file() else None
+        store = Store(path, create=False) if Path(path).is_file() else None
         rows = status_rows(store, spec) if store else status_rows_unstarted(spec)
     else:
         rows = status_rows(Store(path, create=False))
@@ -112,6 +112,9 @@ def _human(o: dict) -> str:
 
 
 def export(args: argparse.Namespace) -> int:
+    from finemoe.commands.common import check_outputs
+
+    check_outputs(args.csv)
     _, store = _spec_and_store(args, must_exist=True)
     path = store.export_csv(args.csv)
     n = len(store.rows())

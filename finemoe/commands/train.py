@@ -26,8 +26,16 @@ def run(args: argparse.Namespace) -> int:
 
     record = train(cfg, resume=args.resume, quiet=args.quiet or args.json)
     record = {k: v for k, v in record.items() if k != "config"}
-    emit(args, record, _human)
+    if is_main_process():  # under torchrun every rank returns the record; one summary is enough
+        emit(args, record, _human)
     return 0 if record["status"] == "done" else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch (its RANK variable), or a plain process."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _human(r: dict) -> str:

@@ -52,6 +52,8 @@ class Settings:
     max_active_params: float | None = None
 
     def __post_init__(self):
+        if not all(math.isfinite(v) for v in (self.expansion_rate, self.c_f, self.c_r, self.aspect)):
+            raise ConfigError("expansion_rate, c_f, c_r and aspect must be finite numbers")
         if self.expansion_rate < 1 or self.c_f <= 0 or self.c_r < 0 or self.aspect <= 0:
             raise ConfigError("need expansion_rate >= 1, c_f > 0, c_r >= 0 and aspect > 0")
         if not self.granularities or min(self.granularities) < 1:
@@ -189,6 +191,7 @@ class Comparison:
 
 
 def compare(coeffs: CoefficientSet, flops: float, s: Settings = Settings()) -> Comparison:
+    check_plannable(flops, s)
     moe_law = coeffs.require("moe")
     best = optimum(moe_law, flops, s)
     s1 = replace(s, granularities=(1,), continuous_g=False)
@@ -223,9 +226,24 @@ def optimum_for_active(law: MoELaw, n_act: float, s: Settings = Settings()) -> P
     return optimum(law, math.exp(x), s)
 
 
+MAX_BUDGET = 1e35  # beyond any training run; past it the optimisers' exponentials overflow
+
+
 def _check_budget(flops: float) -> None:
     if not (isinstance(flops, (int, float, np.floating)) and math.isfinite(flops) and flops > 0):
         raise ConfigError(f"FLOPs budget must be a positive finite number, got {flops!r}")
+    if flops > MAX_BUDGET:
+        raise ConfigError(f"FLOPs budget {flops:.3g} is beyond {MAX_BUDGET:.0e}; plan for a budget below it")
+
+
+def check_plannable(flops: float, s: Settings) -> None:
+    """A budget the planner can answer: finite, and enough for one token of the smallest model it
+    builds (one block of d_model 64, G=1), so `plan` and `savings` accept and refuse the same budgets."""
+    _check_budget(flops)
+    smallest = acc.flops_per_token(64, 1, s.expansion_rate, 1, s.c_f, s.c_r)
+    if flops < smallest:
+        raise ConfigError(f"budget {flops:.3g} FLOPs cannot train even one token of the smallest buildable model "
+                          f"({smallest:.3g} FLOPs per token); raise --flops")
 
 
 # --- concrete architecture -------------------------------------------------------------------------

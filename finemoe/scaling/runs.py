@@ -77,7 +77,8 @@ def load_points(path: str | Path | list, law: str = "moe", loss_column: str = "t
     if missing:
         raise DataError(f"results {path}: missing column(s) {missing}; have {sorted(cols)}")
     if "status" in cols:
-        rows = [r for r in rows if str(r["status"]).strip().lower() == "done"]
+        rows = [r for r in rows if str(r.get("status")).strip().lower() == "done"]
+    rows = _unique_runs(path, rows, loss_column)
     if "ffn" in cols:
         want = "dense" if law == "dense" else "moe"
         rows = [r for r in rows if str(r["ffn"]).strip().lower() == want]
@@ -88,6 +89,34 @@ def load_points(path: str | Path | list, law: str = "moe", loss_column: str = "t
     budget = _column(path, rows, "budget") if "budget" in cols else None
     return Points(_column(path, rows, "total_params"), _column(path, rows, "tokens"), G,
                   _column(path, rows, loss_column), flops, run_groups(rows), budget)
+
+
+def _unique_runs(path, rows: list[dict], loss_column: str) -> list[dict]:
+    """One row per run id: an exact repeat (the same table given twice) is dropped, a run id with two
+    different results is the user's to resolve."""
+    seen: dict[str, dict] = {}
+    out = []
+    for r in rows:
+        rid = r.get("run_id")
+        if rid in (None, ""):
+            out.append(r)
+            continue
+        key = tuple(_as_number(r.get(k)) for k in (loss_column, "tokens", "total_params", "granularity"))
+        if rid in seen:
+            if seen[rid] != key:
+                raise DataError(f"results {path}: run {rid} appears twice with different results "
+                                f"({loss_column} {seen[rid][0]} and {key[0]}); keep one of them")
+            continue
+        seen[rid] = key
+        out.append(r)
+    return out
+
+
+def _as_number(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
 
 
 def run_groups(rows: list[dict]) -> np.ndarray:

@@ -34,20 +34,26 @@ def run_sweep(spec: Spec, executor: str | None = None, options: dict[str, Any] |
     store = Store(spec.store)
     store.add(spec.runs, spec.name)
     if spec.csv and Path(spec.csv).is_file():
-        n = store.import_finished(spec.csv, [r.run_id for r in spec.runs])
+        n, refused = store.import_finished(spec.csv, [r.run_id for r in spec.runs])
         if n:
             log(f"sweep {spec.name}: took {n} finished runs from {spec.csv}")
+        for why in refused:
+            log(f"sweep {spec.name}: not taken from {spec.csv} (it trains again): {why}")
     pending = todo(store, spec)
     ids = [r.run_id for r in spec.runs]
     counts = store.counts(ids)
     log(f"sweep {spec.name}: {len(spec.runs)} runs, {counts['done'] + counts['diverged']} finished, "
         f"{len(pending)} to run  (store {spec.store})")
+    labels = {r.run_id: r.label for r in spec.runs}
+    if dry_run:
+        for rid in pending:
+            log(f"  would run {rid}  {labels[rid]}")
     if dry_run or not pending:
-        return {"sweep": spec.name, "store": spec.store, "to_run": len(pending), **counts}
+        return {"sweep": spec.name, "store": spec.store, "to_run": len(pending), **counts,
+                "pending": [{"run_id": rid, "label": labels[rid]} for rid in pending]}
     opts = {**spec.executor, **{k: v for k, v in (options or {}).items() if v is not None}}
     kind = executor or opts.get("kind") or "local"
     ex = make_executor(kind, opts, spec.runs_dir)
-    labels = {r.run_id: r.label for r in spec.runs}
     t0, k = time.time(), 0
 
     def on_done(rid: str) -> None:

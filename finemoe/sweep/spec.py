@@ -43,7 +43,16 @@ from typing import Any
 from finemoe.accounting import paper_counts
 from finemoe.config import ModelConfig
 from finemoe.errors import ConfigError
+from finemoe.io import read_text
 from finemoe.train.config import TrainConfig
+
+EXECUTORS = ("local", "inprocess", "slurm", "submitit-local")
+
+
+def check_executor(kind: Any, where: str) -> None:
+    """Named before any store or folder is created."""
+    if kind not in EXECUTORS:
+        raise ConfigError(f"{where}: unknown executor {kind!r}; use one of {', '.join(EXECUTORS)}")
 
 TOP_KEYS = {
     "name", "description", "data_dir", "runs_dir", "store", "csv", "model", "train", "sizes",
@@ -133,6 +142,12 @@ def expand(raw: dict[str, Any], source: str = "<spec>") -> Spec:
     unknown = sorted(set(raw) - TOP_KEYS)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(TOP_KEYS)}")
+    for key in ("name", "data_dir", "runs_dir", "store", "csv", "trainer", "description"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise ConfigError(f"{source}: '{key}' must be a text (a name or a path), got {raw[key]!r}")
+    for key in ("model", "train", "executor"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping of keys, such as {key}: {{...}}, got {raw[key]!r}")
     name = str(raw.get("name") or Path(source).stem)
     data_dir = raw.get("data_dir")
     if not data_dir:
@@ -141,13 +156,18 @@ def expand(raw: dict[str, Any], source: str = "<spec>") -> Spec:
     store = str(raw.get("store") or f"{runs_dir}/results.sqlite")
     model_base = dict(raw.get("model") or {})
     train_base = dict(raw.get("train") or {})
+    executor = dict(raw.get("executor") or {})
+    check_executor(executor.get("kind", "local"), f"{source}: executor.kind")
+    for key in ("workers", "threads"):
+        if executor.get(key) is not None and _whole(executor[key], f"executor.{key}") < 1:
+            raise ConfigError(f"{source}: executor.{key} must be >= 1, got {executor[key]!r}")
     for bad in ("model", "data_dir", "out_dir", "tokens", "seed"):
         if bad in train_base:
             raise ConfigError(f"{source}: 'train.{bad}' is set by the sweep; use the spec's top-level keys instead")
     sizes = raw.get("sizes")
     if not sizes or not isinstance(sizes, list):
         raise ConfigError(f"{source}: 'sizes' must be a non-empty list such as [{{d_model: 64, n_blocks: 2}}]")
-    seeds = [int(s) for s in _list(raw.get("seeds", [0]), "seeds")] or [0]
+    seeds = [_whole(s, "seeds") for s in _list(raw.get("seeds", [0]), "seeds")] or [0]
 
     branches = raw.get("branches", False)
     if not isinstance(branches, bool):
@@ -168,7 +188,9 @@ def expand(raw: dict[str, Any], source: str = "<spec>") -> Spec:
         if not tokens and not budgets:
             raise ConfigError(f"{source}: no token or compute budgets for sizes[{i}]; set 'tokens' or 'budgets'")
         gs = [_whole(g, f"sizes[{i}] granularities") for g in _list(size.get("granularities", raw.get("granularities")), "granularities")]
-        dense = bool(size.get("dense", raw.get("dense", False)))
+        dense = size.get("dense", raw.get("dense", False))
+        if not isinstance(dense, bool):
+            raise ConfigError(f"{source}: sizes[{i}] 'dense' must be true or false, got {dense!r}")
         if not gs and not dense:
             raise ConfigError(f"{source}: sizes[{i}] has no granularities and no dense baseline; nothing to run")
         variants = ([{"ffn": "dense"}] if dense else []) + [{"ffn": "moe", "granularity": g} for g in gs]
@@ -208,7 +230,6 @@ def expand(raw: dict[str, Any], source: str = "<spec>") -> Spec:
         _check_train(config)
         parent = ids[id(dr["parent"])] if dr["parent"] is not None else None
         runs.append(Run(run_id, run_label(config, dr["budget"]), config, dr["budget"], parent))
-    executor = dict(raw.get("executor") or {})
     return Spec(name=name, data_dir=str(data_dir), runs_dir=runs_dir, store=store, csv=raw.get("csv"),
                 runs=runs, executor=executor, trainer=str(raw.get("trainer") or DEFAULT_TRAINER), source=source)
 
@@ -268,12 +289,12 @@ def load(path: str | Path) -> Spec:
 
     p = Path(path)
     if not p.is_file():
-        builtin = resources.files("finemoe.sweep") / "specs" / f"{p.name.removesuffix('.yaml')}.yaml"
-        if p.suffix in ("", ".yaml") and builtin.is_file():
+        builtin = resources.files("finemoe.sweep") / "specs" / f"{p.name}.yaml"
+        if p.suffix == "" and p.name == str(path) and builtin.is_file():  # a bare name, not a missing path
             return expand(yaml.safe_load(builtin.read_text()), source=p.name)
         raise ConfigError(f"sweep spec {path} not found; give a YAML file or a built-in name such as 'quickstart'")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(read_text(p, "sweep spec"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -103,18 +103,32 @@ class Store:
     """A SQLite results store; connections are short-lived so it is safe across fork/spawn and hosts."""
 
     def __init__(self, path: str | os.PathLike, create: bool = True):
+        """create=True: make or migrate the store (a sweep writes it). create=False: open an existing
+        store read-only, refusing a file that is not one (status and export never change it)."""
         self.path = Path(path)
-        if not create and not self.path.is_file():
-            raise DataError(f"results store {self.path} not found; run `finemoe sweep run SPEC` first or pass --store")
-        if create:
-            ensure_dir(self.path.parent, "results store folder")
+        self.readonly = not create
+        if self.readonly:
+            if not self.path.is_file():
+                raise DataError(f"results store {self.path} not found; run `finemoe sweep run SPEC` first or pass --store")
+            with self._connect() as con:
+                have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
+            missing = {"run_id", "status", "config"} - have
+            if missing:
+                raise DataError(f"{self.path} is not a finemoe results store (no 'runs' table with "
+                                f"{', '.join(sorted(missing))}); give the store a sweep wrote")
+            return
+        ensure_dir(self.path.parent, "results store folder")
+        if self.path.is_file() and self.path.stat().st_size and not _is_sqlite(self.path):
+            raise DataError(f"{self.path} is not a SQLite file; give a new path or a finemoe results store")
         with self._connect() as con:
+            have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if (tables and not have) or (have and not {"run_id", "status", "config"} <= have):
+                raise DataError(f"{self.path} is a SQLite file of something else; give a new path or a finemoe store")
             con.execute("PRAGMA journal_mode=WAL")
             cols = ", ".join(f"{k} {v}" for k, v in COLUMNS.items())
             con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
             have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
-            if not have:
-                raise DataError(f"{self.path} has no 'runs' table; it is not a finemoe results store")
             for k, v in COLUMNS.items():  # stores written by an older version gain the new columns
                 if k not in have:
                     con.execute(f"ALTER TABLE runs ADD COLUMN {k} {v.replace('PRIMARY KEY', '').replace('NOT NULL', '')}")
@@ -122,17 +136,24 @@ class Store:
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         try:
-            con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            if self.readonly:
+                con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60.0, isolation_level=None)
+            else:
+                con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
         except sqlite3.Error as e:
             raise DataError(f"cannot open results store {self.path}: {e}") from None
         con.row_factory = sqlite3.Row
         try:
             con.execute("PRAGMA busy_timeout=60000")
-            con.execute("PRAGMA synchronous=FULL")
+            if not self.readonly:
+                con.execute("PRAGMA synchronous=FULL")
             yield con
         except sqlite3.DatabaseError as e:
-            if "not a database" in str(e) or "malformed" in str(e):
+            text = str(e)
+            if "not a database" in text or "malformed" in text:
                 raise DataError(f"{self.path} is not a readable SQLite results store ({e})") from None
+            if "disk is full" in text or "disk I/O" in text or "readonly" in text:
+                raise DataError(f"cannot write results store {self.path} ({e}); its last committed state is kept") from None
             raise
         finally:
             con.close()
@@ -203,8 +224,9 @@ class Store:
                  json.dumps(record, sort_keys=True, default=str), run_id),
             )
 
-    def import_finished(self, path: str | os.PathLike, run_ids: Iterable[str]) -> int:
-        """Copy finished rows of an exported CSV into this store, for runs it has not finished.
+    def import_finished(self, path: str | os.PathLike, run_ids: Iterable[str]) -> tuple[int, list[str]]:
+        """Copy finished rows of an exported CSV into this store, for runs it has not finished; returns
+        how many, and why each finished row that was not taken was refused (it will train again).
 
         A sweep's CSV is committed while its store and checkpoints are not, so a fresh checkout picks
         up where an earlier session stopped instead of training those runs again.
@@ -212,7 +234,15 @@ class Store:
         df = load_runs(path)
         keep = set(run_ids)
         cols = [c for c in COLUMNS if c != "run_id" and c in df.columns]
-        rows = [r for r in df.to_dict("records") if r.get("run_id") in keep and r.get("status") in FINAL]
+        rows, refused = [], []
+        for r in df.to_dict("records"):
+            if r.get("run_id") not in keep or r.get("status") not in FINAL:
+                continue
+            why = _invalid_finished(r)
+            if why:
+                refused.append(f"{r['run_id']}: {why}")
+            else:
+                rows.append(r)
         with self.transaction() as con:
             final = {r[0] for r in con.execute(f"SELECT run_id FROM runs WHERE status IN {FINAL}")}
             new = [r for r in rows if r["run_id"] not in final]
@@ -220,7 +250,7 @@ class Store:
                 f"UPDATE runs SET {', '.join(f'{c}=?' for c in cols)} WHERE run_id=?",
                 [(*(_from_csv(r[c]) for c in cols), r["run_id"]) for r in new],
             )
-        return len(new)
+        return len(new), refused
 
     def fail(self, run_id: str, error: str) -> None:
         with self.transaction() as con:
@@ -269,6 +299,24 @@ class Store:
         return Path(path)
 
 
+def _invalid_finished(row: dict[str, Any]) -> str | None:
+    """Why a CSV row marked finished cannot stand for a finished run, or None."""
+    def number(k):
+        try:
+            v = float(row.get(k))
+        except (TypeError, ValueError):
+            return math.nan
+        return v
+
+    if row.get("status") == "done":
+        if not (math.isfinite(number("train_loss")) and number("train_loss") > 0):
+            return f"status done but train_loss is {row.get('train_loss')!r}"
+        for k in ("tokens", "total_params", "flops"):
+            if k in row and not (math.isfinite(number(k)) and number(k) > 0):
+                return f"status done but {k} is {row.get(k)!r}"
+    return None
+
+
 def _from_csv(x: Any) -> Any:
     """pandas reads empty cells as NaN and integers as numpy scalars; SQLite wants None and Python."""
     if isinstance(x, float) and math.isnan(x):
@@ -284,6 +332,11 @@ def _e(m: dict[str, Any]) -> int:
     return int(m.get("expansion_rate", 1)) if m["ffn"] == "moe" else 1
 
 
+def _is_sqlite(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"
+
+
 def load_runs(path: str | os.PathLike):
     """The runs of a store (.sqlite/.db) or of an exported CSV as a pandas DataFrame."""
     import pandas as pd
@@ -291,9 +344,7 @@ def load_runs(path: str | os.PathLike):
     p = Path(path)
     if not p.is_file():
         raise DataError(f"results file {p} not found; give a results store (.sqlite) or a CSV exported from one")
-    with open(p, "rb") as f:
-        is_sqlite = f.read(16) == b"SQLite format 3\x00"
-    if is_sqlite:
+    if _is_sqlite(p):
         try:
             con = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=60.0)
             try:

@@ -183,7 +183,12 @@ class _Run:
         cfg, out, main = self.cfg, self.out, self.dist.main
         final_path, ckpt_path = out / FINAL_NAME, out / checkpoint.CKPT_NAME
         if resume and final_path.is_file():
-            return json.loads(final_path.read_text())
+            record = json.loads(final_path.read_text())
+            diff = config_diff(record.get("config") or {}, cfg, RESUMABLE_CHANGES)
+            if diff:
+                raise ConfigError(f"{out} holds a finished run of a different config ({', '.join(diff)} differ); "
+                                  "train it with its own config or pick a new out_dir")
+            return record
         if not resume and (final_path.exists() or ckpt_path.exists()):
             raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another out_dir")
         self.train_data, self.val_data = self._open_data()
