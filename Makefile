@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The torch that `make` installs: the CPU build the tests run on. Bring your own (a cluster's CUDA
+# build) with `make TORCH_SPEC= ...` after installing it into .venv, or see README "Install".
+TORCH_SPEC ?= torch==2.13.0
 # glibc returns large MoE temporaries to the OS on every step unless told otherwise; page faults then
 # cost more than the arithmetic (see docs). jemalloc/tcmalloc users can override these.
 export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
@@ -18,6 +21,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(if $(TORCH_SPEC),$(PY) -m pip install -q "$(TORCH_SPEC)")
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -c "import finemoe, torch, scipy, tokenizers"
 	touch $(STAMP)

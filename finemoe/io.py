@@ -50,12 +50,26 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
         raise FinemoeError(f"cannot read {what} {path} ({e.strerror or e})") from None
 
 
+def check_folder_path(path: str | os.PathLike, what: str = "folder") -> Path:
+    """A folder that can be made later: not a file, under an existing writable folder. Creates nothing,
+    so bad input found after this check leaves no empty folder behind."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FinemoeError(f"{what} {path} is a file; choose another location")
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise FinemoeError(f"cannot create {what} {path} ({base} is not a writable folder); choose another location")
+    return path
+
+
 def check_writable_file(path: str | os.PathLike, what: str = "output") -> Path:
     """An output file path that can be written: not a folder, its folder creatable. Checked before work."""
     path = Path(path)
     if path.is_dir():
         raise FinemoeError(f"{what} {path} is a folder; give a file path")
-    ensure_dir(path.parent, f"{what} folder")
+    check_folder_path(path.parent, f"{what} folder")
     return path
 
 
@@ -66,6 +80,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Any failure (a full disk, a folder where the file should go) names `path`, never the temp file,
     and leaves `path` as it was."""
     path = check_writable_file(path)
+    ensure_dir(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:

@@ -50,14 +50,14 @@ def run(args: argparse.Namespace) -> int:
     from finemoe.sweep.driver import run_sweep
 
     from finemoe.errors import ConfigError
-    from finemoe.io import ensure_dir
+    from finemoe.io import check_folder_path
 
     log = (lambda *_: None) if args.json else (lambda *a: print(*a, flush=True))
     t0 = time.time()
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     spec = specmod.load(args.spec)
-    ensure_dir(Path(args.out) if args.out else Path(spec.runs_dir) / "report", "report folder")
+    check_folder_path(Path(args.out) if args.out else Path(spec.runs_dir) / "report", "report folder")
 
     log(f"[1/3] corpus and tokenizer -> {spec.data_dir}")
     prepare_data(spec.data_dir, log, vocab_size=spec.runs[0].config["model"]["vocab_size"])

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--holdout-best must be a fraction in (0, 1), got {args.holdout_best}")
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    from finemoe.io import ensure_dir, read_text
+    from finemoe.io import check_folder_path, read_text
     from finemoe.scaling.laws import load_coefficients
 
     load_coefficients(args.coefficients)  # an unknown set is named before anything is written
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         from finemoe.errors import DataError
 
         raise DataError(f"results file {results} not found; give a results store (.sqlite) or a CSV exported from one")
-    ensure_dir(out, "report folder")
+    check_folder_path(out, "report folder")
     opts = ReportOptions(loss=args.loss, bootstrap=args.bootstrap, holdout=args.holdout_best, fix_c=args.fix_c,
                          budgets=tuple(args.budgets or DEFAULT_BUDGETS), paper_coefficients=args.coefficients,
                          title=args.title, notes=list(args.note), filename=args.name,

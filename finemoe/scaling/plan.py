@@ -232,14 +232,15 @@ MAX_BUDGET = 1e35  # beyond any training run; past it the optimisers' exponentia
 def _check_budget(flops: float) -> None:
     if not (isinstance(flops, (int, float, np.floating)) and math.isfinite(flops) and flops > 0):
         raise ConfigError(f"FLOPs budget must be a positive finite number, got {flops!r}")
-    if flops > MAX_BUDGET:
-        raise ConfigError(f"FLOPs budget {flops:.3g} is beyond {MAX_BUDGET:.0e}; plan for a budget below it")
 
 
 def check_plannable(flops: float, s: Settings) -> None:
     """A budget the planner can answer: finite, and enough for one token of the smallest model it
-    builds (one block of d_model 64, G=1), so `plan` and `savings` accept and refuse the same budgets."""
+    builds (one block of d_model 64, G=1), and at most MAX_BUDGET, so `plan` and `savings` accept and
+    refuse the same budgets. (Internal searches, such as the dense multiple's, may go past the cap.)"""
     _check_budget(flops)
+    if flops > MAX_BUDGET:
+        raise ConfigError(f"FLOPs budget {flops:.3g} is beyond {MAX_BUDGET:.0e}; plan for a budget below it")
     smallest = acc.flops_per_token(64, 1, s.expansion_rate, 1, s.c_f, s.c_r)
     if flops < smallest:
         raise ConfigError(f"budget {flops:.3g} FLOPs cannot train even one token of the smallest buildable model "

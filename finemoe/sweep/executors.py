@@ -142,7 +142,7 @@ class SlurmExecutor:
         try:
             import submitit
         except ImportError:
-            raise ConfigError("the slurm executor needs submitit: pip install submitit") from None
+            raise ConfigError("the slurm executor needs submitit: pip install 'finemoe[slurm]'") from None
         if not run_ids:
             return
         try:
