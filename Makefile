@@ -24,9 +24,14 @@ $(STAMP): pyproject.toml
 	$(if $(TORCH_SPEC),$(PY) -m pip install -q "$(TORCH_SPEC)")
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -c "import finemoe, torch, scipy, tokenizers"
+	test -x $(VENV)/bin/ruff
 	touch $(STAMP)
 
+LINTED := finemoe tests benchmarks experiments
+
 test: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

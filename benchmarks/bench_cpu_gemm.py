@@ -95,17 +95,27 @@ def _cases(d_model: int, tokens: int, granularity: int, expansion_rate: int) -> 
 
     dense = _Case(
         "dense FFN fwd+bwd",
-        (lambda: F.linear(F.relu(F.linear(x, w1)), w2), lambda: conv_linear(F.relu(conv_linear(x_, w1_)), w2_)),
-        (dy, dy), ([x, w1, w2], [x_, w1_, w2_]), [same] * 4,
+        (
+            lambda: F.linear(F.relu(F.linear(x, w1)), w2),
+            lambda: conv_linear(F.relu(conv_linear(x_, w1_)), w2_),
+        ),
+        (dy, dy),
+        ([x, w1, w2], [x_, w1_, w2_]),
+        [same] * 4,
     )
     xe, we = leaf(n, C, d), leaf(n, d, w, scale=d**-0.5)  # expert-major tokens for bmm
     xc = xe.detach().transpose(0, 1).contiguous().requires_grad_()  # [C, n, d] for the convolution
     wc = twin(we)
     dye = torch.randn(n, C, w, generator=g)
     # the layer's own two paths: bmm, and grouped convolutions with the weight gradient by bmm
-    fns = (lambda: _ExpertMM.apply(xe, we, BatchedMM()), lambda: _ExpertMM.apply(xc.view(C, n * d), wc, ConvMM(n)))
+    fns = (
+        lambda: _ExpertMM.apply(xe, we, BatchedMM()),
+        lambda: _ExpertMM.apply(xc.view(C, n * d), wc, ConvMM(n)),
+    )
     expert = dict(
-        fns=fns, dys=(dye, dye.transpose(0, 1).reshape(C, n * w)), leaves=([xe, we], [xc, wc]),
+        fns=fns,
+        dys=(dye, dye.transpose(0, 1).reshape(C, n * w)),
+        leaves=([xe, we], [xc, wc]),
         to_mkl=[lambda v: v.view(C, n, w).transpose(0, 1), lambda v: v.transpose(0, 1), same],
     )
     return [
@@ -142,7 +152,12 @@ def bench(
         }
     return {
         "cases": rows,
-        "shape": {"d_model": d_model, "tokens": tokens, "granularity": granularity, "expansion_rate": expansion_rate},
+        "shape": {
+            "d_model": d_model,
+            "tokens": tokens,
+            "granularity": granularity,
+            "expansion_rate": expansion_rate,
+        },
         "repeats": repeats,
         "threads": torch.get_num_threads(),
         "allocator": allocator_settings(),
@@ -152,14 +167,16 @@ def bench(
 def human(r: dict) -> str:
     s = r["shape"]
     lines = [
-        f"fp32 matmuls on this CPU, MKL (nn.Linear / bmm) vs oneDNN (1x1 convolution), d_model={s['d_model']} "
+        "fp32 matmuls on this CPU, MKL (nn.Linear / bmm) vs oneDNN (1x1 convolution), "
+        f"d_model={s['d_model']} "
         f"tokens={s['tokens']} G={s['granularity']} E={s['expansion_rate']}, {r['threads']} threads, "
         f"median of {r['repeats']} paired rounds",
         f"  {'':44s} {'mkl ms':>8s} {'onednn ms':>10s} {'mkl/onednn':>11s} {'max rel err':>12s}",
     ]
     for name, c in r["cases"].items():
         lines.append(
-            f"  {name:44s} {c['mkl_ms']:8.1f} {c['onednn_ms']:10.1f} {c['speedup']:11.2f} {c['max_rel_err']:12.1e}"
+            f"  {name:44s} {c['mkl_ms']:8.1f} {c['onednn_ms']:10.1f} {c['speedup']:11.2f} "
+            f"{c['max_rel_err']:12.1e}"
         )
     return "\n".join(lines)
 

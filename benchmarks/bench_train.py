@@ -67,29 +67,65 @@ def moe_available() -> str | None:
     return None
 
 
-def models(d_model: int, n_blocks: int, seq_len: int, vocab: int, granularity: int, expansion_rate: int) -> dict:
+def models(
+    d_model: int, n_blocks: int, seq_len: int, vocab: int, granularity: int, expansion_rate: int
+) -> dict:
     dense = ModelConfig(vocab_size=vocab, seq_len=seq_len, d_model=d_model, n_blocks=n_blocks, ffn="dense")
     out = {"dense": dense}
     if moe_available() is None:
-        out[f"moe G={granularity}"] = dense.replace(ffn="moe", granularity=granularity, expansion_rate=expansion_rate)
+        out[f"moe G={granularity}"] = dense.replace(
+            ffn="moe", granularity=granularity, expansion_rate=expansion_rate
+        )
     return out
 
 
-def run_steps(model: ModelConfig, data: Path, out: Path, batch_size: int, steps: int, device: str,
-              cpu_matmul: str = "mkl") -> list[dict]:
+def run_steps(
+    model: ModelConfig,
+    data: Path,
+    out: Path,
+    batch_size: int,
+    steps: int,
+    device: str,
+    cpu_matmul: str = "mkl",
+) -> list[dict]:
     """Per-step metrics of a short real training run (eval and checkpoint only at the end, untimed)."""
-    cfg = TrainConfig(model=model, data_dir=str(data), val_file=None, out_dir=str(out), batch_size=batch_size,
-                      tokens=steps * batch_size * model.seq_len, eval_every=10**9, ckpt_every=10**9, device=device,
-                      cpu_matmul=cpu_matmul)
+    cfg = TrainConfig(
+        model=model,
+        data_dir=str(data),
+        val_file=None,
+        out_dir=str(out),
+        batch_size=batch_size,
+        tokens=steps * batch_size * model.seq_len,
+        eval_every=10**9,
+        ckpt_every=10**9,
+        device=device,
+        cpu_matmul=cpu_matmul,
+    )
     train(cfg, quiet=True)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def bench(d_model=256, n_blocks=4, seq_len=256, batch_size=16, vocab=4096, granularity=8, expansion_rate=8,
-          steps=4, rounds=2, gemm_n=2048, device="cpu", cpu_matmuls=("mkl",)) -> dict:
+def bench(
+    d_model=256,
+    n_blocks=4,
+    seq_len=256,
+    batch_size=16,
+    vocab=4096,
+    granularity=8,
+    expansion_rate=8,
+    steps=4,
+    rounds=2,
+    gemm_n=2048,
+    device="cpu",
+    cpu_matmuls=("mkl",),
+) -> dict:
     """`cpu_matmuls` beyond the first add each model again on that CPU linear path, as "<model> [path]"."""
     base = models(d_model, n_blocks, seq_len, vocab, granularity, expansion_rate)
-    cfgs = {(k if i == 0 else f"{k} [{path}]"): (m, path) for i, path in enumerate(cpu_matmuls) for k, m in base.items()}
+    cfgs = {
+        (k if i == 0 else f"{k} [{path}]"): (m, path)
+        for i, path in enumerate(cpu_matmuls)
+        for k, m in base.items()
+    }
     tok_s: dict[str, list[float]] = {k: [] for k in cfgs}
     flop_s: dict[str, list[float]] = {k: [] for k in cfgs}
     peaks: dict[str, list[float]] = {path: [] for path in cpu_matmuls}
@@ -108,8 +144,15 @@ def bench(d_model=256, n_blocks=4, seq_len=256, batch_size=16, vocab=4096, granu
         "device": device if device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "allocator": allocator_settings(),
-        "shape": {"d_model": d_model, "n_blocks": n_blocks, "seq_len": seq_len, "batch_size": batch_size, "vocab": vocab,
-                  "expansion_rate": expansion_rate, "granularity": granularity},
+        "shape": {
+            "d_model": d_model,
+            "n_blocks": n_blocks,
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "vocab": vocab,
+            "expansion_rate": expansion_rate,
+            "granularity": granularity,
+        },
         "gemm_flops_per_s": peak[cpu_matmuls[0]],
         "models": {},
     }
@@ -121,15 +164,24 @@ def bench(d_model=256, n_blocks=4, seq_len=256, batch_size=16, vocab=4096, granu
         paper = statistics.median(flop_s[name])
         model, path = cfgs[name]
         exact = tps * exact_flops_per_token(model)["total"]
-        result["models"][name] = {"tokens_per_s": tps, "flops_per_s": exact, "mfu": exact / peak[path],
-                                  "paper_flops_per_s": paper, "mfu_paper": paper / peak[path], "timed_steps": len(tok_s[name])}
+        result["models"][name] = {
+            "tokens_per_s": tps,
+            "flops_per_s": exact,
+            "mfu": exact / peak[path],
+            "paper_flops_per_s": paper,
+            "mfu_paper": paper / peak[path],
+            "timed_steps": len(tok_s[name]),
+        }
     if len(base) == 2:
         names = list(base)
-        result["moe_over_dense_tokens_per_s"] = result["models"][names[1]]["tokens_per_s"] / result["models"]["dense"]["tokens_per_s"]
+        result["moe_over_dense_tokens_per_s"] = (
+            result["models"][names[1]]["tokens_per_s"] / result["models"]["dense"]["tokens_per_s"]
+        )
     for path in cpu_matmuls[1:]:
         result.setdefault("gemm_flops_per_s_on", {})[path] = peak[path]
         result.setdefault("speedup_over_" + cpu_matmuls[0], {})[path] = {
-            k: result["models"][f"{k} [{path}]"]["tokens_per_s"] / result["models"][k]["tokens_per_s"] for k in base
+            k: result["models"][f"{k} [{path}]"]["tokens_per_s"] / result["models"][k]["tokens_per_s"]
+            for k in base
         }
     return result
 
@@ -138,16 +190,20 @@ def human(r: dict) -> str:
     s = r["shape"]
     w = max(10, *(len(k) for k in r["models"]))
     lines = [
-        f"training throughput, d_model={s['d_model']} blocks={s['n_blocks']} seq={s['seq_len']} batch={s['batch_size']} "
+        f"training throughput, d_model={s['d_model']} blocks={s['n_blocks']} seq={s['seq_len']} "
+        f"batch={s['batch_size']} "
         f"vocab={s['vocab']} E={s['expansion_rate']} on {r['device']}, torch {r['torch']}",
         f"allocator: {', '.join(f'{k}={v}' for k, v in r['allocator'].items() if v) or 'glibc defaults'}",
         f"GEMM peak: {r['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s (2048^3 matmul, median of repeats)"
         + "".join(f"; on the {p} path {v / 1e9:.1f}" for p, v in r.get("gemm_flops_per_s_on", {}).items()),
-        f"{'model':<{w}} {'tokens/s':>10} {'GFLOP/s':>9} {'/ GEMM peak':>12} {'paper GFLOP/s':>14} {'/ GEMM peak':>12}",
+        f"{'model':<{w}} {'tokens/s':>10} {'GFLOP/s':>9} {'/ GEMM peak':>12} {'paper GFLOP/s':>14} "
+        f"{'/ GEMM peak':>12}",
     ]
     for name, m in r["models"].items():
-        lines.append(f"{name:<{w}} {m['tokens_per_s']:>10.0f} {m['flops_per_s'] / 1e9:>9.1f} {m['mfu']:>12.3f} "
-                     f"{m['paper_flops_per_s'] / 1e9:>14.1f} {m['mfu_paper']:>12.3f}")
+        lines.append(
+            f"{name:<{w}} {m['tokens_per_s']:>10.0f} {m['flops_per_s'] / 1e9:>9.1f} {m['mfu']:>12.3f} "
+            f"{m['paper_flops_per_s'] / 1e9:>14.1f} {m['mfu_paper']:>12.3f}"
+        )
     if "skipped" in r:
         lines.append(r["skipped"])
     elif "moe_over_dense_tokens_per_s" in r:
@@ -155,7 +211,9 @@ def human(r: dict) -> str:
     for key, per_path in ((k, v) for k, v in r.items() if k.startswith("speedup_over_")):
         for path, per_model in per_path.items():
             ratios = ", ".join(f"{m} {v:.2f}" for m, v in per_model.items())
-            lines.append(f"tokens/s on the {path} CPU linear path / {key.removeprefix('speedup_over_')}: {ratios}")
+            lines.append(
+                f"tokens/s on the {path} CPU linear path / {key.removeprefix('speedup_over_')}: {ratios}"
+            )
     return "\n".join(lines)
 
 
@@ -171,12 +229,28 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="timed steps per round (plus one untimed)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--cpu-matmul", nargs="+", choices=CPU_MATMULS, default=["mkl"],
-                   help="CPU linear paths to train each model on (finemoe.nn.linear); the first is the reference")
+    p.add_argument(
+        "--cpu-matmul",
+        nargs="+",
+        choices=CPU_MATMULS,
+        default=["mkl"],
+        help="CPU linear paths to train each model on (finemoe.nn.linear); the first is the reference",
+    )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    r = bench(a.d_model, a.n_blocks, a.seq_len, a.batch_size, a.vocab, a.granularity, a.expansion_rate, a.steps,
-              a.rounds, device=a.device, cpu_matmuls=tuple(a.cpu_matmul))
+    r = bench(
+        a.d_model,
+        a.n_blocks,
+        a.seq_len,
+        a.batch_size,
+        a.vocab,
+        a.granularity,
+        a.expansion_rate,
+        a.steps,
+        a.rounds,
+        device=a.device,
+        cpu_matmuls=tuple(a.cpu_matmul),
+    )
     print(json.dumps(r) if a.json else human(r))
     return 0
 

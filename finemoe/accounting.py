@@ -66,7 +66,9 @@ def d_model_for_total(n_total, expansion_rate=1, aspect=ASPECT):
 def expert_width(d_model: int, granularity: int, ff_mult: int = 4) -> int:
     d_ff = ff_mult * d_model
     if granularity < 1 or d_ff % granularity:
-        raise ConfigError(f"granularity G={granularity} must divide d_ff={d_ff}; pick G among the divisors of d_ff")
+        raise ConfigError(
+            f"granularity G={granularity} must divide d_ff={d_ff}; pick G among the divisors of d_ff"
+        )
     return d_ff // granularity
 
 
@@ -80,7 +82,9 @@ def paper_counts(cfg: ModelConfig, c_f: float = C_F, c_r: float = C_R) -> dict[s
         "active_params": int(active_params(d, cfg.n_blocks)),
         "total_params": int(total_params(d, n_dense) + (total_params(d, n_moe, E) if moe else 0)),
         "router_params": int(router_params(d, n_moe, E, G)) if moe else 0,
-        "flops_per_token": float(flops_per_token(d, n_dense, c_f=c_f) + flops_per_token(d, n_moe, E, G, c_f, c_r)),
+        "flops_per_token": float(
+            flops_per_token(d, n_dense, c_f=c_f) + flops_per_token(d, n_moe, E, G, c_f, c_r)
+        ),
         "n_experts": cfg.n_experts if moe else 0,
         "expert_width": cfg.expert_width if moe else cfg.d_ff,
     }
@@ -120,7 +124,11 @@ def exact_flops_per_token(cfg: ModelConfig) -> dict[str, float]:
     ffn = router = 0.0
     for i in range(cfg.n_blocks):
         if cfg.is_moe_block(i):
-            hidden = cfg.capacity_factor * cfg.d_ff if cfg.routing == "ec" else cfg.k_tokens_choice * cfg.expert_width
+            hidden = (
+                cfg.capacity_factor * cfg.d_ff
+                if cfg.routing == "ec"
+                else cfg.k_tokens_choice * cfg.expert_width
+            )
             ffn += 3 * 2 * 2 * d * hidden
             router += 3 * 2 * d * cfg.n_experts
         else:

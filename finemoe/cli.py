@@ -27,8 +27,10 @@ COMMANDS = (
 )
 
 
-DESCRIPTION = ("Fine-grained Mixture-of-Experts language models and their scaling laws: plan the MoE for your "
-               "compute budget, train it, sweep sizes and granularities, and fit the laws to your own runs.")
+DESCRIPTION = (
+    "Fine-grained Mixture-of-Experts language models and their scaling laws: plan the MoE for your "
+    "compute budget, train it, sweep sizes and granularities, and fit the laws to your own runs."
+)
 
 
 def _version() -> str:

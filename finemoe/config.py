@@ -19,14 +19,25 @@ CPU_MATMULS = ("mkl", "onednn")  # fp32 CPU matmul paths (finemoe.nn.linear); a 
 
 # Beyond these a model cannot be built on any machine we know of; the check names the field instead of
 # failing inside torch or numpy.
-LIMITS = {"vocab_size": 2**24, "seq_len": 2**20, "d_model": 2**16, "n_blocks": 2**12, "n_heads": 2**12,
-          "head_dim": 2**12, "ff_mult": 2**6, "expansion_rate": 2**12, "granularity": 2**12}
+LIMITS = {
+    "vocab_size": 2**24,
+    "seq_len": 2**20,
+    "d_model": 2**16,
+    "n_blocks": 2**12,
+    "n_heads": 2**12,
+    "head_dim": 2**12,
+    "ff_mult": 2**6,
+    "expansion_rate": 2**12,
+    "granularity": 2**12,
+}
 
 
 def from_dict(cls, data: dict[str, Any] | None, what: str):
     """Build dataclass `cls` from a mapping: unknown keys named, YAML's number styles converted, every
     value then checked against its type."""
-    require(data is None or isinstance(data, dict), f"{what} must be a mapping of keys, got {type(data).__name__}")
+    require(
+        data is None or isinstance(data, dict), f"{what} must be a mapping of keys, got {type(data).__name__}"
+    )
     data = dict(data or {})
     check_known_keys(cls, data, what)
     return cls(**schema.coerce(cls, data))
@@ -68,31 +79,44 @@ class ModelConfig:
             value = getattr(self, name)
             require(value is None or value <= most, f"model.{name} must be at most {most}, got {value}")
         require(self.head_dim >= 1, f"head_dim must be >= 1, got {self.head_dim}")
-        require(self.n_heads is None or self.n_heads >= 1, f"n_heads must be >= 1 or null, got {self.n_heads}")
+        require(
+            self.n_heads is None or self.n_heads >= 1, f"n_heads must be >= 1 or null, got {self.n_heads}"
+        )
         require(self.init_scale > 0, f"init_scale must be > 0, got {self.init_scale}")
-        require(self.capacity_factor <= 1e3, f"capacity_factor must be at most 1000, got {self.capacity_factor}")
+        require(
+            self.capacity_factor <= 1e3, f"capacity_factor must be at most 1000, got {self.capacity_factor}"
+        )
         require(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
         require(self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")
         require(self.d_model >= 1 and self.n_blocks >= 1, "d_model and n_blocks must be positive")
         require(self.ffn in FFN_KINDS, f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         require(self.routing in ROUTINGS, f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         require(self.pos_emb in POS_EMBS, f"pos_emb must be one of {POS_EMBS}, got {self.pos_emb!r}")
-        require(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        require(
+            self.activation in ACTIVATIONS,
+            f"activation must be one of {ACTIVATIONS}, got {self.activation!r}",
+        )
         heads = self.heads
         require(
             heads >= 1 and self.d_model % heads == 0,
-            f"d_model={self.d_model} is not divisible into {heads} heads; set n_heads or head_dim so it divides",
+            f"d_model={self.d_model} is not divisible into {heads} heads; set n_heads or head_dim so it "
+            "divides",
         )
         require(self.ff_mult >= 1, f"ff_mult must be >= 1, got {self.ff_mult}")
-        require(self.moe_every in (1, 2), f"moe_every must be 1 (all blocks) or 2 (every other), got {self.moe_every}")
+        require(
+            self.moe_every in (1, 2),
+            f"moe_every must be 1 (all blocks) or 2 (every other), got {self.moe_every}",
+        )
         if self.ffn == "moe":
             require(
                 self.expansion_rate >= 1 and self.granularity >= 1,
-                f"expansion_rate and granularity must be >= 1 (E*G >= 1), got E={self.expansion_rate} G={self.granularity}",
+                f"expansion_rate and granularity must be >= 1 (E*G >= 1), got E={self.expansion_rate} "
+                f"G={self.granularity}",
             )
             require(
                 self.d_ff % self.granularity == 0,
-                f"granularity G={self.granularity} must divide d_ff={self.d_ff} (expert width d_ff/G must be an integer)",
+                f"granularity G={self.granularity} must divide d_ff={self.d_ff} (expert width d_ff/G must be "
+                "an integer)",
             )
             require(self.capacity_factor > 0, f"capacity_factor must be > 0, got {self.capacity_factor}")
             require(

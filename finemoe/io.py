@@ -28,14 +28,18 @@ def ensure_dir(path: str | os.PathLike, what: str = "folder", probe: bool = Fals
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise FinemoeError(f"cannot create {what} {path} ({os_error_text(e)}); choose another location") from None
+        raise FinemoeError(
+            f"cannot create {what} {path} ({os_error_text(e)}); choose another location"
+        ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise FinemoeError(f"{what} {path} is not writable; choose another location or fix its permissions")
     if probe:
         try:
             tempfile.TemporaryFile(dir=path).close()
         except OSError as e:
-            raise FinemoeError(f"cannot write in {what} {path} ({e.strerror or e}); choose another location") from None
+            raise FinemoeError(
+                f"cannot write in {what} {path} ({e.strerror or e}); choose another location"
+            ) from None
     return path
 
 
@@ -60,7 +64,9 @@ def check_folder_path(path: str | os.PathLike, what: str = "folder") -> Path:
     while not base.exists() and base != base.parent:
         base = base.parent
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-        raise FinemoeError(f"cannot create {what} {path} ({base} is not a writable folder); choose another location")
+        raise FinemoeError(
+            f"cannot create {what} {path} ({base} is not a writable folder); choose another location"
+        )
     return path
 
 
@@ -90,7 +96,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         try:
             yield tmp
-            os.chmod(tmp, 0o666 & ~umask())  # mkstemp (and some writers) make 0600; give the mode open() would
+            os.chmod(
+                tmp, 0o666 & ~umask()
+            )  # mkstemp (and some writers) make 0600; give the mode open() would
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -67,7 +67,7 @@ def _coerce(value: Any, hint: Any) -> Any:
         if typing.get_origin(opt) is tuple and isinstance(value, (list, tuple)):
             args = typing.get_args(opt)
             elems = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
-            return tuple(_coerce(v, a) for v, a in zip(value, elems)) + tuple(value[len(elems):])
+            return tuple(_coerce(v, a) for v, a in zip(value, elems)) + tuple(value[len(elems) :])
     return value
 
 

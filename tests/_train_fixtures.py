@@ -22,7 +22,9 @@ TINY_MODEL = {"vocab_size": 64, "seq_len": 16, "d_model": 32, "head_dim": 16, "n
 def make_data(folder: Path, n_tokens: int = 20_000, vocab: int = 64, seed: int = 0) -> Path:
     """A learnable token stream: a noisy counter, so the loss visibly falls within a few steps."""
     rng = np.random.default_rng(seed)
-    ids = (np.arange(n_tokens) % vocab + (rng.random(n_tokens) < 0.1) * rng.integers(0, vocab, n_tokens)) % vocab
+    ids = (
+        np.arange(n_tokens) % vocab + (rng.random(n_tokens) < 0.1) * rng.integers(0, vocab, n_tokens)
+    ) % vocab
     folder.mkdir(parents=True, exist_ok=True)
     write_tokens(folder / "train.bin", ids, vocab)
     write_tokens(folder / "val.bin", ids[: n_tokens // 5][::-1].copy(), vocab)
@@ -54,8 +56,15 @@ def write_config(path: Path, cfg: dict) -> Path:
 def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     """Run `python -m finemoe ...` from the repository root, as a user would."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "finemoe", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "finemoe", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def read_metrics(out: Path) -> list[dict]:

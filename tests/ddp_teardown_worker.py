@@ -25,4 +25,6 @@ if __name__ == "__main__":
     with open(config) as f:
         train(TrainConfig.from_dict(yaml.safe_load(f)), quiet=True)
     rank = int(os.environ["RANK"])
-    (Path(report_dir) / f"threads-{rank}.json").write_text(json.dumps({"rank": rank, "threads": thread_names()}))
+    (Path(report_dir) / f"threads-{rank}.json").write_text(
+        json.dumps({"rank": rank, "threads": thread_names()})
+    )

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from finemoe.accounting import flops_per_token, total_params, active_params
+from finemoe.accounting import active_params, flops_per_token, total_params
 from finemoe.io import write_json_atomic
 
 STEPS = 6
@@ -49,12 +49,19 @@ def fake_train(config: dict, resume: bool) -> dict:
         "error": "loss became nan at step 3" if diverged else None,
         "total_params": total_params(m["d_model"], m["n_blocks"], e),
         "active_params": active_params(m["d_model"], m["n_blocks"]),
-        "tokens": config["tokens"], "granularity": g, "expansion_rate": e, "ffn": m["ffn"],
-        "d_model": m["d_model"], "n_blocks": m["n_blocks"],
+        "tokens": config["tokens"],
+        "granularity": g,
+        "expansion_rate": e,
+        "ffn": m["ffn"],
+        "d_model": m["d_model"],
+        "n_blocks": m["n_blocks"],
         "flops": flops_per_token(m["d_model"], m["n_blocks"], e, g) * config["tokens"],
         "train_loss": math.nan if diverged else expected_loss(config),
         "val_loss": math.nan if diverged else expected_loss(config) + 0.01,
-        "wall_time_s": step_s * STEPS, "tokens_per_s": 1.0, "steps": STEPS, "device": "cpu",
+        "wall_time_s": step_s * STEPS,
+        "tokens_per_s": 1.0,
+        "steps": STEPS,
+        "device": "cpu",
     }
     write_json_atomic(out / "final.json", record)
     return record

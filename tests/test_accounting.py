@@ -7,7 +7,11 @@ from finemoe.errors import ConfigError
 
 @pytest.mark.parametrize(
     "d, n, total, active",
-    [(256, 4, 135_266_304, 3_145_728), (512, 8, 1_082_130_432, 25_165_824), (768, 12, 3_652_190_208, 84_934_656)],
+    [
+        (256, 4, 135_266_304, 3_145_728),
+        (512, 8, 1_082_130_432, 25_165_824),
+        (768, 12, 3_652_190_208, 84_934_656),
+    ],
 )
 def test_paper_parameter_checks(d, n, total, active):
     assert acc.total_params(d, n, 64) == total
@@ -50,4 +54,6 @@ def test_moe_ffn_matmul_ratio_at_the_layer_benchmark_shape():
     cfg = ModelConfig(d_model=512, expansion_rate=16, granularity=16)
     assert acc.moe_ffn_matmul_ratio(cfg.replace(routing="ec")) == pytest.approx(1 + 256 / 4096)
     assert acc.moe_ffn_matmul_ratio(cfg.replace(routing="tc")) == pytest.approx(1 + 256 / 4096)
-    assert acc.moe_ffn_matmul_ratio(cfg.replace(routing="ec", capacity_factor=2.0)) == pytest.approx(2 + 256 / 4096)
+    assert acc.moe_ffn_matmul_ratio(cfg.replace(routing="ec", capacity_factor=2.0)) == pytest.approx(
+        2 + 256 / 4096
+    )

@@ -12,16 +12,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from _train_fixtures import ROOT, TINY_MODEL, make_data
+
 from finemoe.cli import main
 
 MINI_CSV = ROOT / "experiments" / "mini" / "results.csv"
 
 
 def _train_config(**over) -> dict:
-    cfg = {"data_dir": "data", "out_dir": "runs/x", "tokens": 4 * 4 * 16, "batch_size": 4, "lr": 3e-3,
-           "eval_batches": 1, "threads": 1, "model": dict(TINY_MODEL)}
+    cfg = {
+        "data_dir": "data",
+        "out_dir": "runs/x",
+        "tokens": 4 * 4 * 16,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "eval_batches": 1,
+        "threads": 1,
+        "model": dict(TINY_MODEL),
+    }
     for k, v in over.items():
         if k.startswith("model."):
             cfg["model"][k[6:]] = v
@@ -31,10 +39,17 @@ def _train_config(**over) -> dict:
 
 
 def _spec(**over) -> dict:
-    spec = {"name": "s", "data_dir": "data", "runs_dir": "runs/s",
-            "model": {"vocab_size": 64, "seq_len": 16, "expansion_rate": 4},
-            "sizes": [{"d_model": 32, "n_blocks": 1, "head_dim": 16}], "granularities": [1, 2],
-            "tokens": [1024], "dense": True, "executor": {"kind": "inprocess"}}
+    spec = {
+        "name": "s",
+        "data_dir": "data",
+        "runs_dir": "runs/s",
+        "model": {"vocab_size": 64, "seq_len": 16, "expansion_rate": 4},
+        "sizes": [{"d_model": 32, "n_blocks": 1, "head_dim": 16}],
+        "granularities": [1, 2],
+        "tokens": [1024],
+        "dense": True,
+        "executor": {"kind": "inprocess"},
+    }
     spec.update(over)
     return spec
 
@@ -61,42 +76,93 @@ def ready(tmp_path_factory):
     (root / "empty.sqlite").write_bytes(b"")
     (root / "good.yaml").write_text(yaml.safe_dump(_train_config()))
     for name, over in {
-        "seed_neg": {"seed": -1}, "seed_huge": {"seed": 10**20}, "head_dim0": {"model.head_dim": 0},
-        "init_neg": {"model.init_scale": -0.1}, "cap_inf": {"model.capacity_factor": float("inf")},
-        "vocab_huge": {"model.vocab_size": 10**12}, "dmodel_list": {"model.d_model": [64]},
-        "outdir_list": {"out_dir": ["a", "b"]}, "g_frac": {"model.ffn": "moe", "model.granularity": 2.7},
-        "batch_bool": {"batch_size": True}, "eps_inf": {"eps": float("inf")}, "lr_nan": {"lr": float("nan")},
-        "schedule_bad": {"schedule": "step"}, "cooldown_zero": {"schedule": "wsd", "cooldown_fraction": 0},
-        "unknown_key": {"colour": "blue"}, "model_text": {"model": "big"}, "tokens_tiny": {"tokens": 1},
-        "warmup_long": {"schedule": "wsd", "warmup_tokens": 4 * 16 * 4}, "snap_late": {"snapshot_steps": [100]},
-        "grad_clip_neg": {"grad_clip": -1}, "device_bad": {"device": "tpu"}, "threads_zero": {"threads": 0},
+        "seed_neg": {"seed": -1},
+        "seed_huge": {"seed": 10**20},
+        "head_dim0": {"model.head_dim": 0},
+        "init_neg": {"model.init_scale": -0.1},
+        "cap_inf": {"model.capacity_factor": float("inf")},
+        "vocab_huge": {"model.vocab_size": 10**12},
+        "dmodel_list": {"model.d_model": [64]},
+        "outdir_list": {"out_dir": ["a", "b"]},
+        "g_frac": {"model.ffn": "moe", "model.granularity": 2.7},
+        "batch_bool": {"batch_size": True},
+        "eps_inf": {"eps": float("inf")},
+        "lr_nan": {"lr": float("nan")},
+        "schedule_bad": {"schedule": "step"},
+        "cooldown_zero": {"schedule": "wsd", "cooldown_fraction": 0},
+        "unknown_key": {"colour": "blue"},
+        "model_text": {"model": "big"},
+        "tokens_tiny": {"tokens": 1},
+        "warmup_long": {"schedule": "wsd", "warmup_tokens": 4 * 16 * 4},
+        "snap_late": {"snapshot_steps": [100]},
+        "grad_clip_neg": {"grad_clip": -1},
+        "device_bad": {"device": "tpu"},
+        "threads_zero": {"threads": 0},
     }.items():
         (root / f"{name}.yaml").write_text(yaml.safe_dump(_train_config(**over)))
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "invalid.yaml").write_text("a: [1, 2\n")
     for name, over in {
-        "model_text": {"model": "x"}, "train_list": {"train": [1, 2]}, "executor_text": {"executor": "local"},
-        "executor_kind": {"executor": {"kind": "cloud"}}, "tokens_text": {"tokens": ["lots"]},
-        "g_frac": {"granularities": [2.7]}, "seeds_text": {"seeds": ["a"]}, "dense_text": {"dense": "yes"},
-        "sizes_text": {"sizes": "big"}, "sizes_num": {"sizes": [1]}, "data_dir_list": {"data_dir": ["a"]},
-        "both_budgets": {"sizes": [{"d_model": 32, "n_blocks": 1, "head_dim": 16, "tokens": [1024],
-                                    "budgets": [1e9]}]},
-        "branches_cosine": {"branches": True}, "workers_zero": {"executor": {"kind": "local", "workers": 0}},
-        "train_sets_tokens": {"train": {"tokens": 5}}, "budget_text": {"tokens": None, "budgets": ["big"]},
+        "model_text": {"model": "x"},
+        "train_list": {"train": [1, 2]},
+        "executor_text": {"executor": "local"},
+        "executor_kind": {"executor": {"kind": "cloud"}},
+        "tokens_text": {"tokens": ["lots"]},
+        "g_frac": {"granularities": [2.7]},
+        "seeds_text": {"seeds": ["a"]},
+        "dense_text": {"dense": "yes"},
+        "sizes_text": {"sizes": "big"},
+        "sizes_num": {"sizes": [1]},
+        "data_dir_list": {"data_dir": ["a"]},
+        "both_budgets": {
+            "sizes": [{"d_model": 32, "n_blocks": 1, "head_dim": 16, "tokens": [1024], "budgets": [1e9]}]
+        },
+        "branches_cosine": {"branches": True},
+        "workers_zero": {"executor": {"kind": "local", "workers": 0}},
+        "train_sets_tokens": {"train": {"tokens": 5}},
+        "budget_text": {"tokens": None, "budgets": ["big"]},
     }.items():
         (root / f"spec_{name}.yaml").write_text(yaml.safe_dump(_spec(**over)))
-    (root / "coeffs.json").write_text(json.dumps({"name": "c", "moe": {"a": 18.1, "alpha": 0.115, "b": 30.8,
-                                                  "beta": 0.147, "g": 2.1, "gamma": 0.58, "c": 0.47}}))
-    (root / "coeffs_bad.json").write_text(json.dumps({"moe": {"a": -1, "alpha": 0.1, "b": 1, "beta": 0.1, "g": 1,
-                                                               "gamma": 0.5, "c": 1}}))
-    assert main(["train", str(root / "good.yaml"), f"data_dir={root / 'data'}", f"out_dir={root / 'runs/done'}",
-                 "--quiet"]) == 0
+    (root / "spec_ok.yaml").write_text(yaml.safe_dump(_spec()))
+    (root / "coeffs.json").write_text(
+        json.dumps(
+            {
+                "name": "c",
+                "moe": {
+                    "a": 18.1,
+                    "alpha": 0.115,
+                    "b": 30.8,
+                    "beta": 0.147,
+                    "g": 2.1,
+                    "gamma": 0.58,
+                    "c": 0.47,
+                },
+            }
+        )
+    )
+    (root / "coeffs_bad.json").write_text(
+        json.dumps({"moe": {"a": -1, "alpha": 0.1, "b": 1, "beta": 0.1, "g": 1, "gamma": 0.5, "c": 1}})
+    )
+    assert (
+        main(
+            [
+                "train",
+                str(root / "good.yaml"),
+                f"data_dir={root / 'data'}",
+                f"out_dir={root / 'runs/done'}",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return root
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 CASES = [
@@ -129,7 +195,10 @@ CASES = [
     ("train missing.yaml", "not found"),
     ("train good.yaml model.d_model=abc", "model.d_model must be an integer"),
     ("train good.yaml nokey", "must look like key=value"),
-    ("train good.yaml out_dir=runs/done lr=0.01 --resume", "holds a finished run of a different config (lr differ)"),
+    (
+        "train good.yaml out_dir=runs/done lr=0.01 --resume",
+        "holds a finished run of a different config (lr differ)",
+    ),
     ("train good.yaml out_dir=runs/done", "already holds a run"),
     # sweep specs: wrong types anywhere, unknown executors, before any store exists
     ("sweep run spec_model_text.yaml", "'model' must be a mapping"),
@@ -191,7 +260,8 @@ CASES = [
     ("report results.csv --out afile", "is a file"),
     ("report results.csv --out rep --bootstrap -1", "--bootstrap must be >= 0"),
     ("report missing.csv --out rep", "not found"),
-    ("quickstart --out afile --spec spec_dense_text.yaml", "'dense' must be true or false"),
+    ("quickstart --out afile --spec spec_ok.yaml", "report folder afile is a file"),
+    ("quickstart --spec spec_dense_text.yaml", "'dense' must be true or false"),
     ("quickstart --bootstrap -1", "--bootstrap must be >= 0"),
     # the rest
     ("generate runs/missing --prompt hi", "not found"),

@@ -13,16 +13,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "OMP_WAIT", "GLIBC_TUN"))}  # exercise the re-exec
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "OMP_WAIT", "GLIBC_TUN"))
+    }  # exercise the re-exec
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
         [sys.executable, "-m", "finemoe", "bench", "moe-layer", *args],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
     )
 
 
 def test_bench_json_structure_and_positive_ratios():
-    p = _run("--json", "-G", "1", "2", "--d-model", "32", "-E", "2", "--batch", "4", "--seq", "8", "--repeats", "2")
+    p = _run(
+        "--json", "-G", "1", "2", "--d-model", "32", "-E", "2", "--batch", "4", "--seq", "8", "--repeats", "2"
+    )
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert set(out["ratios"]) == {"ec", "tc"}
@@ -43,8 +51,28 @@ def test_bench_json_structure_and_positive_ratios():
 
 
 def test_bench_on_the_onednn_linear_path_with_breakdown():
-    p = _run("--json", "-G", "2", "--d-model", "32", "-E", "2", "--batch", "4", "--seq", "8", "--repeats", "1",
-             "--routing", "ec", "--threads", "2", "--cpu-matmul", "onednn", "--breakdown")
+    p = _run(
+        "--json",
+        "-G",
+        "2",
+        "--d-model",
+        "32",
+        "-E",
+        "2",
+        "--batch",
+        "4",
+        "--seq",
+        "8",
+        "--repeats",
+        "1",
+        "--routing",
+        "ec",
+        "--threads",
+        "2",
+        "--cpu-matmul",
+        "onednn",
+        "--breakdown",
+    )
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["cpu_matmul"] == "onednn" and math.isfinite(out["ratios"]["ec"]["2"])
@@ -57,9 +85,13 @@ def test_bench_on_the_onednn_linear_path_with_breakdown():
 
 
 def test_bench_breakdown_table():
-    p = _run("-G", "2", "--d-model", "32", "-E", "2", "--batch", "4", "--seq", "8", "--repeats", "1", "--breakdown")
+    p = _run(
+        "-G", "2", "--d-model", "32", "-E", "2", "--batch", "4", "--seq", "8", "--repeats", "1", "--breakdown"
+    )
     assert p.returncode == 0, p.stderr
-    rows = [line.split() for line in p.stdout.splitlines() if line.split()[:1] == ["2"] and len(line.split()) == 8]
+    rows = [
+        line.split() for line in p.stdout.splitlines() if line.split()[:1] == ["2"] and len(line.split()) == 8
+    ]
     assert [r[1] for r in rows] == ["dense", "ec", "tc"]
     for r in rows:  # the step is the sum of its kinds (as printed, to rounding)
         assert float(r[2]) == pytest.approx(sum(map(float, r[3:])), abs=0.35)
@@ -72,7 +104,21 @@ def test_bench_bad_granularity_is_one_line_error():
 
 @pytest.mark.slow
 def test_bench_bf16_table():
-    p = _run("--dtype", "bf16", "-G", "1", "4", "--d-model", "128", "--batch", "16", "--seq", "64", "--repeats", "2")
+    p = _run(
+        "--dtype",
+        "bf16",
+        "-G",
+        "1",
+        "4",
+        "--d-model",
+        "128",
+        "--batch",
+        "16",
+        "--seq",
+        "64",
+        "--repeats",
+        "2",
+    )
     assert p.returncode == 0, p.stderr
     assert "ec/dense" in p.stdout and "bfloat16" in p.stdout and "allocator:" in p.stdout
 
@@ -90,7 +136,16 @@ def test_warmup_runs_until_the_heap_stops_growing(monkeypatch, settle, faulting_
         return 500 * min(calls["n"] // 2, faulting_rounds * per_round // 2)
 
     monkeypatch.setattr(moe_layer, "_minor_faults", fake_faults)
-    out = moe_layer.bench_moe_layer(granularities=(2,), d_model=32, expansion_rate=2, batch=4, seq=8,
-                                    repeats=1, warmup=2, settle=settle, routings=("ec",))
+    out = moe_layer.bench_moe_layer(
+        granularities=(2,),
+        d_model=32,
+        expansion_rate=2,
+        batch=4,
+        seq=8,
+        repeats=1,
+        warmup=2,
+        settle=settle,
+        routings=("ec",),
+    )
     assert out["warmup_rounds"] == {"2": expected}
     assert out["page_faults_per_step"]["ec"]["2"] == (500 if faulting_rounds > expected else 0)

@@ -20,7 +20,8 @@ def test_params_json_matches_paper(capsys):
 def test_bad_granularity_is_one_line_exit_2():
     r = subprocess.run(
         [sys.executable, "-m", "finemoe", "params", "--d-model", "256", "--n-blocks", "4", "-G", "3"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -28,17 +29,23 @@ def test_bad_granularity_is_one_line_exit_2():
 
 
 def test_argparse_mistakes_are_one_line_exit_2():
-    r = subprocess.run([sys.executable, "-m", "finemoe", "params", "--d-model", "-5", "--n-blocks", "2"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "finemoe", "params", "--d-model", "-5", "--n-blocks", "2"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "--d-model" in r.stderr and "--help" in r.stderr
 
 
-@pytest.mark.parametrize("argv, prog", [
-    (["params", "--d-model", "8", "--n-blocks", "1", "--top-k"], "finemoe params"),
-    (["bench", "moe-layer", "--bar"], "finemoe bench moe-layer"),
-    (["sweep", "run", "quickstart", "--nope"], "finemoe sweep run"),
-])
+@pytest.mark.parametrize(
+    "argv, prog",
+    [
+        (["params", "--d-model", "8", "--n-blocks", "1", "--top-k"], "finemoe params"),
+        (["bench", "moe-layer", "--bar"], "finemoe bench moe-layer"),
+        (["sweep", "run", "quickstart", "--nope"], "finemoe sweep run"),
+    ],
+)
 def test_an_unknown_option_is_blamed_on_its_subcommand(capsys, argv, prog):
     with pytest.raises(SystemExit) as e:
         main(argv)

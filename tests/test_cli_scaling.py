@@ -36,7 +36,17 @@ def test_paper_table_table1_g_column(capsys):
 
 def test_plan_json_contract(capsys):
     out = run_json(capsys, "plan", "--flops", "1e20")
-    for k in ("granularity", "active_params", "total_params", "tokens", "loss", "flops", "architecture", "dense", "g1"):
+    for k in (
+        "granularity",
+        "active_params",
+        "total_params",
+        "tokens",
+        "loss",
+        "flops",
+        "architecture",
+        "dense",
+        "g1",
+    ):
         assert k in out
     assert set(out["architecture"]) >= {"d_model", "n_blocks", "n_heads", "n_experts", "expert_width"}
     assert out["granularity"] == 16 and out["flops"] == 1e20
@@ -70,8 +80,18 @@ def _write_runs(tmp_path, fmt="csv", noise=0.01, seed=0):
             L = float(TRUE.dense.loss(N, D)) + noise * rng.standard_normal()
             rows.append(("done", "dense", 1, 1, N, N, D, 0.0, L, L + 0.02))
     rows.append(("failed", "moe", 4, 64, 1e9, 1e7, 1e10, 0.0, float("nan"), float("nan")))
-    cols = ("status", "ffn", "granularity", "expansion_rate", "total_params", "active_params", "tokens", "flops",
-            "train_loss", "val_loss")
+    cols = (
+        "status",
+        "ffn",
+        "granularity",
+        "expansion_rate",
+        "total_params",
+        "active_params",
+        "tokens",
+        "flops",
+        "train_loss",
+        "val_loss",
+    )
     if fmt == "csv":
         path = tmp_path / "runs.csv"
         with open(path, "w", newline="") as f:
@@ -91,13 +111,35 @@ def _write_runs(tmp_path, fmt="csv", noise=0.01, seed=0):
 def test_fit_store_then_plan_with_fitted_coefficients(tmp_path, capsys):
     store = _write_runs(tmp_path, "sqlite")
     coeffs = tmp_path / "coeffs.json"
-    moe = run_json(capsys, "fit", str(store), "--fix-c", "0.472", "--out", str(coeffs), "--bootstrap", "3",
-                   "--budgets", "1e20")
+    moe = run_json(
+        capsys,
+        "fit",
+        str(store),
+        "--fix-c",
+        "0.472",
+        "--out",
+        str(coeffs),
+        "--bootstrap",
+        "3",
+        "--budgets",
+        "1e20",
+    )
     assert moe["n_points"] == 75 and moe["coefficients"]["c"] == 0.472
     assert moe["rmse"] < 0.02 and moe["holdout"]["rmse"] < 0.03
     assert "G_opt@1e+20" in moe["bootstrap"]["values"]
-    dense = run_json(capsys, "fit", str(store), "--law", "dense", "--fix-c", "0.472", "--out", str(coeffs),
-                     "--loss-column", "val_loss")
+    dense = run_json(
+        capsys,
+        "fit",
+        str(store),
+        "--law",
+        "dense",
+        "--fix-c",
+        "0.472",
+        "--out",
+        str(coeffs),
+        "--loss-column",
+        "val_loss",
+    )
     assert dense["n_points"] == 15 and dense["loss_column"] == "val_loss"
     doc = json.loads(coeffs.read_text())
     assert set(doc) >= {"moe", "dense", "fit"}  # the second fit kept the first one's law
@@ -125,12 +167,18 @@ def _cli(*argv):
     return subprocess.run([sys.executable, "-m", "finemoe", *argv], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("content, msg", [
-    ("total_params,tokens,train_loss\n1,2,3\n", "missing column(s) ['granularity']"),
-    ("total_params,tokens,granularity,train_loss\n" + "1e9,1e10,1,nan\n1e9,2e10,2,3.0\n" * 5, "NaN/inf"),
-    ("status,total_params,tokens,granularity,train_loss\nfailed,1e9,1e10,1,3\n", "no finished"),
-    ("total_params,tokens,granularity,train_loss\n1e9,1e10,four,3\n", "column 'granularity' holds 'four', not a number"),
-])
+@pytest.mark.parametrize(
+    "content, msg",
+    [
+        ("total_params,tokens,train_loss\n1,2,3\n", "missing column(s) ['granularity']"),
+        ("total_params,tokens,granularity,train_loss\n" + "1e9,1e10,1,nan\n1e9,2e10,2,3.0\n" * 5, "NaN/inf"),
+        ("status,total_params,tokens,granularity,train_loss\nfailed,1e9,1e10,1,3\n", "no finished"),
+        (
+            "total_params,tokens,granularity,train_loss\n1e9,1e10,four,3\n",
+            "column 'granularity' holds 'four', not a number",
+        ),
+    ],
+)
 def test_fit_bad_input_one_line_exit_2(tmp_path, content, msg):
     p = tmp_path / "bad.csv"
     p.write_text(content)
@@ -143,7 +191,9 @@ def test_fit_bad_input_one_line_exit_2(tmp_path, content, msg):
 def test_fit_out_under_a_file_exit_2(tmp_path):
     runs = _write_runs(tmp_path, "csv")
     (tmp_path / "blocker").write_text("x")
-    r = _cli("fit", str(runs), "--law", "dense", "--fix-c", "0.472", "--out", str(tmp_path / "blocker" / "c.json"))
+    r = _cli(
+        "fit", str(runs), "--law", "dense", "--fix-c", "0.472", "--out", str(tmp_path / "blocker" / "c.json")
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "blocker is a file; choose another location" in r.stderr
 
@@ -165,9 +215,11 @@ def test_plan_bad_coefficients_exit_2(tmp_path):
 
 
 def test_scaling_imports_no_torch():
-    code = ("import sys, finemoe.scaling.plan, finemoe.scaling.fit, finemoe.scaling.runs, finemoe.report.plots, "
-            "finemoe.commands.plan, finemoe.commands.savings, finemoe.commands.fit; "
-            "from finemoe.cli import main; main(['savings', '--flops', '1e20', '--json']); "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+    code = (
+        "import sys, finemoe.scaling.plan, finemoe.scaling.fit, finemoe.scaling.runs, finemoe.report.plots, "
+        "finemoe.commands.plan, finemoe.commands.savings, finemoe.commands.fit; "
+        "from finemoe.cli import main; main(['savings', '--flops', '1e20', '--json']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

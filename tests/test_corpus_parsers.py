@@ -53,8 +53,13 @@ def _lazyload_db(objects):
         blob = struct.pack(">I", len(ser)) + zlib.compress(ser)
         variables[name] = _i(13) + _i(2) + _i(len(rdb)) + _i(len(blob))
         rdb += blob
-    index = _named_list({"variables": _named_list(variables), "references": _i(19) + _i(0),
-                         "compressed": _i(10) + _i(1) + _i(1)})
+    index = _named_list(
+        {
+            "variables": _named_list(variables),
+            "references": _i(19) + _i(0),
+            "compressed": _i(10) + _i(1) + _i(1),
+        }
+    )
     return gzip.compress(_rds(index)), rdb
 
 
@@ -89,8 +94,10 @@ def _module(blocks, verses, compress=zlib.compress, wide=False):
     return zs, zz, b"".join(struct.pack(fmt, *v) for v in verses)
 
 
-BOOK1 = ('<div osisID="Gen" sID="g1" type="book"/><title type="main">Genesis</title>'
-         '<chapter osisID="Gen.1" sID="Gen.1"/>')
+BOOK1 = (
+    '<div osisID="Gen" sID="g1" type="book"/><title type="main">Genesis</title>'
+    '<chapter osisID="Gen.1" sID="Gen.1"/>'
+)
 V1 = '<w lemma="strong:H1">In</w> <w lemma="strong:H2">the</w> <w>beginning</w><note type="x">a note</note>.'
 V2 = 'The <w lemma="x">cities</w>, <w lemma="y">and</w> the <hi type="bold">plain</hi>.'
 BOOK2 = '<div osisID="Exod" sID="g2" type="book"/><chapter osisID="Exod.1" sID="Exod.1"/>'
@@ -103,15 +110,28 @@ def _web_like(compress=zlib.compress, wide=False):
     b2 = (BOOK2 + V3).encode()
     stale = V2.replace("cities", "CITIES").encode()  # an old copy of an edited verse: not in the index
     o1, o2 = len(BOOK1.encode()), len((BOOK1 + V1).encode())
-    verses = [(0, 0, 0), (0, 0, len(b0)), (1, 0, o1), (1, o1, o2 - o1), (1, o2, len(b1) - o2),
-              (1, o2, len(b1) - o2),  # a linked verse: same entry twice, read once
-              (2, 0, len(BOOK2.encode())), (2, len(BOOK2.encode()), len(V3.encode()))]
+    verses = [
+        (0, 0, 0),
+        (0, 0, len(b0)),
+        (1, 0, o1),
+        (1, o1, o2 - o1),
+        (1, o2, len(b1) - o2),
+        (1, o2, len(b1) - o2),  # a linked verse: same entry twice, read once
+        (2, 0, len(BOOK2.encode())),
+        (2, len(BOOK2.encode()), len(V3.encode())),
+    ]
     return _module([b0, b1, b2, stale], verses, compress, wide)
 
 
-@pytest.mark.parametrize("kind,compress,drv,wide", [
-    ("ZIP", zlib.compress, "zText", False), ("BZIP2", bz2.compress, "zText", False),
-    ("ZIP", zlib.compress, "zCom4", True), ("ZIP", zlib.compress, "zCom4", False)])  # zCom4 with 10-byte entries
+@pytest.mark.parametrize(
+    "kind,compress,drv,wide",
+    [
+        ("ZIP", zlib.compress, "zText", False),
+        ("BZIP2", bz2.compress, "zText", False),
+        ("ZIP", zlib.compress, "zCom4", True),
+        ("ZIP", zlib.compress, "zCom4", False),
+    ],
+)  # zCom4 with 10-byte entries
 def test_sword_module_reads_verse_index_in_order(kind, compress, drv, wide):
     zs, zz, zv = _web_like(compress, wide)
     conf = parse_conf(f"[Test]\nModDrv={drv}\nCompressType={kind}\nBlockType=BOOK\n")
@@ -125,16 +145,20 @@ def test_sword_module_reads_verse_index_in_order(kind, compress, drv, wide):
 
 
 def test_sword_chapter_units_and_end_markers():
-    osis = ('<div osisID="Ps" sID="a" type="book"/>Preface. <chapter osisID="Ps.1" sID="Ps.1"/>One. '
-            '<chapter osisID="Ps.2" sID="Ps.2"/>Two. <div eID="a" osisID="Ps" type="book"/> Glossary.')
+    osis = (
+        '<div osisID="Ps" sID="a" type="book"/>Preface. <chapter osisID="Ps.1" sID="Ps.1"/>One. '
+        '<chapter osisID="Ps.2" sID="Ps.2"/>Two. <div eID="a" osisID="Ps" type="book"/> Glossary.'
+    )
     assert [n for n, _ in split_units(osis, "chapter")] == ["front", "Ps", "Ps.1", "Ps.2", "after-Ps"]
     assert [n for n, _ in split_units(osis, "book")] == ["front", "Ps", "after-Ps"]
 
 
 def test_osis_cleaning_joins_words_without_spaces():
-    s = ('<w lemma="strong:H5892">cities</w>, <w lemma="a">and</w> <note placement="foot">'
-         '<reference>1:1</reference>note text</note>villages<note n="b"/>; '
-         '<l level="1" sID="x"/>a line<l eID="x" level="1"/><l level="2" sID="y"/>next line<l eID="y"/>')
+    s = (
+        '<w lemma="strong:H5892">cities</w>, <w lemma="a">and</w> <note placement="foot">'
+        '<reference>1:1</reference>note text</note>villages<note n="b"/>; '
+        '<l level="1" sID="x"/>a line<l eID="x" level="1"/><l level="2" sID="y"/>next line<l eID="y"/>'
+    )
     text = osis_to_text(s)
     assert "cities, and villages;" in text and "cities ," not in text and "note" not in text
     assert text.splitlines()[-1] == "next line" and "a line" in text.splitlines()
@@ -162,17 +186,32 @@ def _deb(files: dict[str, bytes]) -> bytes:
             tf.addfile(info, io.BytesIO(data))
     out = b"!<arch>\n"
     for name, data in [("debian-binary", b"2.0\n"), ("data.tar.xz", buf.getvalue())]:
-        out += f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode() + data + (b"\n" if len(data) % 2 else b"")
+        out += (
+            f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode()
+            + data
+            + (b"\n" if len(data) % 2 else b"")
+        )
     return out
 
 
 def test_deb_archive_and_sword_source(tmp_path):
     zs, zz, zv = _web_like()
-    conf = b"[engTest]\nDataPath=./modules/texts/ztext/engtest/\nModDrv=zText\nCompressType=ZIP\nBlockType=BOOK\n"
+    conf = (
+        b"[engTest]\nDataPath=./modules/texts/ztext/engtest/\nModDrv=zText\nCompressType=ZIP\n"
+        b"BlockType=BOOK\n"
+    )
     base = "usr/share/sword/modules/texts/ztext/engtest/"
     deb = tmp_path / "sword-text-test_1.0_all.deb"
-    deb.write_bytes(_deb({"usr/share/sword/mods.d/engtest.conf": conf, base + "ot.bzs": zs,
-                          base + "ot.bzz": zz, base + "ot.bzv": zv}))
+    deb.write_bytes(
+        _deb(
+            {
+                "usr/share/sword/mods.d/engtest.conf": conf,
+                base + "ot.bzs": zs,
+                base + "ot.bzz": zz,
+                base + "ot.bzv": zv,
+            }
+        )
+    )
     docs = list(_sword("engtest", "test", "book")(Archive(deb)))
     assert [d.key for d in docs] == ["test/ot/Gen", "test/ot/Exod"]
     assert docs[0].text.endswith("The cities, and the plain.")

@@ -40,18 +40,32 @@ def test_split_never_leaves_validation_empty_and_handles_one_document():
 
 
 def test_read_inputs_txt_and_jsonl(tmp_path):
-    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbffirst doc\r\nline two  \n" + EOT.encode() + b"\nsecond doc\n")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "json one"}) + "\n\n" + json.dumps({"text": "json two", "id": 3}) + "\n")
+    (tmp_path / "a.txt").write_bytes(
+        b"\xef\xbb\xbffirst doc\r\nline two  \n" + EOT.encode() + b"\nsecond doc\n"
+    )
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "json one"}) + "\n\n" + json.dumps({"text": "json two", "id": 3}) + "\n"
+    )
     (tmp_path / "c.txt").write_bytes("caf\xe9 latin-1".encode("cp1252"))
     docs = read_inputs([tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.txt"])
     assert [(d.key, d.text) for d in docs] == [
-        ("a.txt/1", "first doc\nline two"), ("a.txt/2", "second doc"),
-        ("b.jsonl/1", "json one"), ("b.jsonl/3", "json two"), ("c.txt/all", "caf\xe9 latin-1")]
+        ("a.txt/1", "first doc\nline two"),
+        ("a.txt/2", "second doc"),
+        ("b.jsonl/1", "json one"),
+        ("b.jsonl/3", "json two"),
+        ("c.txt/all", "caf\xe9 latin-1"),
+    ]
 
 
-@pytest.mark.parametrize("content,match", [
-    ("", "hold no text"), ("  \n\n", "hold no text"),
-    ('{"text": 1}\n', 'no string field "text"'), ("not json\n", "not valid JSON")])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("", "hold no text"),
+        ("  \n\n", "hold no text"),
+        ('{"text": 1}\n', 'no string field "text"'),
+        ("not json\n", "not valid JSON"),
+    ],
+)
 def test_read_inputs_errors(tmp_path, content, match):
     p = tmp_path / ("x.jsonl" if "{" in content or "json" in content else "x.txt")
     p.write_text(content)

@@ -1,7 +1,6 @@
 """Smoke test of benchmarks/bench_cpu_gemm.py at a toy size (the real numbers come from `make bench`)."""
 
 import pytest
-
 from _train_fixtures import load_benchmark
 
 

@@ -6,12 +6,12 @@ import shutil
 
 import pytest
 import torch
+from test_moe import _assert_matches_reference, _cfg, _grads
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from finemoe.benchmarks.op_times import op_kind
 from finemoe.nn import cpu_kernels
 from finemoe.nn.moe import MoE
-from test_moe import _assert_matches_reference, _cfg, _grads
 
 
 def _can_build() -> bool:
@@ -184,4 +184,3 @@ def test_breakdown_sees_the_fused_ops_as_expert_matmuls(kernels):
     with _threads(1), Names():
         m(x)[0].sum().backward()
     assert {"gather_mm", "expert_backward"} <= seen
-

@@ -41,7 +41,10 @@ def test_missing_apt_lists_without_root_say_what_to_run(tmp_path, monkeypatch):
 
 
 def test_client_failure_reports_the_error_line_not_warnings(tmp_path, monkeypatch):
-    _fake(monkeypatch, [(100, "E: Version '2.0-1' for 'sword-comm-mhcc' was not found\nW: Download is unsandboxed")])
+    _fake(
+        monkeypatch,
+        [(100, "E: Version '2.0-1' for 'sword-comm-mhcc' was not found\nW: Download is unsandboxed")],
+    )
     with pytest.raises(DataError, match=r"`apt-get download sword-comm-mhcc=2.0-1` failed: E: Version"):
         F.fetch(PKG, tmp_path)
     assert not list((tmp_path / "debian").iterdir())  # no partial download left in the cache

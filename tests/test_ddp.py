@@ -8,13 +8,15 @@ import sys
 
 import pytest
 import torch
-
 from _train_fixtures import ROOT, make_data, read_metrics, tiny_config, write_config
+
 from finemoe.train.config import TrainConfig
 from finemoe.train.trainer import train
 
 STEPS = 12
-needs_distributed = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+needs_distributed = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not built in"
+)
 
 
 def torchrun_two(*args: str) -> None:
@@ -56,7 +58,9 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 def test_ddp_run_leaves_no_gloo_threads(tmp_path):
     """The process group really goes with teardown: a gloo thread left running can free a
     collective's tensors after the interpreter shut down, and abort a finished run at exit."""
-    cfg = tiny_config(make_data(tmp_path / "data"), tmp_path / "run", steps=4, batch_size=4, eval_every=2, threads=1)
+    cfg = tiny_config(
+        make_data(tmp_path / "data"), tmp_path / "run", steps=4, batch_size=4, eval_every=2, threads=1
+    )
     path = write_config(tmp_path / "run.yaml", cfg)
     torchrun_two(str(ROOT / "tests" / "ddp_teardown_worker.py"), str(path), str(tmp_path))
     reports = [json.loads((tmp_path / f"threads-{rank}.json").read_text()) for rank in (0, 1)]

@@ -18,7 +18,7 @@ def grid(noise=0.0, seed=0, dense=False, gs=(1, 2, 4, 8, 16), jitter=True):
     N, D, G = [], [], []
     for d, n in ((256, 4), (384, 6), (512, 8), (640, 10), (768, 12)):
         for toks in (16e9, 33e9, 66e9):
-            for g in ((1,) if dense else gs):
+            for g in (1,) if dense else gs:
                 N.append(acc.total_params(d, n, 1 if dense else 64))
                 D.append(toks * (rng.uniform(0.3, 1.0) if jitter else 1.0))
                 G.append(g)
@@ -31,7 +31,7 @@ def test_noise_free_moe_recovers_all_seven_coefficients():
     res = F.fit(grid(), "moe", holdout=None)
     want = vars(TRUE.moe)
     for k, v in res.params.items():
-        assert res.params[k] == pytest.approx(want[k], rel=2e-3), k  # stated tolerance: 0.2%
+        assert v == pytest.approx(want[k], rel=2e-3), k  # stated tolerance: 0.2%
     assert res.rmse < 1e-5
 
 
@@ -49,7 +49,9 @@ def test_noisy_fit_with_fixed_c_predicts_the_true_law():
     assert 0.006 < res.rmse < 0.012  # about the noise level
     assert res.holdout["n_heldout"] == round(0.2 * len(pts)) and res.holdout["rmse"] < 0.02
     # stated tolerance: within 0.01 of the true law over the fitted range; exponents within 15%
-    np.testing.assert_allclose(res.model().loss(pts.N, pts.D, pts.G), TRUE.moe.loss(pts.N, pts.D, pts.G), atol=0.01)
+    np.testing.assert_allclose(
+        res.model().loss(pts.N, pts.D, pts.G), TRUE.moe.loss(pts.N, pts.D, pts.G), atol=0.01
+    )
     assert res.params["alpha"] == pytest.approx(TRUE.moe.alpha, rel=0.15)
     assert res.params["gamma"] == pytest.approx(TRUE.moe.gamma, rel=0.15)
 
@@ -125,16 +127,19 @@ def _pts(**kw):
     return F.Points(**d)
 
 
-@pytest.mark.parametrize("make, law, msg", [
-    (lambda: grid().take(np.arange(5)), "moe", "cannot fit the moe law"),
-    (lambda: grid(gs=(4,)), "moe", "2 or more granularities"),
-    (lambda: _pts(loss=np.where(np.arange(75) == 3, np.nan, grid().loss)), "moe", "NaN/inf"),
-    (lambda: _pts(loss=np.where(np.arange(75) == 3, np.inf, grid().loss)), "moe", "NaN/inf"),
-    (lambda: _pts(N=np.where(np.arange(75) == 0, 0.0, grid().N)), "moe", "every N must be a positive"),
-    (lambda: _pts(D=-grid().D), "dense", "every D must be a positive"),
-    (lambda: _pts(N=np.full(75, 1e9)), "dense", "distinct model sizes"),
-    (lambda: grid(gs=(1, 2), jitter=False), "granularity", "3 or more distinct G"),
-])
+@pytest.mark.parametrize(
+    "make, law, msg",
+    [
+        (lambda: grid().take(np.arange(5)), "moe", "cannot fit the moe law"),
+        (lambda: grid(gs=(4,)), "moe", "2 or more granularities"),
+        (lambda: _pts(loss=np.where(np.arange(75) == 3, np.nan, grid().loss)), "moe", "NaN/inf"),
+        (lambda: _pts(loss=np.where(np.arange(75) == 3, np.inf, grid().loss)), "moe", "NaN/inf"),
+        (lambda: _pts(N=np.where(np.arange(75) == 0, 0.0, grid().N)), "moe", "every N must be a positive"),
+        (lambda: _pts(D=-grid().D), "dense", "every D must be a positive"),
+        (lambda: _pts(N=np.full(75, 1e9)), "dense", "distinct model sizes"),
+        (lambda: grid(gs=(1, 2), jitter=False), "granularity", "3 or more distinct G"),
+    ],
+)
 def test_degenerate_inputs_are_named(make, law, msg):
     with pytest.raises(DataError, match=msg):
         F.fit(make(), law, holdout=None)

@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from _train_fixtures import cli, tiny_config
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from _train_fixtures import cli, tiny_config
 from finemoe.cli import main
 from finemoe.data.tokens import write_tokens
 from finemoe.train.config import TrainConfig
@@ -32,7 +32,17 @@ def run_dir(tmp_path_factory):
 
 
 def test_generate_cli_continues_the_learned_text(run_dir):
-    r = cli("generate", str(run_dir), "--prompt", "the cat sat", "--max-new-tokens", "8", "--temperature", "0", "--json")
+    r = cli(
+        "generate",
+        str(run_dir),
+        "--prompt",
+        "the cat sat",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["text"].startswith("the cat sat") and len(out["tokens"]) == 3 + 8
@@ -40,7 +50,21 @@ def test_generate_cli_continues_the_learned_text(run_dir):
 
 
 def test_generate_from_the_ckpt_file(run_dir, capsys):
-    assert main(["generate", str(run_dir / "ckpt.pt"), "--prompt", "the cat", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run_dir / "ckpt.pt"),
+                "--prompt",
+                "the cat",
+                "--max-new-tokens",
+                "3",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == "the cat sat on the"
 
 

@@ -32,10 +32,13 @@ def test_ensure_dir_creates_parents(tmp_path):
     assert ensure_dir(tmp_path / "a" / "b").is_dir()  # again: nothing to do
 
 
-@pytest.mark.parametrize("where, msg", [
-    ("blocker", "run folder .*blocker is a file"),
-    ("blocker/sub", "cannot create run folder"),
-])
+@pytest.mark.parametrize(
+    "where, msg",
+    [
+        ("blocker", "run folder .*blocker is a file"),
+        ("blocker/sub", "cannot create run folder"),
+    ],
+)
 def test_ensure_dir_says_why_not_in_one_line(tmp_path, where, msg):
     (tmp_path / "blocker").write_text("a file in the way")
     with pytest.raises(FinemoeError, match=msg) as e:

@@ -41,7 +41,7 @@ def test_parabola_recovers_a_known_minimum_and_says_when_it_is_outside():
     edge = I.parabola_optimum(x, 2 + 0.1 * (np.log(x) - 6) ** 2)
     assert edge.active_params == pytest.approx(np.exp(6)) and not edge.inside
     assert I.parabola_optimum(x[:2], [1, 2]) is None  # two sizes: no curve
-    assert I.parabola_optimum(x, -(np.log(x) - 2) ** 2) is None  # a maximum, not a minimum
+    assert I.parabola_optimum(x, -((np.log(x) - 2) ** 2)) is None  # a maximum, not a minimum
 
 
 def test_on_the_paper_law_the_best_g_grows_and_moe_beats_dense():
@@ -77,18 +77,57 @@ def test_report_draws_iso_flop_curves_and_answers_the_question(tmp_path):
     path = tmp_path / "iso.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run_id", "status", "ffn", "granularity", "expansion_rate", "d_model", "n_blocks", "total_params",
-                    "active_params", "tokens", "flops", "train_loss", "val_loss", "budget", "parent", "wall_time_s"])
-        for i, (F, n, G, L, grp) in enumerate(zip(runs.budget, runs.active_params, runs.granularity, runs.loss,
-                                                   runs.group)):
+        w.writerow(
+            [
+                "run_id",
+                "status",
+                "ffn",
+                "granularity",
+                "expansion_rate",
+                "d_model",
+                "n_blocks",
+                "total_params",
+                "active_params",
+                "tokens",
+                "flops",
+                "train_loss",
+                "val_loss",
+                "budget",
+                "parent",
+                "wall_time_s",
+            ]
+        )
+        for F, n, G, L, grp in zip(runs.budget, runs.active_params, runs.granularity, runs.loss, runs.group):
             d = round((n / 12 * 64) ** (1 / 3))
             total = n if G == 0 else acc.total_params(d, d / 64, E)
             parent = "" if F == 1e14 else f"{grp}-1e14"  # the largest budget's run is each group's stable run
-            w.writerow([f"{grp}-{F:.0e}" if parent else f"{grp}-1e14", "done", "dense" if G == 0 else "moe", G, E, d,
-                        1, total, n, F / (6 * n), F, L, L + 0.01, F, parent, 1.0])
+            w.writerow(
+                [
+                    f"{grp}-{F:.0e}" if parent else f"{grp}-1e14",
+                    "done",
+                    "dense" if G == 0 else "moe",
+                    G,
+                    E,
+                    d,
+                    1,
+                    total,
+                    n,
+                    F / (6 * n),
+                    F,
+                    L,
+                    L + 0.01,
+                    F,
+                    parent,
+                    1.0,
+                ]
+            )
     out = tmp_path / "rep"
     assert main(["report", str(path), "--out", str(out), "--bootstrap", "20"]) == 0
     md = (out / "report.md").read_text()
-    assert "## Iso-FLOP curves: the best G per compute budget" in md and "![iso-FLOP curves](isoflop.png)" in md
-    assert "**Does the best G grow with compute?** Yes in these runs: G=8 at 1e+12 FLOPs, G=16 at 1e+14." in md
+    assert (
+        "## Iso-FLOP curves: the best G per compute budget" in md and "![iso-FLOP curves](isoflop.png)" in md
+    )
+    assert (
+        "**Does the best G grow with compute?** Yes in these runs: G=8 at 1e+12 FLOPs, G=16 at 1e+14." in md
+    )
     assert (out / "isoflop.png").stat().st_size > 0

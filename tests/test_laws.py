@@ -19,8 +19,15 @@ def test_table1_law_matches_paper_check_values():
 def test_precise_coefficients_at_printed_table2_rows():
     # paper notes, check 6: Eq. 9 at the printed (N = 43 N_act, D, G) of Table 2
     law = load_coefficients("paper-precise").moe
-    rows = [(100e6, 4.37e9, 8), (1e9, 28.94e9, 16), (3e9, 72.90e9, 16), (7e9, 137.60e9, 32),
-            (70e9, 941.07e9, 32), (300e9, 2.96e12, 64), (1e12, 7.94e12, 64)]
+    rows = [
+        (100e6, 4.37e9, 8),
+        (1e9, 28.94e9, 16),
+        (3e9, 72.90e9, 16),
+        (7e9, 137.60e9, 32),
+        (70e9, 941.07e9, 32),
+        (300e9, 2.96e12, 64),
+        (1e12, 7.94e12, 64),
+    ]
     want = [3.135, 2.493, 2.246, 2.079, 1.696, 1.505, 1.369]
     n_act, D, G = map(np.array, zip(*rows))
     got = law.loss(n_act * (8 * 64 + 4) / 12, D, G)
@@ -49,12 +56,18 @@ def test_user_json_round_trip(tmp_path):
     assert back.moe == c.moe and back.dense == c.dense
 
 
-@pytest.mark.parametrize("content, msg", [
-    ("{not json", "cannot read JSON"),
-    ('{"moe": {"a": 1}}', "missing coefficient"),
-    ('{"moe": {"a": -1, "alpha": 0.1, "b": 1, "beta": 0.1, "g": 1, "gamma": 0.5, "c": 0.5}}', "non-negative"),
-    ('{"other": 1}', "'moe' and/or 'dense'"),
-])
+@pytest.mark.parametrize(
+    "content, msg",
+    [
+        ("{not json", "cannot read JSON"),
+        ('{"moe": {"a": 1}}', "missing coefficient"),
+        (
+            '{"moe": {"a": -1, "alpha": 0.1, "b": 1, "beta": 0.1, "g": 1, "gamma": 0.5, "c": 0.5}}',
+            "non-negative",
+        ),
+        ('{"other": 1}', "'moe' and/or 'dense'"),
+    ],
+)
 def test_bad_coefficient_files(tmp_path, content, msg):
     p = tmp_path / "c.json"
     p.write_text(content)

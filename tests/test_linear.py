@@ -101,8 +101,16 @@ def test_selection_is_validated_and_restored():
 
 @pytest.mark.parametrize("ffn", ["dense", "moe"])
 def test_transformer_same_on_both_paths(ffn, two_threads, conv_calls):
-    cfg = ModelConfig(vocab_size=50, seq_len=8, d_model=32, head_dim=16, n_blocks=2, ffn=ffn, granularity=2,
-                      expansion_rate=2)
+    cfg = ModelConfig(
+        vocab_size=50,
+        seq_len=8,
+        d_model=32,
+        head_dim=16,
+        n_blocks=2,
+        ffn=ffn,
+        granularity=2,
+        expansion_rate=2,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg)
     ids = torch.randint(0, 50, (4, 8))
@@ -125,6 +133,7 @@ def test_transformer_same_on_both_paths(ffn, two_threads, conv_calls):
 
 def test_trainer_runs_on_the_chosen_path_and_restores_it(tmp_path, conv_calls):
     from _train_fixtures import make_data, tiny_config
+
     from finemoe.errors import ConfigError
     from finemoe.train.config import TrainConfig
     from finemoe.train.trainer import train

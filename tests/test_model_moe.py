@@ -15,7 +15,8 @@ def _cfg(**kw):
 
 
 @pytest.mark.parametrize(
-    "kw", [{}, {"granularity": 8}, {"routing": "tc"}, {"moe_every": 2}, {"pos_emb": "rope", "moe_out_norm": False}]
+    "kw",
+    [{}, {"granularity": 8}, {"routing": "tc"}, {"moe_every": 2}, {"pos_emb": "rope", "moe_out_norm": False}],
 )
 def test_param_count_matches_accounting_and_paper_formula(kw):
     cfg = _cfg(**kw)
@@ -24,7 +25,9 @@ def test_param_count_matches_accounting_and_paper_formula(kw):
     if cfg.moe_every == 1:
         d, n = cfg.d_model, cfg.n_blocks
         matrices = sum(
-            p.numel() for name, p in model.named_parameters() if "experts" in name or ("attn" in name and p.dim() == 2)
+            p.numel()
+            for name, p in model.named_parameters()
+            if "experts" in name or ("attn" in name and p.dim() == 2)
         )
         assert matrices == total_params(d, n, cfg.expansion_rate)  # d^2 (8E + 4) n
         routers = sum(p.numel() for name, p in model.named_parameters() if "router" in name)
@@ -45,7 +48,9 @@ def test_moe_model_is_causal_across_the_batch(routing):
         idx2 = idx.clone()
         idx2[1, t] = (idx2[1, t] + 1) % 97
         out = model(idx2).logits
-        torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-5, rtol=0)  # bitwise up to kernel blocking
+        torch.testing.assert_close(
+            out[:, :t], base[:, :t], atol=1e-5, rtol=0
+        )  # bitwise up to kernel blocking
         assert not torch.allclose(out[1, t:], base[1, t:])
 
 

@@ -41,7 +41,10 @@ def reference_moe(m: MoE, x: torch.Tensor) -> torch.Tensor:
                 for v, e in zip(vals, es.tolist()):
                     contrib[b, t].append(v * (act(x[b, t] @ w1[e]) @ w2[e]))
     out = torch.stack(
-        [torch.stack(c).sum(0) if c else x.new_zeros(d) for c in (contrib[b, t] for b in range(B) for t in range(T))]
+        [
+            torch.stack(c).sum(0) if c else x.new_zeros(d)
+            for c in (contrib[b, t] for b in range(B) for t in range(T))
+        ]
     ).view(B, T, d)
     return m.ln(out)
 
@@ -287,7 +290,7 @@ def test_bucket_cuts_minimise_padded_slots():
             cuts = _bucket_cuts(c, k)
             assert cuts[0] == 0 and cuts[-1] == len(c) and len(cuts) - 1 <= k
 
-            def padded(cs):
+            def padded(cs, c=c):
                 return sum((b - a) * c[a] for a, b in zip(cs[:-1], cs[1:]))
 
             brute = min(
@@ -315,7 +318,9 @@ def _gated_output_reference(h, w2, gates, dispatch, offs):
         starts = [0] + ends[:-1]
         y = torch.cat([h[s:e] @ w2[i] for i, (s, e) in enumerate(zip(starts, ends))]) * gates.unsqueeze(-1)
     y = y.reshape(-1, y.shape[-1])
-    return torch.zeros(int(dispatch.offsets.numel()), y.shape[-1], dtype=y.dtype).index_add(0, dispatch.idx, y)
+    return torch.zeros(int(dispatch.offsets.numel()), y.shape[-1], dtype=y.dtype).index_add(
+        0, dispatch.idx, y
+    )
 
 
 def test_gated_output_backward_matches_autograd_fixed_capacity():
@@ -346,7 +351,9 @@ def test_gated_output_grouped_matches_autograd():
     gates = torch.rand(12, requires_grad=True)
     dispatch = _random_dispatch(N, 12)
     dout = torch.randn(N, d)
-    got = torch.autograd.grad(_GatedOutput.apply(h, w2, gates, dispatch, GroupedMM(offs)), (h, w2, gates), dout)
+    got = torch.autograd.grad(
+        _GatedOutput.apply(h, w2, gates, dispatch, GroupedMM(offs)), (h, w2, gates), dout
+    )
     ref = torch.autograd.grad(_gated_output_reference(h, w2, gates, dispatch, offs), (h, w2, gates), dout)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

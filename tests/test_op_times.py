@@ -9,18 +9,21 @@ from finemoe.benchmarks.op_times import KINDS, OpTimer, op_kind, step_breakdown
 aten = torch.ops.aten
 
 
-@pytest.mark.parametrize("func, args, kind", [
-    (aten.bmm.default, (), "expert matmuls"),
-    (aten._grouped_mm.default, (), "expert matmuls"),
-    (aten.mm.default, (), "other matmuls"),
-    (aten.addmm.default, (), "other matmuls"),
-    (aten.convolution.default, (None, None, None, [1], [0], [1], False, [0], 4), "expert matmuls"),
-    (aten.convolution.default, (None, None, None, [1], [0], [1], False, [0], 1), "other matmuls"),
-    (aten.index_select.default, (), "gather/combine"),
-    (aten._embedding_bag.default, (), "gather/combine"),
-    (aten.relu.default, (), "other ops"),
-    (aten.native_layer_norm.default, (), "other ops"),
-])
+@pytest.mark.parametrize(
+    "func, args, kind",
+    [
+        (aten.bmm.default, (), "expert matmuls"),
+        (aten._grouped_mm.default, (), "expert matmuls"),
+        (aten.mm.default, (), "other matmuls"),
+        (aten.addmm.default, (), "other matmuls"),
+        (aten.convolution.default, (None, None, None, [1], [0], [1], False, [0], 4), "expert matmuls"),
+        (aten.convolution.default, (None, None, None, [1], [0], [1], False, [0], 1), "other matmuls"),
+        (aten.index_select.default, (), "gather/combine"),
+        (aten._embedding_bag.default, (), "gather/combine"),
+        (aten.relu.default, (), "other ops"),
+        (aten.native_layer_norm.default, (), "other ops"),
+    ],
+)
 def test_op_kind(func, args, kind):
     assert op_kind(func, args, {}) == kind
 

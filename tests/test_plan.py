@@ -25,7 +25,9 @@ def test_table2_reproduced(coeffs, tol_df, tol_l):
 def test_optimum_satisfies_budget_and_is_a_minimum():
     F, s = 1e21, P.Settings()
     p = P.optimum(PAPER.moe, F, s)
-    assert acc.training_flops(p.d_model, p.n_blocks, p.tokens, 64, p.granularity) == pytest.approx(F, rel=1e-9)
+    assert acc.training_flops(p.d_model, p.n_blocks, p.tokens, 64, p.granularity) == pytest.approx(
+        F, rel=1e-9
+    )
     assert p.d_model == pytest.approx(64 * p.n_blocks)
     for f in (0.99, 1.01):
         q = P._moe_point(PAPER.moe, F, p.granularity, math.log(p.d_model * f), s)

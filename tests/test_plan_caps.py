@@ -23,14 +23,18 @@ def test_a_loose_cap_changes_nothing():
     assert capped.loss == pytest.approx(free.loss, abs=1e-9) and not capped.at_cap and not free.at_cap
 
 
-@pytest.mark.parametrize("cap, field", [("max_total_params", "total_params"), ("max_active_params", "active_params")])
+@pytest.mark.parametrize(
+    "cap, field", [("max_total_params", "total_params"), ("max_active_params", "active_params")]
+)
 def test_a_binding_cap_is_met_exactly_and_spends_the_budget_on_tokens(cap, field):
     free = P.optimum(PAPER.moe, F)
     limit = getattr(free, field) / 5
     p = P.optimum(PAPER.moe, F, P.Settings(**{cap: limit}))
     assert getattr(p, field) == pytest.approx(limit, rel=1e-6) and p.at_cap
     assert p.loss > free.loss and p.tokens > free.tokens
-    assert acc.training_flops(p.d_model, p.n_blocks, p.tokens, 64, p.granularity) == pytest.approx(F, rel=1e-9)
+    assert acc.training_flops(p.d_model, p.n_blocks, p.tokens, 64, p.granularity) == pytest.approx(
+        F, rel=1e-9
+    )
 
 
 def test_capped_optimum_is_the_best_model_under_the_cap():

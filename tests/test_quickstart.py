@@ -38,27 +38,40 @@ def test_quickstart_runs_everything_then_reuses_it(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(TESTS))
     _user_data(tmp_path / "data")
-    spec = {"name": "qs", "data_dir": "data", "runs_dir": "runs/qs", "trainer": "sweep_fake_trainer:fake_train",
-            "model": {"vocab_size": 64, "seq_len": 8, "expansion_rate": 4},
-            "sizes": [{"d_model": 64, "n_blocks": 1}, {"d_model": 128, "n_blocks": 1}],
-            "granularities": [1, 2, 4], "tokens": [1000, 4000], "dense": True, "executor": {"kind": "inprocess"}}
+    spec = {
+        "name": "qs",
+        "data_dir": "data",
+        "runs_dir": "runs/qs",
+        "trainer": "sweep_fake_trainer:fake_train",
+        "model": {"vocab_size": 64, "seq_len": 8, "expansion_rate": 4},
+        "sizes": [{"d_model": 64, "n_blocks": 1}, {"d_model": 128, "n_blocks": 1}],
+        "granularities": [1, 2, 4],
+        "tokens": [1000, 4000],
+        "dense": True,
+        "executor": {"kind": "inprocess"},
+    }
     (tmp_path / "qs.yaml").write_text(yaml.safe_dump(spec))
     assert main(["quickstart", "--spec", "qs.yaml", "--bootstrap", "0"]) == 0
     out = capsys.readouterr().out
     assert "report:  runs/qs/report/report.md" in out
     md = Path("runs/qs/report/report.md").read_text()
     assert "finemoe quickstart (qs)" in md and "16 done" in md and "with c fixed at 0.47" in md
-    starts = {r.run_id: Path(r.config["out_dir"], "starts.log").read_text() for r in specmod.load("qs.yaml").runs}
+    starts = {
+        r.run_id: Path(r.config["out_dir"], "starts.log").read_text() for r in specmod.load("qs.yaml").runs
+    }
     assert main(["quickstart", "--spec", "qs.yaml", "--bootstrap", "0", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["done"] == 16 and res["to_run"] == 0 and res["report"] == "runs/qs/report/report.md"
-    again = {r.run_id: Path(r.config["out_dir"], "starts.log").read_text() for r in specmod.load("qs.yaml").runs}
+    again = {
+        r.run_id: Path(r.config["out_dir"], "starts.log").read_text() for r in specmod.load("qs.yaml").runs
+    }
     assert again == starts  # nothing trained twice
 
 
 @pytest.mark.slow
 def test_real_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
-    """The real thing: corpus from the registries, the built-in sweep on the real trainer (~10 min on 2 cores)."""
+    """The real thing: corpus from the registries, the built-in sweep on the real trainer (~10 min on 2
+    cores)."""
     for mod in ("finemoe.data.prepare", "finemoe.train.trainer", "finemoe.nn.moe", "finemoe.scaling.fit"):
         pytest.importorskip(mod)
     monkeypatch.chdir(tmp_path)
@@ -69,16 +82,26 @@ def test_real_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["to_run"] == 0
 
 
-@pytest.mark.parametrize("flags", [{"moe": ["exponent beta=11.9 is outside [0.01, 2]"], "dense": []}, {"moe": [], "dense": []}])
+@pytest.mark.parametrize(
+    "flags", [{"moe": ["exponent beta=11.9 is outside [0.01, 2]"], "dense": []}, {"moe": [], "dense": []}]
+)
 def test_quickstart_recommends_a_plan_only_from_an_unflagged_fit(tmp_path, monkeypatch, capsys, flags):
     from finemoe.report import report as R
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(TESTS))
     _user_data(tmp_path / "data")
-    spec = {"name": "qs", "data_dir": "data", "runs_dir": "runs/qs", "trainer": "sweep_fake_trainer:fake_train",
-            "model": {"vocab_size": 64, "seq_len": 8, "expansion_rate": 4}, "sizes": [{"d_model": 64, "n_blocks": 1}],
-            "granularities": [1, 2], "tokens": [1000], "executor": {"kind": "inprocess"}}
+    spec = {
+        "name": "qs",
+        "data_dir": "data",
+        "runs_dir": "runs/qs",
+        "trainer": "sweep_fake_trainer:fake_train",
+        "model": {"vocab_size": 64, "seq_len": 8, "expansion_rate": 4},
+        "sizes": [{"d_model": 64, "n_blocks": 1}],
+        "granularities": [1, 2],
+        "tokens": [1000],
+        "executor": {"kind": "inprocess"},
+    }
     (tmp_path / "qs.yaml").write_text(yaml.safe_dump(spec))
     monkeypatch.setattr(R, "build_report", lambda *a, **k: R.Report(Path("r.md"), Path("c.json"), flags))
     assert main(["quickstart", "--spec", "qs.yaml", "--bootstrap", "0"]) == 0

@@ -18,7 +18,20 @@ def _done_rows() -> list[dict]:
 
 def test_replicate_resumes_from_the_committed_csv(tmp_path, capsys):
     done = _done_rows()
-    assert main(["sweep", "run", str(MINI / "spec.yaml"), "--dry-run", "--store", str(tmp_path / "s.sqlite"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "run",
+                str(MINI / "spec.yaml"),
+                "--dry-run",
+                "--store",
+                str(tmp_path / "s.sqlite"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["done"] == len(done) and out["done"] + out["to_run"] == 30
     assert out["failed"] == 0
@@ -27,8 +40,19 @@ def test_replicate_resumes_from_the_committed_csv(tmp_path, capsys):
 def test_replicate_report_builds_from_the_committed_results(tmp_path, capsys):
     done = _done_rows()
     (tmp_path / "d.md").write_text("What the runs show, in the author's words.\n")
-    code = main(["report", str(MINI / "results.csv"), "--out", str(tmp_path), "--bootstrap", "0", "--json",
-                 "--discussion", str(tmp_path / "d.md")])
+    code = main(
+        [
+            "report",
+            str(MINI / "results.csv"),
+            "--out",
+            str(tmp_path),
+            "--bootstrap",
+            "0",
+            "--json",
+            "--discussion",
+            str(tmp_path / "d.md"),
+        ]
+    )
     assert code == 0
     info = json.loads(capsys.readouterr().out)
     text = (tmp_path / "report.md").read_text()

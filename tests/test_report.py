@@ -16,10 +16,20 @@ LAW = {"g": 2.0, "gamma": 0.6, "a": 18.0, "alpha": 0.115, "b": 30.0, "beta": 0.1
 
 def _synthetic_store(path, noise=0.003, fail_one=True):
     """The mini-replication grid with losses drawn from Eq. 9 (known coefficients) plus noise."""
-    raw = {"name": "syn", "data_dir": "data", "runs_dir": str(path.parent / "runs"),
-           "model": {"vocab_size": 256, "seq_len": 16, "expansion_rate": 8},
-           "sizes": [{"d_model": 64, "n_blocks": 1}, {"d_model": 128, "n_blocks": 2}, {"d_model": 192, "n_blocks": 3}],
-           "granularities": [1, 2, 4, 8], "tokens": [2e5, 3.2e6], "dense": True}
+    raw = {
+        "name": "syn",
+        "data_dir": "data",
+        "runs_dir": str(path.parent / "runs"),
+        "model": {"vocab_size": 256, "seq_len": 16, "expansion_rate": 8},
+        "sizes": [
+            {"d_model": 64, "n_blocks": 1},
+            {"d_model": 128, "n_blocks": 2},
+            {"d_model": 192, "n_blocks": 3},
+        ],
+        "granularities": [1, 2, 4, 8],
+        "tokens": [2e5, 3.2e6],
+        "dense": True,
+    }
     s = specmod.expand(raw)
     st = Store(path)
     st.add(s.runs, "syn")
@@ -30,22 +40,50 @@ def _synthetic_store(path, noise=0.003, fail_one=True):
         E, G = (m["expansion_rate"], m["granularity"]) if moe else (1, 0)
         N, D = total_params(m["d_model"], m["n_blocks"], E), r.config["tokens"]
         gterm = LAW["g"] * G ** -LAW["gamma"] if moe else LAW["g"]
-        loss = LAW["c"] + (gterm + LAW["a"]) * N ** -LAW["alpha"] + LAW["b"] * D ** -LAW["beta"] + rng.normal(0, noise)
+        loss = (
+            LAW["c"]
+            + (gterm + LAW["a"]) * N ** -LAW["alpha"]
+            + LAW["b"] * D ** -LAW["beta"]
+            + rng.normal(0, noise)
+        )
         if fail_one and i == 3:
             st.fail(r.run_id, "RuntimeError: out of memory")
             continue
-        st.finish(r.run_id, {"status": "done", "ffn": m["ffn"], "granularity": G, "expansion_rate": E,
-                             "d_model": m["d_model"], "n_blocks": m["n_blocks"], "total_params": N,
-                             "active_params": active_params(m["d_model"], m["n_blocks"]), "tokens": D,
-                             "flops": flops_per_token(m["d_model"], m["n_blocks"], E, G) * D, "train_loss": float(loss),
-                             "val_loss": float(loss) + 0.02, "wall_time_s": 10.0, "device": "cpu:2 threads", "steps": 5})
+        st.finish(
+            r.run_id,
+            {
+                "status": "done",
+                "ffn": m["ffn"],
+                "granularity": G,
+                "expansion_rate": E,
+                "d_model": m["d_model"],
+                "n_blocks": m["n_blocks"],
+                "total_params": N,
+                "active_params": active_params(m["d_model"], m["n_blocks"]),
+                "tokens": D,
+                "flops": flops_per_token(m["d_model"], m["n_blocks"], E, G) * D,
+                "train_loss": float(loss),
+                "val_loss": float(loss) + 0.02,
+                "wall_time_s": 10.0,
+                "device": "cpu:2 threads",
+                "steps": 5,
+            },
+        )
     return s
 
 
 def test_report_without_finished_runs_lists_runs(tmp_path):
-    s = specmod.expand({"name": "e", "data_dir": "data", "runs_dir": str(tmp_path / "runs"),
-                        "model": {"vocab_size": 64, "seq_len": 8}, "sizes": [{"d_model": 64, "n_blocks": 1}],
-                        "granularities": [1], "tokens": [1000]})
+    s = specmod.expand(
+        {
+            "name": "e",
+            "data_dir": "data",
+            "runs_dir": str(tmp_path / "runs"),
+            "model": {"vocab_size": 64, "seq_len": 8},
+            "sizes": [{"d_model": 64, "n_blocks": 1}],
+            "granularities": [1],
+            "tokens": [1000],
+        }
+    )
     st = Store(tmp_path / "s.sqlite")
     st.add(s.runs, "e")
     st.fail(s.runs[0].run_id, "Traceback...\nRuntimeError: boom")
@@ -72,14 +110,19 @@ def test_report_cli_errors(tmp_path, capsys):
 HAND_MADE = "status,ffn,d_model,n_blocks,total_params,tokens,granularity,expansion_rate,flops,train_loss\n"
 
 
-@pytest.mark.parametrize("rows, msg", [
-    ("done,moe,64,2,1e6,1e7,1,8,1e13,4.5\n", None),
-    ("done,moe,64,2,lots,1e7,1,8,1e13,4.5\n", "column 'total_params' holds text where numbers belong"),
-])
+@pytest.mark.parametrize(
+    "rows, msg",
+    [
+        ("done,moe,64,2,1e6,1e7,1,8,1e13,4.5\n", None),
+        ("done,moe,64,2,lots,1e7,1,8,1e13,4.5\n", "column 'total_params' holds text where numbers belong"),
+    ],
+)
 def test_report_of_a_hand_made_csv(tmp_path, capsys, rows, msg):
     """Only the columns it fits from are required; the summary's and runs table's others may be absent."""
     csv = tmp_path / "mine.csv"
-    csv.write_text(HAND_MADE + rows + "done,dense,64,2,1e5,1e7,1,1,1e12,5.0\nfailed,moe,64,2,1e6,1e7,2,8,1e13,\n")
+    csv.write_text(
+        HAND_MADE + rows + "done,dense,64,2,1e5,1e7,1,1,1e12,5.0\nfailed,moe,64,2,1e6,1e7,2,8,1e13,\n"
+    )
     code = main(["report", str(csv), "--out", str(tmp_path / "r")])
     if msg is None:
         assert code == 0
@@ -107,10 +150,22 @@ def test_report_recovers_known_law_and_writes_figures(tmp_path, capsys):
     _synthetic_store(store)
     csv = Store(store).export_csv(tmp_path / "runs.csv")
     out = tmp_path / "rep"
-    assert main(["report", str(csv), "--out", str(out), "--bootstrap", "4", "--budgets", "1e18", "1e20", "--json"]) == 0
+    assert (
+        main(
+            ["report", str(csv), "--out", str(out), "--bootstrap", "4", "--budgets", "1e18", "1e20", "--json"]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     md = (out / "report.md").read_text()
-    for section in ("## Runs", "Eq. 4", "## MoE vs dense at equal compute", "## Eq. 9", "## Eq. 1", "## Planner"):
+    for section in (
+        "## Runs",
+        "Eq. 4",
+        "## MoE vs dense at equal compute",
+        "## Eq. 9",
+        "## Eq. 1",
+        "## Planner",
+    ):
         assert section in md
     assert "failed: RuntimeError: out of memory" in md
     for png in ("loss_vs_granularity.png", "loss_vs_flops.png", "fit_moe.png", "fit_dense.png"):

@@ -1,4 +1,5 @@
-"""The test that matters: a run killed with SIGKILL and resumed ends bit for bit where an uninterrupted run ends."""
+"""The test that matters: a run killed with SIGKILL and resumed ends bit for bit where an uninterrupted run
+ends."""
 
 import os
 import random
@@ -9,8 +10,8 @@ import time
 
 import pytest
 import torch
-
 from _train_fixtures import ROOT, make_data, read_metrics, tiny_config, write_config
+
 from finemoe.train.config import TrainConfig
 from finemoe.train.trainer import train
 
@@ -19,8 +20,14 @@ STEPS = 150
 
 def _start(cfg_path, *extra):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "finemoe", "train", str(cfg_path), "--quiet", *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "finemoe", "train", str(cfg_path), "--quiet", *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _lines(path):
@@ -61,7 +68,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert resumed["val_loss"] == ref["val_loss"]
     a, b = read_metrics(tmp_path / "kill"), read_metrics(tmp_path / "ref")
     assert [r["step"] for r in a] == list(range(1, STEPS + 1))  # no lost or duplicated lines
-    assert [(r["loss"], r["lr"], r.get("val_loss")) for r in a] == [(r["loss"], r["lr"], r.get("val_loss")) for r in b]
+    assert [(r["loss"], r["lr"], r.get("val_loss")) for r in a] == [
+        (r["loss"], r["lr"], r.get("val_loss")) for r in b
+    ]
 
 
 def test_moe_run_interrupted_and_resumed_is_bit_identical(tmp_path, monkeypatch):
@@ -87,4 +96,6 @@ def test_moe_run_interrupted_and_resumed_is_bit_identical(tmp_path, monkeypatch)
     monkeypatch.setattr(trainer._Run, "_step", real_step)
     resumed = train(cfg, resume=True, quiet=True)
     assert resumed["train_loss"] == ref["train_loss"] and resumed["val_loss"] == ref["val_loss"]
-    assert [r["loss"] for r in read_metrics(tmp_path / "cut")] == [r["loss"] for r in read_metrics(tmp_path / "ref")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "cut")] == [
+        r["loss"] for r in read_metrics(tmp_path / "ref")
+    ]

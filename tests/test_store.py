@@ -12,22 +12,54 @@ from finemoe.errors import DataError
 from finemoe.sweep import spec as specmod
 from finemoe.sweep.store import Store, load_runs, owner_alive, owner_id
 
-FIT_COLUMNS = ["status", "ffn", "granularity", "expansion_rate", "total_params", "active_params", "tokens",
-               "flops", "train_loss", "val_loss"]
+FIT_COLUMNS = [
+    "status",
+    "ffn",
+    "granularity",
+    "expansion_rate",
+    "total_params",
+    "active_params",
+    "tokens",
+    "flops",
+    "train_loss",
+    "val_loss",
+]
 
 
 def _spec(tmp_path):
-    return specmod.expand({
-        "name": "t", "data_dir": str(tmp_path / "data"), "runs_dir": str(tmp_path / "runs"),
-        "model": {"vocab_size": 64, "seq_len": 8, "expansion_rate": 4},
-        "sizes": [{"d_model": 64, "n_blocks": 1}], "granularities": [1, 2], "tokens": [1000], "dense": True,
-    })
+    return specmod.expand(
+        {
+            "name": "t",
+            "data_dir": str(tmp_path / "data"),
+            "runs_dir": str(tmp_path / "runs"),
+            "model": {"vocab_size": 64, "seq_len": 8, "expansion_rate": 4},
+            "sizes": [{"d_model": 64, "n_blocks": 1}],
+            "granularities": [1, 2],
+            "tokens": [1000],
+            "dense": True,
+        }
+    )
 
 
 def _record(status="done", loss=3.0):
-    return {"status": status, "ffn": "moe", "granularity": 2, "expansion_rate": 4, "d_model": 64, "n_blocks": 1,
-            "total_params": 100, "active_params": 50, "tokens": 1000, "flops": 1e9, "train_loss": loss,
-            "val_loss": loss + 0.1, "steps": 10, "tokens_per_s": 5.0, "wall_time_s": 2.0, "device": "cpu"}
+    return {
+        "status": status,
+        "ffn": "moe",
+        "granularity": 2,
+        "expansion_rate": 4,
+        "d_model": 64,
+        "n_blocks": 1,
+        "total_params": 100,
+        "active_params": 50,
+        "tokens": 1000,
+        "flops": 1e9,
+        "train_loss": loss,
+        "val_loss": loss + 0.1,
+        "steps": 10,
+        "tokens_per_s": 5.0,
+        "wall_time_s": 2.0,
+        "device": "cpu",
+    }
 
 
 def test_add_is_idempotent_and_rows_have_fit_columns(tmp_path):
@@ -40,7 +72,16 @@ def test_add_is_idempotent_and_rows_have_fit_columns(tmp_path):
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         cols = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
     assert set(FIT_COLUMNS) <= cols
-    assert {"run_id", "config", "error", "device", "wall_time_s", "code_version", "started_at", "finished_at"} <= cols
+    assert {
+        "run_id",
+        "config",
+        "error",
+        "device",
+        "wall_time_s",
+        "code_version",
+        "started_at",
+        "finished_at",
+    } <= cols
     row = st.get(sp.runs[0].run_id)
     assert json.loads(row["config"]) == sp.runs[0].config
 
@@ -54,7 +95,9 @@ def test_claim_is_exclusive_and_dead_owners_release(tmp_path):
     assert st.claim(rid, "otherhost:1") is None  # a second claimer is refused while the owner lives
     assert st.get(rid)["code_version"]
     # a process that has exited is a dead owner: its run can be claimed again (and resumes)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     host = owner_id().rpartition(":")[0]
     st2 = Store(st.path)
     with st2.transaction() as con:

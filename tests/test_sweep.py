@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sweep_fake_trainer import expected_loss
 
 from finemoe.cli import main
 from finemoe.errors import ConfigError
 from finemoe.sweep import spec as specmod
 from finemoe.sweep.driver import run_sweep
 from finemoe.sweep.store import Store
-
-from sweep_fake_trainer import expected_loss
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -31,10 +30,15 @@ FAKE = "sweep_fake_trainer:fake_train"
 
 def _raw(tmp_path, **over):
     raw = {
-        "name": "t", "data_dir": str(tmp_path / "data"), "runs_dir": str(tmp_path / "runs"),
+        "name": "t",
+        "data_dir": str(tmp_path / "data"),
+        "runs_dir": str(tmp_path / "runs"),
         "model": {"vocab_size": 64, "seq_len": 8, "expansion_rate": 4},
-        "sizes": [{"d_model": 64, "n_blocks": 1}], "granularities": [1, 2], "tokens": [1000, 2000],
-        "dense": True, "trainer": FAKE,
+        "sizes": [{"d_model": 64, "n_blocks": 1}],
+        "granularities": [1, 2],
+        "tokens": [1000, 2000],
+        "dense": True,
+        "trainer": FAKE,
     }
     raw.update(over)
     return raw
@@ -60,12 +64,22 @@ def _starts(config) -> list[str]:
 
 
 def test_spec_expands_grid_with_stable_distinct_ids(tmp_path):
-    s = specmod.expand(_raw(tmp_path, sizes=[{"d_model": 64, "n_blocks": 1}, {"d_model": 128, "n_blocks": 2, "tokens": [3000]}],
-                            seeds=[0, 1]))
+    s = specmod.expand(
+        _raw(
+            tmp_path,
+            sizes=[{"d_model": 64, "n_blocks": 1}, {"d_model": 128, "n_blocks": 2, "tokens": [3000]}],
+            seeds=[0, 1],
+        )
+    )
     # size 1: 2 budgets x 2 seeds x (dense + 2 G); size 2: 1 budget x 2 seeds x 3
     assert len(s.runs) == 18 and len({r.run_id for r in s.runs}) == 18
-    again = specmod.expand(_raw(tmp_path, sizes=[{"d_model": 64, "n_blocks": 1}, {"d_model": 128, "n_blocks": 2, "tokens": [3000]}],
-                                seeds=[0, 1]))
+    again = specmod.expand(
+        _raw(
+            tmp_path,
+            sizes=[{"d_model": 64, "n_blocks": 1}, {"d_model": 128, "n_blocks": 2, "tokens": [3000]}],
+            seeds=[0, 1],
+        )
+    )
     assert [r.run_id for r in again.runs] == [r.run_id for r in s.runs]
     dense = [r for r in s.runs if r.config["model"]["ffn"] == "dense"]
     assert len(dense) == 6
@@ -82,15 +96,18 @@ def test_spec_expands_grid_with_stable_distinct_ids(tmp_path):
     assert all(r.config["cpu_matmul"] == "onednn" for r in fast.runs)
 
 
-@pytest.mark.parametrize("over,msg", [
-    ({"bogus": 1}, "unknown key"),
-    ({"data_dir": None}, "data_dir"),
-    ({"sizes": []}, "sizes"),
-    ({"granularities": [3]}, "granularity G=3 must divide"),
-    ({"tokens": ["lots"]}, "must be a number"),
-    ({"train": {"tokens": 5}}, "set by the sweep"),
-    ({"granularities": [], "dense": False}, "nothing to run"),
-])
+@pytest.mark.parametrize(
+    "over,msg",
+    [
+        ({"bogus": 1}, "unknown key"),
+        ({"data_dir": None}, "data_dir"),
+        ({"sizes": []}, "sizes"),
+        ({"granularities": [3]}, "granularity G=3 must divide"),
+        ({"tokens": ["lots"]}, "must be a number"),
+        ({"train": {"tokens": 5}}, "set by the sweep"),
+        ({"granularities": [], "dense": False}, "nothing to run"),
+    ],
+)
 def test_spec_errors_are_one_line(tmp_path, over, msg):
     with pytest.raises(ConfigError, match=msg) as e:
         specmod.expand(_raw(tmp_path, **over))
@@ -100,7 +117,12 @@ def test_spec_errors_are_one_line(tmp_path, over, msg):
 def test_builtin_and_experiment_specs_load():
     q = specmod.load("quickstart")
     assert q.name == "quickstart" and len(q.runs) >= 12
-    assert {r.config["model"].get("granularity") for r in q.runs if r.config["model"]["ffn"] == "moe"} == {1, 2, 4, 8}
+    assert {r.config["model"].get("granularity") for r in q.runs if r.config["model"]["ffn"] == "moe"} == {
+        1,
+        2,
+        4,
+        8,
+    }
     mini = specmod.load(ROOT / "experiments" / "mini" / "spec.yaml")
     runs = [r.config for r in mini.runs]
     sizes = {(c["model"]["d_model"], c["model"]["n_blocks"]) for c in runs}
@@ -109,7 +131,9 @@ def test_builtin_and_experiment_specs_load():
         at = [c for c in runs if (c["model"]["d_model"], c["model"]["n_blocks"]) == size]
         assert any(c["model"]["ffn"] == "dense" for c in at)
         for g in (1, 2, 4, 8):
-            budgets = {c["tokens"] for c in at if c["model"]["ffn"] == "moe" and c["model"]["granularity"] == g}
+            budgets = {
+                c["tokens"] for c in at if c["model"]["ffn"] == "moe" and c["model"]["granularity"] == g
+            }
             assert len(budgets) >= 2
     assert {c["model"]["expansion_rate"] for c in runs} <= {8, 16}
     assert max(c["tokens"] for c in runs) <= 10_000_000  # the corpus has ~10M train tokens: no repeats
@@ -119,8 +143,15 @@ def test_builtin_and_experiment_specs_load():
 
 
 def test_sweep_records_failures_and_divergence_and_skips_finished(tmp_path):
-    raw = _raw(tmp_path, sizes=[{"d_model": 64, "n_blocks": 1}, {"d_model": 48, "n_blocks": 1, "granularities": [1], "dense": False},
-                                {"d_model": 40, "n_blocks": 1, "granularities": [1], "dense": False}], tokens=[1000])
+    raw = _raw(
+        tmp_path,
+        sizes=[
+            {"d_model": 64, "n_blocks": 1},
+            {"d_model": 48, "n_blocks": 1, "granularities": [1], "dense": False},
+            {"d_model": 40, "n_blocks": 1, "granularities": [1], "dense": False},
+        ],
+        tokens=[1000],
+    )
     s = specmod.expand(raw)
     out = run_sweep(s, executor="inprocess", log=lambda *_: None)
     assert (out["done"], out["failed"], out["diverged"]) == (3, 1, 1)
@@ -173,10 +204,22 @@ def test_sigkilled_sweep_restarts_without_redoing_or_losing_runs(tmp_path):
     raw = _raw(tmp_path, tokens=[1000], granularities=[1, 2, 4])
     s = specmod.expand(raw)
     spec_path = _write(tmp_path, raw)
-    cmd = [sys.executable, "-m", "finemoe", "sweep", "run", str(spec_path), "--executor", "local", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "finemoe",
+        "sweep",
+        "run",
+        str(spec_path),
+        "--executor",
+        "local",
+        "--threads",
+        "1",
+    ]
     env = _env() | {"FAKE_STEP_S": "0.1"}
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     victim = None
     try:
         deadline = time.time() + 60
@@ -274,9 +317,15 @@ def test_real_trainer_sweep(tmp_path):
     data = tmp_path / "data"
     write_tokens(data / "train.bin", rng.integers(0, 64, 20_000), 64)
     write_tokens(data / "val.bin", rng.integers(0, 64, 2_000), 64)
-    raw = _raw(tmp_path, tokens=[2048], granularities=[2], trainer=None,
-               model={"vocab_size": 64, "seq_len": 16, "expansion_rate": 4, "d_model": 64},
-               sizes=[{"d_model": 64, "n_blocks": 1}], train={"batch_size": 8, "lr": 1e-3, "ckpt_every": 4})
+    raw = _raw(
+        tmp_path,
+        tokens=[2048],
+        granularities=[2],
+        trainer=None,
+        model={"vocab_size": 64, "seq_len": 16, "expansion_rate": 4, "d_model": 64},
+        sizes=[{"d_model": 64, "n_blocks": 1}],
+        train={"batch_size": 8, "lr": 1e-3, "ckpt_every": 4},
+    )
     raw.pop("trainer")
     s = specmod.expand(raw)
     out = run_sweep(s, executor="local", options={"threads": 1}, log=lambda *_: None)

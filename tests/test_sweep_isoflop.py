@@ -18,12 +18,21 @@ FAKE = "sweep_fake_trainer:fake_train"
 
 
 def _raw(tmp_path, **over):
-    raw = {"name": "iso", "data_dir": str(tmp_path / "data"), "runs_dir": str(tmp_path / "runs"),
-           "model": {"vocab_size": 64, "seq_len": 16, "expansion_rate": 4},
-           "train": {"batch_size": 4, "schedule": "wsd", "cooldown_fraction": 0.2},
-           "sizes": [{"d_model": 64, "n_blocks": 1, "budgets": [4e8, 1.2e9, 4e9]},
-                     {"d_model": 64, "n_blocks": 2, "budgets": [1.2e9]}],
-           "granularities": [1, 4], "dense": True, "branches": True, "trainer": FAKE}
+    raw = {
+        "name": "iso",
+        "data_dir": str(tmp_path / "data"),
+        "runs_dir": str(tmp_path / "runs"),
+        "model": {"vocab_size": 64, "seq_len": 16, "expansion_rate": 4},
+        "train": {"batch_size": 4, "schedule": "wsd", "cooldown_fraction": 0.2},
+        "sizes": [
+            {"d_model": 64, "n_blocks": 1, "budgets": [4e8, 1.2e9, 4e9]},
+            {"d_model": 64, "n_blocks": 2, "budgets": [1.2e9]},
+        ],
+        "granularities": [1, 4],
+        "dense": True,
+        "branches": True,
+        "trainer": FAKE,
+    }
     raw.update(over)
     return raw
 
@@ -38,8 +47,11 @@ def test_budgets_set_whole_steps_of_tokens_and_are_kept(tmp_path):
         assert d % step == 0 and d <= r.budget / per_token < d + step  # the whole steps the budget buys
         assert f"F={r.budget:.3g}" in r.label and r.parent is None
     # a G=4 MoE pays for its router: fewer tokens than the dense model at the same budget
-    at = {(r.config["model"]["ffn"], r.config["model"].get("granularity")): r.config["tokens"]
-          for r in s.runs if r.budget == 4e9}
+    at = {
+        (r.config["model"]["ffn"], r.config["model"].get("granularity")): r.config["tokens"]
+        for r in s.runs
+        if r.budget == 4e9
+    }
     assert at[("moe", 4)] < at[("moe", 1)] < at[("dense", 1)]
 
 
@@ -56,9 +68,13 @@ def test_branches_make_the_longest_run_the_parent_of_each_group(tmp_path):
         assert s.runs.index(p) < s.runs.index(r) and p.config["tokens"] > r.config["tokens"]
         assert r.config["warmup_tokens"] == p.config["warmup_tokens"]
         assert cfg.decay_start in p.config["snapshot_steps"]
-        assert r.config["init_from"] == str(Path(p.config["out_dir"]) / "snapshots" / f"step_{cfg.decay_start}.pt")
+        assert r.config["init_from"] == str(
+            Path(p.config["out_dir"]) / "snapshots" / f"step_{cfg.decay_start}.pt"
+        )
         ours, theirs = cfg.lr_multiplier(), TrainConfig.from_dict(p.config).lr_multiplier()
-        assert all(ours(k) == theirs(k) for k in range(cfg.decay_start))  # a branch is the same run until its decay
+        assert all(
+            ours(k) == theirs(k) for k in range(cfg.decay_start)
+        )  # a branch is the same run until its decay
 
 
 def test_snapshot_settings_do_not_change_run_ids(tmp_path):
@@ -71,14 +87,20 @@ def test_snapshot_settings_do_not_change_run_ids(tmp_path):
     assert len(plain.runs) == len(branched.runs)
 
 
-@pytest.mark.parametrize("over,msg", [
-    ({"train": {"batch_size": 4}}, "needs train: {schedule: wsd}"),
-    ({"branches": "yes"}, "'branches' must be true or false"),
-    ({"sizes": [{"d_model": 64, "n_blocks": 1, "budgets": [1e9], "tokens": [1000]}]}, "both token budgets and compute"),
-    ({"sizes": [{"d_model": 64, "n_blocks": 1, "budgets": [10]}]}, "buys less than one step"),
-    ({"sizes": [{"d_model": 64, "n_blocks": 1, "budgets": ["lots"]}]}, "must be a number"),
-    ({"granularities": [2.7]}, "whole numbers"),
-])
+@pytest.mark.parametrize(
+    "over,msg",
+    [
+        ({"train": {"batch_size": 4}}, "needs train: {schedule: wsd}"),
+        ({"branches": "yes"}, "'branches' must be true or false"),
+        (
+            {"sizes": [{"d_model": 64, "n_blocks": 1, "budgets": [1e9], "tokens": [1000]}]},
+            "both token budgets and compute",
+        ),
+        ({"sizes": [{"d_model": 64, "n_blocks": 1, "budgets": [10]}]}, "buys less than one step"),
+        ({"sizes": [{"d_model": 64, "n_blocks": 1, "budgets": ["lots"]}]}, "must be a number"),
+        ({"granularities": [2.7]}, "whole numbers"),
+    ],
+)
 def test_isoflop_spec_errors_are_one_line(tmp_path, over, msg):
     with pytest.raises(ConfigError, match=msg) as e:
         specmod.expand(_raw(tmp_path, **over))
@@ -127,8 +149,13 @@ def test_the_local_executor_holds_a_branch_until_its_parent_ends(tmp_path, monke
     ex = LocalExecutor(workers=3, threads=1)
     monkeypatch.setattr(ex, "_spawn", lambda store, rid, trainer: events.append(("start", rid)) or Proc())
     monkeypatch.setattr("finemoe.sweep.executors.time.sleep", lambda s: None)
-    ex.run(Store(tmp_path / "s.sqlite"), ["p", "c1", "c2", "q"], "x:y", lambda rid: events.append(("done", rid)),
-           parents={"c1": "p", "c2": "p"})
+    ex.run(
+        Store(tmp_path / "s.sqlite"),
+        ["p", "c1", "c2", "q"],
+        "x:y",
+        lambda rid: events.append(("done", rid)),
+        parents={"c1": "p", "c2": "p"},
+    )
     assert events[:2] == [("start", "p"), ("start", "q")]  # three workers, but the branches wait
     assert events.index(("done", "p")) < events.index(("start", "c1")) < events.index(("start", "c2"))
     assert sorted(rid for kind, rid in events if kind == "done") == ["c1", "c2", "p", "q"]

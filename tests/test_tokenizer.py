@@ -6,8 +6,10 @@ from finemoe.data.corpus import EOT
 from finemoe.data.tokenizer import load_tokenizer, train_bpe
 from finemoe.errors import DataError
 
-TEXTS = [f"The {w} sat on the mat; the {w} was happy number {i}.\n" * 3 for i, w in
-         enumerate(["cat", "dog", "bird", "fish", "horse", "mouse"] * 10)]
+TEXTS = [
+    f"The {w} sat on the mat; the {w} was happy number {i}.\n" * 3
+    for i, w in enumerate(["cat", "dog", "bird", "fish", "horse", "mouse"] * 10)
+]
 
 
 def test_training_is_deterministic():
@@ -17,7 +19,9 @@ def test_training_is_deterministic():
     assert a.vocab_size == 320 and a.eot_id == 0
 
 
-@pytest.mark.parametrize("text", ["The cat sat.", "  leading spaces\n\ttabs\r\n", "naïve café — “quotes” 🤗 中文", ""])
+@pytest.mark.parametrize(
+    "text", ["The cat sat.", "  leading spaces\n\ttabs\r\n", "naïve café — “quotes” 🤗 中文", ""]
+)
 def test_round_trip_is_exact(text):
     tok = train_bpe(TEXTS, vocab_size=300)
     assert tok.decode(tok.encode(text)) == text

@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from _train_fixtures import TINY_MODEL, make_data, read_metrics, tiny_config
+
 from finemoe.errors import ConfigError, DataError
 from finemoe.nn.model import Transformer, load_pretrained
 from finemoe.train import trainer
@@ -70,7 +70,9 @@ def test_weight_decay_only_on_matrices():
     assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
     decayed = {id(p) for p in decay["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
-    assert "head.weight" in names and "blocks.0.attn.qkv.weight" in names and "blocks.0.ffn.fc1.weight" in names
+    assert (
+        "head.weight" in names and "blocks.0.attn.qkv.weight" in names and "blocks.0.ffn.fc1.weight" in names
+    )
     assert not any("emb" in n or "ln" in n or n.endswith("bias") for n in names)
     assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
 
@@ -91,7 +93,9 @@ class _Diverging(Transformer):
 def test_divergence_is_recorded_not_raised(data, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "Transformer", _Diverging)
     _Diverging.calls = 0
-    rec = train(TrainConfig.from_dict(tiny_config(data, tmp_path / "run", steps=20, eval_every=100)), quiet=True)
+    rec = train(
+        TrainConfig.from_dict(tiny_config(data, tmp_path / "run", steps=20, eval_every=100)), quiet=True
+    )
     assert rec["status"] == "diverged" and rec["steps"] == 4 and rec["train_loss"] is None
     assert json.loads((tmp_path / "run" / "final.json").read_text())["status"] == "diverged"
     assert read_metrics(tmp_path / "run")[-1] == {"step": 5, "status": "diverged"}

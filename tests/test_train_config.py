@@ -10,7 +10,9 @@ def test_yaml_roundtrip_and_coercion(tmp_path):
     p.write_text("tokens: 1e6\nlr: 2e-4\nbetas: [0.9, 0.95]\nmodel:\n  d_model: 128\n  ffn: dense\n")
     cfg = TrainConfig.from_yaml(p, ["model.n_blocks=3", "batch_size=8", "grad_clip=null"])
     assert cfg.tokens == 1_000_000 and cfg.lr == 2e-4 and cfg.betas == (0.9, 0.95)
-    assert cfg.model.d_model == 128 and cfg.model.n_blocks == 3 and cfg.batch_size == 8 and cfg.grad_clip is None
+    assert (
+        cfg.model.d_model == 128 and cfg.model.n_blocks == 3 and cfg.batch_size == 8 and cfg.grad_clip is None
+    )
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.steps == 1_000_000 // (8 * 256) and cfg.window == max(1, cfg.steps // 10)
 

@@ -1,11 +1,12 @@
-"""Trust in fitted laws: degenerate-fit flags, run-group bootstrap, extrapolation, plan bands, --write-config."""
+"""Trust in fitted laws: degenerate-fit flags, run-group bootstrap, extrapolation, plan bands,
+--write-config."""
 
 import json
 
 import numpy as np
 import pytest
-
 from _train_fixtures import make_data
+
 from finemoe.cli import main
 from finemoe.scaling import fit as F
 from finemoe.scaling import trust
@@ -67,7 +68,9 @@ def test_the_bootstrap_resamples_whole_run_groups(monkeypatch):
         assert np.all(counts % 3 == 0)  # every drawn group brings all three of its branches
         assert len(s) == 3 * round(0.8 * 16)
     assert len(res.bootstrap["draws"]) == 5
-    assert "draws" not in res.to_dict()["bootstrap"] and len(res.to_dict(draws=True)["bootstrap"]["draws"]) == 5
+    assert (
+        "draws" not in res.to_dict()["bootstrap"] and len(res.to_dict(draws=True)["bootstrap"]["draws"]) == 5
+    )
 
 
 def test_without_groups_the_bootstrap_resamples_runs():
@@ -77,11 +80,21 @@ def test_without_groups_the_bootstrap_resamples_runs():
 
 
 def test_extrapolation_factor_and_loud_warning():
-    data = {"max_total_params": 1e7, "min_total_params": 1e6, "max_tokens": 1e8, "min_tokens": 1e7, "max_flops": 1e16}
+    data = {
+        "max_total_params": 1e7,
+        "min_total_params": 1e6,
+        "max_tokens": 1e8,
+        "min_tokens": 1e7,
+        "max_flops": 1e16,
+    }
     inside = trust.extrapolation(5e15, 5e6, 5e7, data)
     assert inside["factor"] == 0.5 and inside["warning"] is None and not inside["loud"]
     near = trust.extrapolation(5e16, 5e6, 5e8, data)
-    assert near["factor"] == pytest.approx(5) and near["warning"].startswith("beyond the fitted runs") and not near["loud"]
+    assert (
+        near["factor"] == pytest.approx(5)
+        and near["warning"].startswith("beyond the fitted runs")
+        and not near["loud"]
+    )
     far = trust.extrapolation(1e19, 2e8, 1e10, data)
     assert far["factor"] == pytest.approx(1000) and far["loud"] and far["warning"].startswith("EXTRAPOLATION")
     assert "N is 20x" in far["warning"] and "D is 100x" in far["warning"]
@@ -94,16 +107,34 @@ def _fit_file(tmp_path, capsys, extra=()):
     for n in (2e6, 4e6, 8e6, 16e6):
         for d in (2e7, 8e7):
             for g in (0, 1, 4, 16):
-                loss = (PAPER.dense.loss(n, d) if g == 0 else PAPER.moe.loss(n * 8, d, g)) + 0.005 * rng.standard_normal()
+                loss = (
+                    PAPER.dense.loss(n, d) if g == 0 else PAPER.moe.loss(n * 8, d, g)
+                ) + 0.005 * rng.standard_normal()
                 total = n if g == 0 else n * 8
-                rows.append(f"r{len(rows)},done,{'dense' if g == 0 else 'moe'},{g},8,{total:.0f},{n:.0f},{d:.0f},"
-                            f"{6 * n * d:.3e},{loss:.5f}")
+                rows.append(
+                    f"r{len(rows)},done,{'dense' if g == 0 else 'moe'},{g},8,{total:.0f},{n:.0f},{d:.0f},"
+                    f"{6 * n * d:.3e},{loss:.5f}"
+                )
     csv = tmp_path / "runs.csv"
     csv.write_text("\n".join(rows) + "\n")
     out = tmp_path / "fit.json"
     for law in ("moe", "dense"):
-        run_json(capsys, "fit", str(csv), "--law", law, "--bootstrap", "12", "--holdout-best", "0", "--out", str(out),
-                 "--budgets", "1e18", *extra)
+        run_json(
+            capsys,
+            "fit",
+            str(csv),
+            "--law",
+            law,
+            "--bootstrap",
+            "12",
+            "--holdout-best",
+            "0",
+            "--out",
+            str(out),
+            "--budgets",
+            "1e18",
+            *extra,
+        )
     return out
 
 
@@ -169,13 +200,30 @@ def test_write_config_trains(tmp_path, capsys):
     from finemoe.train.config import TrainConfig
 
     written = TrainConfig.from_yaml(cfg)
-    assert (written.model.d_model, written.model.n_blocks, written.model.granularity) == \
-        (a["d_model"], a["n_blocks"], a["granularity"])
+    assert (written.model.d_model, written.model.n_blocks, written.model.granularity) == (
+        a["d_model"],
+        a["n_blocks"],
+        a["granularity"],
+    )
     assert written.tokens == a["tokens"] and written.model.expansion_rate == 8
     data = make_data(tmp_path / "data", vocab=64)
     out = tmp_path / "run"
-    assert main(["train", str(cfg), f"data_dir={data}", f"out_dir={out}", "tokens=1024", "batch_size=8",
-                 "model.seq_len=16", "eval_batches=1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(cfg),
+                f"data_dir={data}",
+                f"out_dir={out}",
+                "tokens=1024",
+                "batch_size=8",
+                "model.seq_len=16",
+                "eval_batches=1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "final.json").read_text())
     assert record["status"] == "done" and record["d_model"] == a["d_model"]
 
@@ -189,15 +237,28 @@ def test_fit_reads_several_tables_and_holds_out_the_largest_budget(tmp_path, cap
             for d in (1e7, 3e7):
                 loss = PAPER.moe.loss(n, d, g) + 0.002 * rng.standard_normal()
                 old.append(f"o{len(old)},done,moe,{g},8,{n:.0f},{d:.0f},{6 * n * d / 8:.4g},{loss:.5f}")
-            for F in (1e15, 1e16):
-                d = F / (6 * n / 8)
+            for budget in (1e15, 1e16):
+                d = budget / (6 * n / 8)
                 loss = PAPER.moe.loss(n, d, g) + 0.002 * rng.standard_normal()
-                new.append(f"n{len(new)},done,moe,{g},8,{n:.0f},{d:.0f},{F:.4g},{loss:.5f},{F:.4g},")
+                new.append(
+                    f"n{len(new)},done,moe,{g},8,{n:.0f},{d:.0f},{budget:.4g},{loss:.5f},{budget:.4g},"
+                )
     (tmp_path / "old.csv").write_text("\n".join(old) + "\n")
     (tmp_path / "new.csv").write_text("\n".join(new) + "\n")
-    res = run_json(capsys, "fit", str(tmp_path / "old.csv"), str(tmp_path / "new.csv"), "--holdout-budget",
-                   "--fix-c", "0.47")
-    assert res["n_points"] == 12 + 12 and res["holdout"]["held_out"] == "given" and res["holdout"]["n_heldout"] == 6
+    res = run_json(
+        capsys,
+        "fit",
+        str(tmp_path / "old.csv"),
+        str(tmp_path / "new.csv"),
+        "--holdout-budget",
+        "--fix-c",
+        "0.47",
+    )
+    assert (
+        res["n_points"] == 12 + 12
+        and res["holdout"]["held_out"] == "given"
+        and res["holdout"]["n_heldout"] == 6
+    )
     assert res["holdout"]["rmse"] < 0.05
     assert main(["fit", str(tmp_path / "old.csv"), "--holdout-budget"]) == 2
     assert "needs an iso-FLOP sweep" in capsys.readouterr().err

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from _train_fixtures import make_data, read_metrics, tiny_config
+
 from finemoe.errors import ConfigError
 from finemoe.train.config import TrainConfig
 from finemoe.train.schedule import WarmupStableDecay
@@ -28,7 +28,9 @@ def test_wsd_length_sets_only_the_decay():
     short = TrainConfig(tokens=4096 * 100, schedule="wsd", warmup_tokens=4096 * 4, cooldown_fraction=0.2)
     long = short.replace(tokens=4096 * 400)
     a, b = short.lr_multiplier(), long.lr_multiplier()
-    assert short.decay_start == 80 and long.decay_start == 320 and short.warmup_steps == long.warmup_steps == 4
+    assert (
+        short.decay_start == 80 and long.decay_start == 320 and short.warmup_steps == long.warmup_steps == 4
+    )
     assert all(a(s) == b(s) for s in range(80)) and a(80) < b(80)
 
 
@@ -65,7 +67,9 @@ def test_a_branch_from_a_stable_snapshot_equals_a_dedicated_run(tmp_path):
     assert branch["train_loss"] == dedicated["train_loss"]  # exact: the branch is the same computation
     assert branch["val_loss"] == dedicated["val_loss"]
     lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "branch")}
-    assert min(lrs) == 31 and lrs == {r["step"]: r["lr"] for r in read_metrics(tmp_path / "dedicated") if r["step"] > 30}
+    assert min(lrs) == 31 and lrs == {
+        r["step"]: r["lr"] for r in read_metrics(tmp_path / "dedicated") if r["step"] > 30
+    }
 
 
 def test_a_branch_resumes_and_a_missing_snapshot_trains_from_step_zero(tmp_path, monkeypatch):

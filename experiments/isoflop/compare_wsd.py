@@ -32,17 +32,28 @@ def main() -> int:
             continue
         c = match.iloc[0]
         record = json.loads(r.record) if isinstance(r.record, str) else {}
-        skipped = int(record.get("branched_at") or 0) * int(record.get("batch_size", 0)) * int(record.get("seq_len", 0))
+        skipped = (
+            int(record.get("branched_at") or 0)
+            * int(record.get("batch_size", 0))
+            * int(record.get("seq_len", 0))
+        )
         saved, trained = saved + skipped, trained + int(r.tokens)
         kind = "dense" if r.ffn == "dense" else f"G={int(r.granularity)}"
         dv = r.val_loss - c.val_loss
-        rows.append(f"| {int(r.d_model)}x{int(r.n_blocks)} {kind} | {r.tokens / 1e6:.2f}M | "
-                    f"{'branch' if skipped else 'stable'} | {r.val_loss:.4f} | {c.val_loss:.4f} | {dv:+.4f} | "
-                    f"{r.train_loss:.4f} | {c.train_loss:.4f} | {'yes' if abs(dv) <= TOLERANCE else 'NO'} |")
-    print("| run | D | WSD run | WSD val | cosine val | WSD - cosine | WSD train | cosine train | within 0.02 |")
+        rows.append(
+            f"| {int(r.d_model)}x{int(r.n_blocks)} {kind} | {r.tokens / 1e6:.2f}M | "
+            f"{'branch' if skipped else 'stable'} | {r.val_loss:.4f} | {c.val_loss:.4f} | {dv:+.4f} | "
+            f"{r.train_loss:.4f} | {c.train_loss:.4f} | {'yes' if abs(dv) <= TOLERANCE else 'NO'} |"
+        )
+    print(
+        "| run | D | WSD run | WSD val | cosine val | WSD - cosine | WSD train | cosine train | within 0.02 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"\nbranches started from snapshots: {saved / 1e6:.2f}M of {trained / 1e6:.2f}M tokens not trained again")
+    print(
+        f"\nbranches started from snapshots: {saved / 1e6:.2f}M of {trained / 1e6:.2f}M tokens not trained "
+        "again"
+    )
     return 0
 
 

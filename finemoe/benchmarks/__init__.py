@@ -4,7 +4,13 @@ import os
 
 # The environment that decides how the CPU allocator treats the MoE layer's large temporaries; every
 # benchmark prints it, since ratios measured under different settings are not comparable.
-ALLOCATOR_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+ALLOCATOR_VARS = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "GLIBC_TUNABLES",
+    "LD_PRELOAD",
+)
 
 
 def allocator_settings() -> dict[str, str | None]:

@@ -38,6 +38,7 @@ from finemoe.nn.linear import cpu_matmul as linear_path
 from finemoe.nn.model import DenseFFN
 from finemoe.nn.moe import MoE
 
+
 def _minor_faults() -> int:
     """Page faults of this process so far: a step that grows the heap pays for them, a warm one not
     (0 where the platform does not count them)."""
@@ -121,7 +122,10 @@ def bench_moe_layer(
         dy = torch.randn(batch, seq, d_model, device=dev)
         times: dict[str, list[float]] = {k: [] for k in layers}
         faults: dict[str, list[int]] = {k: [] for k in layers}
-        with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=autocast), linear_path(cpu_matmul):
+        with (
+            torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=autocast),
+            linear_path(cpu_matmul),
+        ):
             untimed = 0
             while untimed < warmup + settle:
                 round_faults = max(_counted_step(layer, x, dy, sync)[1] for layer in layers.values())

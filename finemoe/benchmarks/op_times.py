@@ -21,9 +21,23 @@ _MATMULS = {"mm", "addmm", "addbmm"}
 _EXPERT_MATMULS = {"bmm", "baddbmm", "_grouped_mm", "gather_mm", "expert_backward"}
 _CONVOLUTIONS = {"convolution", "_convolution", "convolution_backward", "mkldnn_convolution"}
 _GATHERS = {
-    "index_select", "index", "index_put", "index_put_", "index_add", "index_add_", "gather", "scatter",
-    "scatter_", "scatter_add", "scatter_add_", "embedding_bag", "_embedding_bag", "_embedding_bag_forward_only",
-    "_embedding_bag_backward", "_embedding_bag_dense_backward", "_embedding_bag_per_sample_weights_backward",
+    "index_select",
+    "index",
+    "index_put",
+    "index_put_",
+    "index_add",
+    "index_add_",
+    "gather",
+    "scatter",
+    "scatter_",
+    "scatter_add",
+    "scatter_add_",
+    "embedding_bag",
+    "_embedding_bag",
+    "_embedding_bag_forward_only",
+    "_embedding_bag_backward",
+    "_embedding_bag_dense_backward",
+    "_embedding_bag_per_sample_weights_backward",
 }
 
 

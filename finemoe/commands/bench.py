@@ -31,22 +31,35 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks measured side by side in one run")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     m = bsub.add_parser("moe-layer", help="MoE layer fwd+bwd time / dense FFN of equal active FLOPs")
-    m.add_argument("--granularities", "-G", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16],
-                   help="granularities to time (default 1 2 4 8 16)")
+    m.add_argument(
+        "--granularities",
+        "-G",
+        type=positive_int,
+        nargs="+",
+        default=[1, 2, 4, 8, 16],
+        help="granularities to time (default 1 2 4 8 16)",
+    )
     m.add_argument("--d-model", type=positive_int, default=512, help="layer width (default 512)")
     m.add_argument("--expansion-rate", "-E", type=positive_int, default=16, help="E (default 16)")
     m.add_argument("--batch", type=positive_int, default=32, help="sequences per step (default 32)")
     m.add_argument("--seq", type=positive_int, default=256, help="tokens per sequence (default 256)")
     m.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per layer (median reported)")
-    m.add_argument("--warmup", type=positive_int, default=2, help="untimed rounds first (allocator heap growth)")
+    m.add_argument(
+        "--warmup", type=positive_int, default=2, help="untimed rounds first (allocator heap growth)"
+    )
     m.add_argument(
         "--settle",
         type=nonnegative_int,
         default=8,
         help="at most this many more untimed rounds while a round still page-faults (0: exactly --warmup)",
     )
-    m.add_argument("--routing", nargs="+", choices=["ec", "tc"], default=["ec", "tc"],
-                   help="expert choice and/or token choice (default both)")
+    m.add_argument(
+        "--routing",
+        nargs="+",
+        choices=["ec", "tc"],
+        default=["ec", "tc"],
+        help="expert choice and/or token choice (default both)",
+    )
     m.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     m.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     m.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 runs under autocast")
@@ -54,7 +67,8 @@ def register(sub) -> None:
         "--cpu-matmul",
         choices=CPU_MATMULS,
         default="mkl",
-        help="fp32 CPU matmuls of both sides (dense FFN; router, experts): torch's MKL or oneDNN (finemoe.nn.linear)",
+        help="fp32 CPU matmuls of both sides (dense FFN; router, experts): torch's MKL or oneDNN "
+        "(finemoe.nn.linear)",
     )
     m.add_argument(
         "--breakdown",
@@ -172,5 +186,7 @@ def _breakdown_table(split: dict) -> list[str]:
     for g in first:
         for layer, per_g in split.items():
             b = per_g[g]
-            lines.append(f"{g:>3}  {layer:<6}{sum(b.values()):8.1f}" + "".join(f"  {b[k]:14.1f}" for k in kinds))
+            lines.append(
+                f"{g:>3}  {layer:<6}{sum(b.values()):8.1f}" + "".join(f"  {b[k]:14.1f}" for k in kinds)
+            )
     return lines

@@ -6,46 +6,114 @@ import argparse
 import json
 from pathlib import Path
 
-from finemoe.commands.common import add_json_flag, check_outputs, emit, nonnegative_int, positive_float, positive_int
+from finemoe.commands.common import (
+    add_json_flag,
+    check_outputs,
+    emit,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 
 PRIORS = ("paper", "paper-precise")
 
 
 def register(sub) -> None:
     p = sub.add_parser("fit", help="fit a scaling law to finished runs (CSV or the sweep's SQLite store)")
-    p.add_argument("results", metavar="RESULTS", nargs="+",
-                   help="runs CSV or SQLite store with a `runs` table; several are fitted as one")
-    p.add_argument("--law", choices=("moe", "dense", "granularity"), default="moe",
-                   help="moe: Eq. 9 (default); dense: Eq. 1; granularity: Eq. 4 per (N, D)")
-    p.add_argument("--loss-column", choices=("train_loss", "val_loss"), default="train_loss",
-                   help="fit target (the paper fits the final smoothed training loss)")
-    p.add_argument("--fix-c", type=positive_float, default=None, metavar="VALUE",
-                   help="hold the irreducible loss c fixed (the paper's code: 0.472)")
-    p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
-                   help="hold any coefficient fixed, e.g. --fix alpha=0.115 (repeatable)")
-    p.add_argument("--prior", choices=PRIORS, default=None,
-                   help="borrow the exponents small runs cannot identify from a published set: "
-                        "paper fixes gamma, alpha, beta at Table 1's (dense: alpha, beta)")
+    p.add_argument(
+        "results",
+        metavar="RESULTS",
+        nargs="+",
+        help="runs CSV or SQLite store with a `runs` table; several are fitted as one",
+    )
+    p.add_argument(
+        "--law",
+        choices=("moe", "dense", "granularity"),
+        default="moe",
+        help="moe: Eq. 9 (default); dense: Eq. 1; granularity: Eq. 4 per (N, D)",
+    )
+    p.add_argument(
+        "--loss-column",
+        choices=("train_loss", "val_loss"),
+        default="train_loss",
+        help="fit target (the paper fits the final smoothed training loss)",
+    )
+    p.add_argument(
+        "--fix-c",
+        type=positive_float,
+        default=None,
+        metavar="VALUE",
+        help="hold the irreducible loss c fixed (the paper's code: 0.472)",
+    )
+    p.add_argument(
+        "--fix",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="hold any coefficient fixed, e.g. --fix alpha=0.115 (repeatable)",
+    )
+    p.add_argument(
+        "--prior",
+        choices=PRIORS,
+        default=None,
+        help="borrow the exponents small runs cannot identify from a published set: "
+        "paper fixes gamma, alpha, beta at Table 1's (dense: alpha, beta)",
+    )
     p.add_argument("--huber-delta", type=positive_float, default=0.1, help="Huber delta (0.1, the paper's)")
-    p.add_argument("--space", choices=("loss", "log"), default="loss",
-                   help="residuals on the loss (paper) or on log-loss (Chinchilla; use --huber-delta 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
-                   help="add WD*sum|p| over the fitted parameters as the paper's code (its text: 5e-4; default 0)")
+    p.add_argument(
+        "--space",
+        choices=("loss", "log"),
+        default="loss",
+        help="residuals on the loss (paper) or on log-loss (Chinchilla; use --huber-delta 1e-3)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        metavar="WD",
+        help="add WD*sum|p| over the fitted parameters as the paper's code (its text: 5e-4; default 0)",
+    )
     p.add_argument("--starts", type=positive_int, default=8, help="grid starting points polished (default 8)")
-    p.add_argument("--holdout-best", type=float, default=0.2, metavar="FRAC",
-                   help="refit without the best FRAC runs and report their RMSE (0 to skip)")
-    p.add_argument("--holdout-budget", action="store_true",
-                   help="hold out the runs at the largest compute budget (an iso-FLOP sweep's) instead of the best")
+    p.add_argument(
+        "--holdout-best",
+        type=float,
+        default=0.2,
+        metavar="FRAC",
+        help="refit without the best FRAC runs and report their RMSE (0 to skip)",
+    )
+    p.add_argument(
+        "--holdout-budget",
+        action="store_true",
+        help="hold out the runs at the largest compute budget (an iso-FLOP sweep's) instead of the best",
+    )
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap refits (paper: 100)")
-    p.add_argument("--bootstrap-fraction", type=positive_float, default=0.8,
-                   help="resample size as a fraction of the runs, with replacement (paper: 0.8)")
-    p.add_argument("--budgets", type=positive_float, nargs="+", default=[1e20, 1e22, 1e24], metavar="F",
-                   help="budgets for bootstrap intervals of the optimal G, N, D")
-    p.add_argument("--expansion-rate", "-E", type=positive_int, default=None,
-                   help="E of the runs (default: the results' expansion_rate column, else 64)")
+    p.add_argument(
+        "--bootstrap-fraction",
+        type=positive_float,
+        default=0.8,
+        help="resample size as a fraction of the runs, with replacement (paper: 0.8)",
+    )
+    p.add_argument(
+        "--budgets",
+        type=positive_float,
+        nargs="+",
+        default=[1e20, 1e22, 1e24],
+        metavar="F",
+        help="budgets for bootstrap intervals of the optimal G, N, D",
+    )
+    p.add_argument(
+        "--expansion-rate",
+        "-E",
+        type=positive_int,
+        default=None,
+        help="E of the runs (default: the results' expansion_rate column, else 64)",
+    )
     p.add_argument("--seed", type=nonnegative_int, default=0, help="bootstrap resampling seed (default 0)")
-    p.add_argument("--out", metavar="COEFFS.json",
-                   help="write the coefficients (merged into this file if it already holds the other law)")
+    p.add_argument(
+        "--out",
+        metavar="COEFFS.json",
+        help="write the coefficients (merged into this file if it already holds the other law)",
+    )
     p.add_argument("--plot", metavar="OUT.png", help="predicted vs observed loss (paper Fig. 5a)")
     add_json_flag(p)
     p.set_defaults(func=run)
@@ -56,14 +124,22 @@ def _derived(law_name: str, budgets, E):
 
     s = P.Settings(expansion_rate=E)
     if law_name == "moe":
+
         def f(law):
             out = {}
             for F in budgets:
                 p = P.optimum(law, F, s)
-                out.update({f"G_opt@{F:.0e}": p.granularity, f"N_opt@{F:.0e}": p.total_params,
-                            f"N_act_opt@{F:.0e}": p.active_params, f"D_opt@{F:.0e}": p.tokens})
+                out.update(
+                    {
+                        f"G_opt@{F:.0e}": p.granularity,
+                        f"N_opt@{F:.0e}": p.total_params,
+                        f"N_act_opt@{F:.0e}": p.active_params,
+                        f"D_opt@{F:.0e}": p.tokens,
+                    }
+                )
             return out
     elif law_name == "dense":
+
         def f(law):
             out = {}
             for F in budgets:
@@ -88,7 +164,10 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(args.out, args.plot)
     fixed = fixed_coefficients(args.law, args.fix, args.prior, args.fix_c)
     if args.law == "granularity" and (args.bootstrap or fixed):
-        raise ConfigError("--bootstrap, --fix, --fix-c and --prior apply to the moe and dense laws, not to --law granularity")
+        raise ConfigError(
+            "--bootstrap, --fix, --fix-c and --prior apply to the moe and dense laws, not to --law "
+            "granularity"
+        )
     if args.holdout_budget and args.law == "granularity":
         raise ConfigError("--holdout-budget applies to the moe and dense laws, not to --law granularity")
     pts = load_points(args.results, args.law, args.loss_column)
@@ -99,12 +178,26 @@ def run(args: argparse.Namespace) -> int:
     else:
         _check_holdout(args, pts, fixed)
         holdout = args.holdout_best if args.law != "granularity" and args.holdout_best > 0 else None
-    res = fit(pts, args.law, fixed=fixed or None, huber_delta=args.huber_delta,
-              space=args.space, weight_decay=args.weight_decay, n_polish=args.starts,
-              holdout=holdout,
-              bootstrap=args.bootstrap, bootstrap_fraction=args.bootstrap_fraction, seed=args.seed,
-              derived=_derived(args.law, args.budgets, args.expansion_rate) if args.bootstrap else None)
-    out = {"results": ", ".join(args.results), "loss_column": args.loss_column, "prior": args.prior, **res.to_dict()}
+    res = fit(
+        pts,
+        args.law,
+        fixed=fixed or None,
+        huber_delta=args.huber_delta,
+        space=args.space,
+        weight_decay=args.weight_decay,
+        n_polish=args.starts,
+        holdout=holdout,
+        bootstrap=args.bootstrap,
+        bootstrap_fraction=args.bootstrap_fraction,
+        seed=args.seed,
+        derived=_derived(args.law, args.budgets, args.expansion_rate) if args.bootstrap else None,
+    )
+    out = {
+        "results": ", ".join(args.results),
+        "loss_column": args.loss_column,
+        "prior": args.prior,
+        **res.to_dict(),
+    }
     if args.out:
         doc = _merge(Path(args.out), args, res)
         write_json_atomic(args.out, doc)
@@ -125,8 +218,12 @@ def expansion_rate_of(results) -> int:
 
     from finemoe.scaling.runs import read_table
 
-    rates = Counter(str(r.get("expansion_rate")) for path in results for r in read_table(path)
-                    if str(r.get("ffn", "moe")) == "moe")
+    rates = Counter(
+        str(r.get("expansion_rate"))
+        for path in results
+        for r in read_table(path)
+        if str(r.get("ffn", "moe")) == "moe"
+    )
     for value, _ in rates.most_common():
         try:
             return int(float(value))
@@ -135,7 +232,9 @@ def expansion_rate_of(results) -> int:
     return 64
 
 
-def fixed_coefficients(law: str, pairs: list[str], prior: str | None, fix_c: float | None) -> dict[str, float]:
+def fixed_coefficients(
+    law: str, pairs: list[str], prior: str | None, fix_c: float | None
+) -> dict[str, float]:
     """--prior's exponents, then --fix NAME=VALUE pairs, then --fix-c: the coefficients held fixed."""
     import math
 
@@ -153,7 +252,9 @@ def fixed_coefficients(law: str, pairs: list[str], prior: str | None, fix_c: flo
         except ValueError:
             value = math.nan
         if not sep or not name.strip() or not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"--fix {item!r}: write NAME=VALUE with a positive number, e.g. --fix alpha=0.115")
+            raise ConfigError(
+                f"--fix {item!r}: write NAME=VALUE with a positive number, e.g. --fix alpha=0.115"
+            )
         fixed[name.strip()] = value
     if fix_c is not None:
         fixed["c"] = fix_c
@@ -170,12 +271,15 @@ def _check_holdout(args, pts, fixed) -> None:
     kept = len(pts) - round(args.holdout_best * len(pts))
     need = n_free_params(args.law, fixed) + 1
     if kept < need:
-        raise ConfigError(f"holding out the best {args.holdout_best:.0%} of {len(pts)} runs leaves {kept}, fewer than "
-                          f"the {need} the {args.law} law needs; pass --holdout-best 0 to fit without a holdout")
+        raise ConfigError(
+            f"holding out the best {args.holdout_best:.0%} of {len(pts)} runs leaves {kept}, fewer than "
+            f"the {need} the {args.law} law needs; pass --holdout-best 0 to fit without a holdout"
+        )
 
 
 def _merge(path: Path, args, res) -> dict:
-    """Keep the other law of an existing coefficients file, so `--law moe` then `--law dense` build one set."""
+    """Keep the other law of an existing coefficients file, so `--law moe` then `--law dense` build one
+    set."""
     doc: dict = {}
     if path.is_file():
         try:
@@ -184,22 +288,32 @@ def _merge(path: Path, args, res) -> dict:
                 doc = old
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             doc = {}
-    doc.update({"name": doc.get("name", path.stem), "expansion_rate": args.expansion_rate,
-                "source": f"finemoe fit {' '.join(Path(r).name for r in args.results)} ({args.loss_column})"})
+    doc.update(
+        {
+            "name": doc.get("name", path.stem),
+            "expansion_rate": args.expansion_rate,
+            "source": f"finemoe fit {' '.join(Path(r).name for r in args.results)} ({args.loss_column})",
+        }
+    )
     doc[args.law] = res.groups if args.law == "granularity" else {**res.fixed, **res.params}
     doc.setdefault("fit", {})[args.law] = {k: v for k, v in res.to_dict(draws=True).items() if k != "groups"}
     return doc
 
 
 def _human(o: dict) -> str:
-    lines = [f"fit of the {o['law']} law to {o['n_points']} runs of {o['results']} ({o['loss_column']}, "
-             f"Huber delta {o['huber_delta']:g} on {o['space']}"
-             + (f", weight decay {o['weight_decay']:g}" if o.get("weight_decay") else "") + ")"]
+    lines = [
+        f"fit of the {o['law']} law to {o['n_points']} runs of {o['results']} ({o['loss_column']}, "
+        f"Huber delta {o['huber_delta']:g} on {o['space']}"
+        + (f", weight decay {o['weight_decay']:g}" if o.get("weight_decay") else "")
+        + ")"
+    ]
     if o["law"] == "granularity":
         lines.append(f"{'N':>10} {'D':>10} {'runs':>5} {'g':>8} {'gamma':>7} {'h':>7} {'rmse':>7}")
         for g in o["groups"]:
-            lines.append(f"{g['N']:10.3g} {g['D']:10.3g} {g['n_points']:5d} {g['g']:8.4f} {g['gamma']:7.4f} "
-                         f"{g['h']:7.4f} {g['rmse']:7.4f}")
+            lines.append(
+                f"{g['N']:10.3g} {g['D']:10.3g} {g['n_points']:5d} {g['g']:8.4f} {g['gamma']:7.4f} "
+                f"{g['h']:7.4f} {g['rmse']:7.4f}"
+            )
     else:
         boot = o.get("bootstrap", {}).get("values", {})
         for k, v in o["coefficients"].items():
@@ -210,16 +324,23 @@ def _human(o: dict) -> str:
     for flag in o.get("flags", []):
         lines.append(f"DEGENERATE FIT: {flag}")
     if o.get("flags"):
-        lines.append("  these runs do not identify the law; plans from it are not predictions. Borrow the exponents "
-                     "(--prior paper) or add runs at more sizes and token counts")
+        lines.append(
+            "  these runs do not identify the law; plans from it are not predictions. Borrow the exponents "
+            "(--prior paper) or add runs at more sizes and token counts"
+        )
     if "holdout" in o:
         h = o["holdout"]
-        which = f"the best {h['n_heldout']} runs ({h['fraction']:.0%})" if h["held_out"] == "best" else \
-            f"the {h['n_heldout']} runs at the largest budget"
+        which = (
+            f"the best {h['n_heldout']} runs ({h['fraction']:.0%})"
+            if h["held_out"] == "best"
+            else f"the {h['n_heldout']} runs at the largest budget"
+        )
         lines.append(f"held-out RMSE {h['rmse']:.4f} on {which}, refit without them")
     if "bootstrap" in o:
         b = o["bootstrap"]
-        lines.append(f"bootstrap: {b['n']} refits of {b['fraction']:.0%} resamples; percentiles {b['percentiles']}")
+        lines.append(
+            f"bootstrap: {b['n']} refits of {b['fraction']:.0%} resamples; percentiles {b['percentiles']}"
+        )
         for k, v in b["values"].items():
             if "@" in k:
                 lines.append(f"  {k:<16} [{v[0]:.4g}, {v[-1]:.4g}]")

@@ -23,10 +23,14 @@ def register(sub) -> None:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to sample (default 100)")
     p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens (default 50)")
+    p.add_argument(
+        "--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens (default 50)"
+    )
     p.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (default 0)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the run's copy, else its data_dir's)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
+    p.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)"
+    )
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -54,8 +58,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot load tokenizer {tok_path}: {e}") from None
     ids = tok.encode(args.prompt).ids
     if tok.get_vocab_size() > model.cfg.vocab_size:
-        raise ConfigError(f"{tok_path} has {tok.get_vocab_size()} tokens but the model only {model.cfg.vocab_size}; pass the run's tokenizer")
+        raise ConfigError(
+            f"{tok_path} has {tok.get_vocab_size()} tokens but the model only {model.cfg.vocab_size}; pass "
+            "the run's tokenizer"
+        )
     out = sample(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     text = tok.decode(out)
-    emit(args, {"prompt": args.prompt, "text": text, "completion": tok.decode(out[len(ids):]), "tokens": out}, lambda o: o["text"])
+    emit(
+        args,
+        {"prompt": args.prompt, "text": text, "completion": tok.decode(out[len(ids) :]), "tokens": out},
+        lambda o: o["text"],
+    )
     return 0

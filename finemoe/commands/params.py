@@ -11,7 +11,9 @@ def register(sub) -> None:
     p = sub.add_parser("params", help="parameter and FLOPs counts (paper definitions) for an architecture")
     p.add_argument("--d-model", type=positive_int, required=True, help="model width d_model")
     p.add_argument("--n-blocks", type=positive_int, required=True, help="Transformer blocks n")
-    p.add_argument("--expansion-rate", "-E", type=positive_int, default=64, help="E (default 64, the paper's)")
+    p.add_argument(
+        "--expansion-rate", "-E", type=positive_int, default=64, help="E (default 64, the paper's)"
+    )
     p.add_argument("--granularity", "-G", type=positive_int, default=1, help="G (default 1)")
     p.add_argument("--dense", action="store_true", help="a dense Transformer instead of an MoE")
     p.add_argument("--vocab-size", type=positive_int, default=8192, help="for the exact count only")

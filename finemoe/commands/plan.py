@@ -6,29 +6,65 @@ import argparse
 import math
 from dataclasses import asdict
 
-from finemoe.commands.common import (add_json_flag, check_outputs, emit, nonnegative_float, positive_float,
-                                     positive_int)
+from finemoe.commands.common import (
+    add_json_flag,
+    check_outputs,
+    emit,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+)
 from finemoe.units import count
 
 
 def add_law_args(p: argparse.ArgumentParser) -> None:
     """Options shared by `plan` and `savings`: which coefficients and which FLOPs model."""
-    p.add_argument("--coefficients", default="paper", metavar="NAME|FILE.json",
-                   help="paper (Table 1, default), paper-precise, paper-holdout, paper-e16, or a `finemoe fit --out` file")
-    p.add_argument("--expansion-rate", "-E", type=positive_int, default=None,
-                   help="E (default: the coefficient set's, 64 for the paper's)")
+    p.add_argument(
+        "--coefficients",
+        default="paper",
+        metavar="NAME|FILE.json",
+        help="paper (Table 1, default), paper-precise, paper-holdout, paper-e16, "
+        "or a `finemoe fit --out` file",
+    )
+    p.add_argument(
+        "--expansion-rate",
+        "-E",
+        type=positive_int,
+        default=None,
+        help="E (default: the coefficient set's, 64 for the paper's)",
+    )
     p.add_argument("--c-f", type=positive_float, default=6.0, help="FLOPs per active parameter per token (6)")
-    p.add_argument("--c-r", type=nonnegative_float, default=14.0,
-                   help="routing FLOPs per router weight per token (14; paper: 6..20)")
+    p.add_argument(
+        "--c-r",
+        type=nonnegative_float,
+        default=14.0,
+        help="routing FLOPs per router weight per token (14; paper: 6..20)",
+    )
     p.add_argument("--aspect", type=positive_float, default=64.0, help="d_model / n_blocks (64, the paper's)")
-    p.add_argument("--granularities", default="1,2,4,8,16,32,64,128,256",
-                   help="comma-separated G values searched (default powers of two 1..256)")
-    p.add_argument("--continuous-g", action="store_true",
-                   help="optimise G as a real number between the smallest and largest --granularities")
-    p.add_argument("--max-total-params", type=positive_float, default=None, metavar="N",
-                   help="cap on total non-embedding params (memory), for every model compared, e.g. 10e9")
-    p.add_argument("--max-active-params", type=positive_float, default=None, metavar="N",
-                   help="cap on active params (inference cost per token), for every model compared")
+    p.add_argument(
+        "--granularities",
+        default="1,2,4,8,16,32,64,128,256",
+        help="comma-separated G values searched (default powers of two 1..256)",
+    )
+    p.add_argument(
+        "--continuous-g",
+        action="store_true",
+        help="optimise G as a real number between the smallest and largest --granularities",
+    )
+    p.add_argument(
+        "--max-total-params",
+        type=positive_float,
+        default=None,
+        metavar="N",
+        help="cap on total non-embedding params (memory), for every model compared, e.g. 10e9",
+    )
+    p.add_argument(
+        "--max-active-params",
+        type=positive_float,
+        default=None,
+        metavar="N",
+        help="cap on active params (inference cost per token), for every model compared",
+    )
 
 
 def load_law_args(args: argparse.Namespace):
@@ -40,33 +76,60 @@ def load_law_args(args: argparse.Namespace):
     try:
         gs = tuple(float(x) for x in args.granularities.split(",") if x.strip())
     except ValueError:
-        raise ConfigError(f"--granularities must be comma-separated numbers >= 1, got {args.granularities!r}") from None
+        raise ConfigError(
+            f"--granularities must be comma-separated numbers >= 1, got {args.granularities!r}"
+        ) from None
     E = args.expansion_rate or coeffs.expansion_rate
-    s = Settings(expansion_rate=E, c_f=args.c_f, c_r=args.c_r, aspect=args.aspect, granularities=gs,
-                 continuous_g=args.continuous_g, max_total_params=args.max_total_params,
-                 max_active_params=args.max_active_params)
+    s = Settings(
+        expansion_rate=E,
+        c_f=args.c_f,
+        c_r=args.c_r,
+        aspect=args.aspect,
+        granularities=gs,
+        continuous_g=args.continuous_g,
+        max_total_params=args.max_total_params,
+        max_active_params=args.max_active_params,
+    )
     return coeffs, s
 
 
 def register(sub) -> None:
-    p = sub.add_parser("plan", help="compute-optimal MoE (N, D, G) and a buildable architecture for a FLOPs budget")
+    p = sub.add_parser(
+        "plan", help="compute-optimal MoE (N, D, G) and a buildable architecture for a FLOPs budget"
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--flops", type=positive_float, help="training budget in FLOPs, e.g. 1e20")
-    what.add_argument("--paper-table", action="store_true", help="recompute the paper's Table 2 beside the printed values")
+    what.add_argument(
+        "--paper-table", action="store_true", help="recompute the paper's Table 2 beside the printed values"
+    )
     add_law_args(p)
-    p.add_argument("--plot", metavar="OUT.png",
-                   help="also draw loss vs FLOPs and iso-FLOP curves over G; with a fit's bootstrap draws, "
-                        "a fan chart of G*, N_act*, D* and the loss over budgets")
-    p.add_argument("--write-config", metavar="FILE.yaml",
-                   help="write a training config for the planned architecture and its tokens (`finemoe train FILE`)")
+    p.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        help="also draw loss vs FLOPs and iso-FLOP curves over G; with a fit's bootstrap draws, "
+        "a fan chart of G*, N_act*, D* and the loss over budgets",
+    )
+    p.add_argument(
+        "--write-config",
+        metavar="FILE.yaml",
+        help="write a training config for the planned architecture and its tokens (`finemoe train FILE`)",
+    )
     add_json_flag(p)
     p.set_defaults(func=run)
 
 
 def _plan_dict(P) -> dict:
-    return {"granularity": P.granularity, "active_params": P.active_params, "total_params": P.total_params,
-            "tokens": P.tokens, "loss": P.loss, "flops": P.flops, "d_model": P.d_model, "n_blocks": P.n_blocks,
-            "at_cap": P.at_cap}
+    return {
+        "granularity": P.granularity,
+        "active_params": P.active_params,
+        "total_params": P.total_params,
+        "tokens": P.tokens,
+        "loss": P.loss,
+        "flops": P.flops,
+        "d_model": P.d_model,
+        "n_blocks": P.n_blocks,
+        "at_cap": P.at_cap,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,11 +143,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         cmp = P.compare(coeffs, args.flops, s)
         arch = P.architecture(coeffs.moe, cmp.moe, s)
-        out = {"coefficients": coeffs.name, "budget": args.flops, **_plan_dict(cmp.moe),
-               "architecture": asdict(arch),
-               "dense": None if cmp.dense is None else {**_plan_dict(cmp.dense), "flops_multiple": cmp.dense_flops_multiple},
-               "g1": {**_plan_dict(cmp.g1), "flops_multiple": cmp.g1_flops_multiple},
-               "settings": asdict(s)}
+        out = {
+            "coefficients": coeffs.name,
+            "budget": args.flops,
+            **_plan_dict(cmp.moe),
+            "architecture": asdict(arch),
+            "dense": None
+            if cmp.dense is None
+            else {**_plan_dict(cmp.dense), "flops_multiple": cmp.dense_flops_multiple},
+            "g1": {**_plan_dict(cmp.g1), "flops_multiple": cmp.g1_flops_multiple},
+            "settings": asdict(s),
+        }
         if out["dense"] is not None:
             out["dense"].pop("granularity")
         out.update(assess(coeffs, args.flops, s, cmp))
@@ -112,13 +181,17 @@ def assess(coeffs, flops: float, s, cmp) -> dict:
     from finemoe.scaling.trust import coefficient_flags, plan_extrapolation, plan_uncertainty
 
     flags = coefficient_flags(coeffs)
-    return {"flags": flags, "degenerate": any(flags.values()),
-            "extrapolation": plan_extrapolation(coeffs, flops, cmp.moe.total_params, cmp.moe.tokens),
-            "uncertainty": plan_uncertainty(coeffs, flops, s)}
+    return {
+        "flags": flags,
+        "degenerate": any(flags.values()),
+        "extrapolation": plan_extrapolation(coeffs, flops, cmp.moe.total_params, cmp.moe.tokens),
+        "uncertainty": plan_uncertainty(coeffs, flops, s),
+    }
 
 
 def warn_loudly(out: dict) -> None:
-    """With --json, degenerate fits and far extrapolation also go to stderr, where a pipeline still shows them."""
+    """With --json, degenerate fits and far extrapolation also go to stderr, where a pipeline still shows
+    them."""
     import sys
 
     ext = out.get("extrapolation") or {}
@@ -131,19 +204,29 @@ def warn_loudly(out: dict) -> None:
 
 def write_training_config(path: str, arch, s) -> str:
     """A `finemoe train` config for the planned model and token budget (data and batch left at defaults)."""
+    from pathlib import Path
+
     import yaml
 
     from finemoe.io import ensure_dir, write_text_atomic
     from finemoe.train.config import TrainConfig
-    from pathlib import Path
 
-    model = {"d_model": arch.d_model, "n_blocks": arch.n_blocks, "head_dim": arch.d_model // arch.n_heads,
-             "ffn": "moe", "expansion_rate": int(round(s.expansion_rate)), "granularity": arch.granularity}
-    cfg = TrainConfig.from_dict({"model": model, "tokens": int(arch.tokens),
-                                 "out_dir": f"runs/plan-{Path(path).stem}"})  # validated before it is written
+    model = {
+        "d_model": arch.d_model,
+        "n_blocks": arch.n_blocks,
+        "head_dim": arch.d_model // arch.n_heads,
+        "ffn": "moe",
+        "expansion_rate": int(round(s.expansion_rate)),
+        "granularity": arch.granularity,
+    }
+    cfg = TrainConfig.from_dict(
+        {"model": model, "tokens": int(arch.tokens), "out_dir": f"runs/plan-{Path(path).stem}"}
+    )  # validated before it is written
     ensure_dir(Path(path).parent, "config folder")
-    text = ("# written by `finemoe plan`: the planned architecture and tokens; set data_dir, batch_size and lr\n"
-            "# for your corpus and hardware before training\n")
+    text = (
+        "# written by `finemoe plan`: the planned architecture and tokens; set data_dir, batch_size and lr\n"
+        "# for your corpus and hardware before training\n"
+    )
     write_text_atomic(path, text + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path
 
@@ -153,15 +236,28 @@ def paper_table(coeffs, s) -> dict:
     from finemoe.scaling import plan as P
 
     if abs(s.expansion_rate - 64) > 0 or s.c_f != 6 or s.c_r != 14 or s.aspect != 64 or s.capped:
-        raise ConfigError("--paper-table recomputes Table 2 (E=64, c_f=6, c_r=14, aspect 64, no size caps): use an E=64 "
-                          "coefficient set and leave --expansion-rate, --c-f, --c-r, --aspect and the --max-*-params unset")
+        raise ConfigError(
+            "--paper-table recomputes Table 2 (E=64, c_f=6, c_r=14, aspect 64, no size caps): use an E=64 "
+            "coefficient set and leave --expansion-rate, --c-f, --c-r, --aspect and the --max-*-params unset"
+        )
     rows = []
     for label, n_act, D, G, F, L in P.PAPER_TABLE2:
         p = P.optimum_for_active(coeffs.require("moe"), n_act, s)
-        rows.append({"row": label, "active_params": p.active_params, "total_params": p.total_params,
-                     "granularity": p.granularity, "tokens": p.tokens, "flops": p.flops, "loss": p.loss,
-                     "printed": {"granularity": G, "tokens": D, "flops": F, "loss": L},
-                     "tokens_rel_err": p.tokens / D - 1, "flops_rel_err": p.flops / F - 1, "loss_err": p.loss - L})
+        rows.append(
+            {
+                "row": label,
+                "active_params": p.active_params,
+                "total_params": p.total_params,
+                "granularity": p.granularity,
+                "tokens": p.tokens,
+                "flops": p.flops,
+                "loss": p.loss,
+                "printed": {"granularity": G, "tokens": D, "flops": F, "loss": L},
+                "tokens_rel_err": p.tokens / D - 1,
+                "flops_rel_err": p.flops / F - 1,
+                "loss_err": p.loss - L,
+            }
+        )
     return {"coefficients": coeffs.name, "expansion_rate": s.expansion_rate, "rows": rows}
 
 
@@ -180,7 +276,9 @@ def _multiple(m: float | None, fmt: str) -> str:
 
 def cap_terms(max_total: float | None, max_active: float | None) -> list[str]:
     """The size caps in force, as `N <= 20B` and `N_act <= 1B` (shared with `savings`)."""
-    return [f"{what} <= {count(v, 4)}" for what, v in (("N", max_total), ("N_act", max_active)) if v is not None]
+    return [
+        f"{what} <= {count(v, 4)}" for what, v in (("N", max_total), ("N_act", max_active)) if v is not None
+    ]
 
 
 def _caps_line(o: dict) -> str | None:
@@ -195,7 +293,8 @@ def _caps_line(o: dict) -> str | None:
 def _human_plan(o: dict) -> str:
     a = o["architecture"]
     lines = _trust_lines(o) + [
-        f"compute-optimal MoE for {o['budget']:.3g} FLOPs (coefficients: {o['coefficients']}, E={o['settings']['expansion_rate']:g})",
+        f"compute-optimal MoE for {o['budget']:.3g} FLOPs (coefficients: {o['coefficients']}, "
+        f"E={o['settings']['expansion_rate']:g})",
         f"  granularity G        {_g(o['granularity'])}",
         f"  active params N_act  {count(o['active_params'], 4)}",
         f"  total params N       {count(o['total_params'], 4)}",
@@ -204,7 +303,8 @@ def _human_plan(o: dict) -> str:
         "buildable architecture (same budget)",
         f"  d_model {a['d_model']}, n_blocks {a['n_blocks']}, n_heads {a['n_heads']}, "
         f"{a['n_experts']} experts x width {a['expert_width']} (G={a['granularity']})",
-        f"  N_act {count(a['active_params'], 4)}, N {count(a['total_params'], 4)}, tokens {count(a['tokens'], 4)}, "
+        f"  N_act {count(a['active_params'], 4)}, N {count(a['total_params'], 4)}, tokens "
+        f"{count(a['tokens'], 4)}, "
         f"FLOPs {a['flops']:.4g}, loss {a['loss']:.4f}",
     ]
     caps = _caps_line(o)
@@ -214,16 +314,28 @@ def _human_plan(o: dict) -> str:
     lines.append(f"G=1 MoE at this budget: loss {g1['loss']:.4f}; {_multiple(g1['flops_multiple'], '.2f')}")
     if o["dense"] is not None:
         d = o["dense"]
-        lines.append(f"dense at this budget: N {count(d['total_params'], 4)}, D {count(d['tokens'], 4)}, loss {d['loss']:.4f}; "
-                     f"{_multiple(d['flops_multiple'], '.1f')}")
+        lines.append(
+            f"dense at this budget: N {count(d['total_params'], 4)}, D {count(d['tokens'], 4)}, loss "
+            f"{d['loss']:.4f}; "
+            f"{_multiple(d['flops_multiple'], '.1f')}"
+        )
     u = o.get("uncertainty")
     if u:
         lines.append(f"bootstrap band over {u['n_draws']} draws of the fit (p10 / p50 / p90)")
-        for key, name in (("granularity", "G*"), ("active_params", "N_act*"), ("tokens", "D*"), ("loss", "loss"),
-                          ("dense_flops_multiple", "dense x")):
+        for key, name in (
+            ("granularity", "G*"),
+            ("active_params", "N_act*"),
+            ("tokens", "D*"),
+            ("loss", "loss"),
+            ("dense_flops_multiple", "dense x"),
+        ):
             vals = [u[p].get(key) for p in ("p10", "p50", "p90")]
             if all(v is not None for v in vals):
-                fmt = (lambda v: f"{v:.4f}") if key == "loss" else (lambda v: count(v, 3) if v >= 1000 else f"{v:.3g}")
+                fmt = (
+                    (lambda v: f"{v:.4f}")
+                    if key == "loss"
+                    else (lambda v: count(v, 3) if v >= 1000 else f"{v:.3g}")
+                )
                 lines.append(f"  {name:<8} {' / '.join(fmt(v) for v in vals)}")
     if o.get("config"):
         lines.append(f"wrote {o['config']}: train it with `finemoe train {o['config']}`")
@@ -231,8 +343,11 @@ def _human_plan(o: dict) -> str:
 
 
 def _trust_lines(o: dict) -> list[str]:
-    out = [f"DEGENERATE {law} FIT ({'; '.join(f)}): this plan is what the fit implies, not a prediction"
-           for law, f in (o.get("flags") or {}).items() if f]
+    out = [
+        f"DEGENERATE {law} FIT ({'; '.join(f)}): this plan is what the fit implies, not a prediction"
+        for law, f in (o.get("flags") or {}).items()
+        if f
+    ]
     ext = o.get("extrapolation")
     if ext and ext.get("warning"):
         out.append(ext["warning"])
@@ -249,5 +364,6 @@ def _human_table(o: dict) -> str:
             f"{r['row']:<10} {_g(r['granularity']):>4}/{pr['granularity']:<4} "
             f"{count(r['tokens'], 4):>9}/{count(pr['tokens'], 4):<9} {r['tokens_rel_err']:+7.2%} "
             f"{r['flops']:9.3e}/{pr['flops']:<9.3g} {r['flops_rel_err']:+7.2%} "
-            f"{r['loss']:.3f}/{pr['loss']:<7.3f} {r['loss_err']:+7.3f}")
+            f"{r['loss']:.3f}/{pr['loss']:<7.3f} {r['loss_err']:+7.3f}"
+        )
     return "\n".join(lines)

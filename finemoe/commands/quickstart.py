@@ -16,7 +16,12 @@ def register(sub) -> None:
     p.add_argument("--out", help="report folder (default: <runs_dir>/report)")
     p.add_argument("--workers", type=positive_int, help="local worker processes (default 1)")
     p.add_argument("--threads", type=positive_int, help="torch threads per run (default: cores / workers)")
-    p.add_argument("--fix-c", type=positive_float, default=PAPER_C, help=f"irreducible loss c for Eq. 9/1 (default {PAPER_C})")
+    p.add_argument(
+        "--fix-c",
+        type=positive_float,
+        default=PAPER_C,
+        help=f"irreducible loss c for Eq. 9/1 (default {PAPER_C})",
+    )
     p.add_argument("--bootstrap", type=int, default=50, help="bootstrap refits (default 50)")
     add_json_flag(p)
     p.set_defaults(func=run)
@@ -37,20 +42,21 @@ def prepare_data(data_dir: str, log, vocab_size: int = 8192) -> None:
     except ImportError:
         if (d / "train.bin").is_file():
             return
-        raise DataError(f"{d} has no train.bin and this build has no corpus builder; prepare text with "
-                        "`finemoe data prepare --out DIR` or set data_dir in the spec") from None
+        raise DataError(
+            f"{d} has no train.bin and this build has no corpus builder; prepare text with "
+            "`finemoe data prepare --out DIR` or set data_dir in the spec"
+        ) from None
     prepare(out=d, vocab_size=vocab_size, log=log)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from finemoe.errors import ConfigError
+    from finemoe.io import check_folder_path
     from finemoe.report.report import ReportOptions, build_report
     from finemoe.sweep import spec as specmod
     from finemoe.sweep.driver import run_sweep
-
-    from finemoe.errors import ConfigError
-    from finemoe.io import check_folder_path
 
     log = (lambda *_: None) if args.json else (lambda *a: print(*a, flush=True))
     t0 = time.time()
@@ -69,29 +75,49 @@ def run(args: argparse.Namespace) -> int:
 
     log("[3/3] fits (Eq. 4 per (N, D); Eq. 9 and Eq. 1 with c fixed), plan and report")
     out = Path(args.out) if args.out else Path(spec.runs_dir) / "report"
-    opts = ReportOptions(fix_c=args.fix_c, bootstrap=args.bootstrap, budgets=(1e15, 1e17, 1e19, 1e21),
-                         title=f"finemoe quickstart ({spec.name})",
-                         notes=[f"A {len(spec.runs)}-run sweep of tiny models: it shows the pipeline, not the paper's "
-                                f"numbers. c is fixed at {args.fix_c} because so few runs cannot identify it.",
-                                "For the real experiment see experiments/mini/."])
+    opts = ReportOptions(
+        fix_c=args.fix_c,
+        bootstrap=args.bootstrap,
+        budgets=(1e15, 1e17, 1e19, 1e21),
+        title=f"finemoe quickstart ({spec.name})",
+        notes=[
+            f"A {len(spec.runs)}-run sweep of tiny models: it shows the pipeline, not the paper's "
+            f"numbers. c is fixed at {args.fix_c} because so few runs cannot identify it.",
+            "For the real experiment see experiments/mini/.",
+        ],
+    )
     rep = build_report(spec.store, out, opts)
     coeffs = rep.coefficients
-    result = {"report": str(rep.path), "store": spec.store, "coefficients": str(coeffs) if coeffs else None,
-              "flags": rep.flags, "degenerate": rep.degenerate,
-              "seconds": round(time.time() - t0, 1), **{k: counts[k] for k in ("done", "diverged", "failed", "to_run")}}
+    result = {
+        "report": str(rep.path),
+        "store": spec.store,
+        "coefficients": str(coeffs) if coeffs else None,
+        "flags": rep.flags,
+        "degenerate": rep.degenerate,
+        "seconds": round(time.time() - t0, 1),
+        **{k: counts[k] for k in ("done", "diverged", "failed", "to_run")},
+    }
 
     def human(o):
-        lines = [f"done in {o['seconds']:.0f} s: {o['done']} runs done, {o['diverged']} diverged, {o['failed']} failed",
-                 f"report:  {o['report']}", f"results: {o['store']}  (finemoe sweep status {args.spec})"]
+        lines = [
+            f"done in {o['seconds']:.0f} s: {o['done']} runs done, {o['diverged']} diverged, {o['failed']} "
+            "failed",
+            f"report:  {o['report']}",
+            f"results: {o['store']}  (finemoe sweep status {args.spec})",
+        ]
         for law, why in o["flags"].items():
             if why:
                 lines.append(f"the {law} fit is degenerate ({'; '.join(why)})")
         if o["coefficients"] and not o["degenerate"]:
-            lines.append(f"plan with the fitted law: finemoe plan --flops 1e18 --coefficients {o['coefficients']}")
+            lines.append(
+                f"plan with the fitted law: finemoe plan --flops 1e18 --coefficients {o['coefficients']}"
+            )
         elif o["coefficients"]:
-            lines.append("these runs do not identify the law, so no plan is recommended from it: plan with the "
-                         "paper's coefficients (finemoe plan --flops 1e18), or run a larger sweep "
-                         "(experiments/isoflop)")
+            lines.append(
+                "these runs do not identify the law, so no plan is recommended from it: plan with the "
+                "paper's coefficients (finemoe plan --flops 1e18), or run a larger sweep "
+                "(experiments/isoflop)"
+            )
         return "\n".join(lines)
 
     emit(args, result, human)

@@ -12,21 +12,36 @@ DEFAULT_RESULTS = "runs/quickstart/results.sqlite"
 
 def register(sub) -> None:
     p = sub.add_parser("report", help="Markdown report with figures: runs, fitted laws, planner answers")
-    p.add_argument("results", nargs="?", default=None,
-                   help=f"results store (.sqlite), exported CSV, or a sweep spec (default: {DEFAULT_RESULTS})")
+    p.add_argument(
+        "results",
+        nargs="?",
+        default=None,
+        help=f"results store (.sqlite), exported CSV, or a sweep spec (default: {DEFAULT_RESULTS})",
+    )
     p.add_argument("--out", help="output folder (default: a 'report' folder beside the results)")
-    p.add_argument("--loss", choices=("train_loss", "val_loss"), default="train_loss",
-                   help="loss to fit (default: the smoothed train loss, as the paper)")
+    p.add_argument(
+        "--loss",
+        choices=("train_loss", "val_loss"),
+        default="train_loss",
+        help="loss to fit (default: the smoothed train loss, as the paper)",
+    )
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits for intervals (0: none)")
-    p.add_argument("--holdout-best", type=float, default=0.2, help="fraction of best runs held out (paper: 0.2)")
+    p.add_argument(
+        "--holdout-best", type=float, default=0.2, help="fraction of best runs held out (paper: 0.2)"
+    )
     p.add_argument("--fix-c", type=positive_float, help="fix the irreducible loss c in Eq. 9 and Eq. 1")
     p.add_argument("--budgets", type=positive_float, nargs="+", help="FLOPs budgets for the planner table")
-    p.add_argument("--coefficients", default="paper", help="published set to compare against (default: paper)")
+    p.add_argument(
+        "--coefficients", default="paper", help="published set to compare against (default: paper)"
+    )
     p.add_argument("--title", help="report title")
     p.add_argument("--name", default="report.md", help="Markdown file name inside --out (default report.md)")
     p.add_argument("--note", action="append", default=[], help="a line quoted under the title (repeatable)")
-    p.add_argument("--discussion", metavar="FILE",
-                   help="Markdown file with your reading of the results, appended as a 'Discussion' section")
+    p.add_argument(
+        "--discussion",
+        metavar="FILE",
+        help="Markdown file with your reading of the results, appended as a 'Discussion' section",
+    )
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -63,15 +78,31 @@ def run(args: argparse.Namespace) -> int:
     if not results.is_file():
         from finemoe.errors import DataError
 
-        raise DataError(f"results file {results} not found; give a results store (.sqlite) or a CSV exported from one")
+        raise DataError(
+            f"results file {results} not found; give a results store (.sqlite) or a CSV exported from one"
+        )
     check_folder_path(out, "report folder")
-    opts = ReportOptions(loss=args.loss, bootstrap=args.bootstrap, holdout=args.holdout_best, fix_c=args.fix_c,
-                         budgets=tuple(args.budgets or DEFAULT_BUDGETS), paper_coefficients=args.coefficients,
-                         title=args.title, notes=list(args.note), filename=args.name,
-                         discussion=discussion)
+    opts = ReportOptions(
+        loss=args.loss,
+        bootstrap=args.bootstrap,
+        holdout=args.holdout_best,
+        fix_c=args.fix_c,
+        budgets=tuple(args.budgets or DEFAULT_BUDGETS),
+        paper_coefficients=args.coefficients,
+        title=args.title,
+        notes=list(args.note),
+        filename=args.name,
+        discussion=discussion,
+    )
     rep = build_report(results, out, opts)
     pngs = sorted(str(p) for p in rep.path.parent.glob("*.png"))
     out = {"report": str(rep.path), "figures": pngs, "flags": rep.flags, "degenerate": rep.degenerate}
-    emit(args, out, lambda o: "\n".join([f"DEGENERATE {law} FIT: {'; '.join(f)}" for law, f in o["flags"].items() if f]
-                                        + [f"report: {o['report']}"]))
+    emit(
+        args,
+        out,
+        lambda o: "\n".join(
+            [f"DEGENERATE {law} FIT: {'; '.join(f)}" for law, f in o["flags"].items() if f]
+            + [f"report: {o['report']}"]
+        ),
+    )
     return 0

@@ -13,8 +13,11 @@ def register(sub) -> None:
 
     r = ss.add_parser("run", help="run every run of SPEC not already finished (safe to re-run)")
     r.add_argument("spec", help="sweep spec YAML, or a built-in name such as 'quickstart'")
-    r.add_argument("--executor", choices=("local", "inprocess", "slurm", "submitit-local"),
-                   help="where runs execute (default: the spec's, else local worker processes)")
+    r.add_argument(
+        "--executor",
+        choices=("local", "inprocess", "slurm", "submitit-local"),
+        help="where runs execute (default: the spec's, else local worker processes)",
+    )
     r.add_argument("--workers", type=positive_int, help="local worker processes (default 1)")
     r.add_argument("--threads", type=positive_int, help="torch threads per run (default: cores / workers)")
     r.add_argument("--store", help="results store (default: the spec's)")
@@ -58,10 +61,21 @@ def run(args: argparse.Namespace) -> int:
     if args.store:
         spec.store = args.store
     quiet = args.json
-    out = run_sweep(spec, executor=args.executor, options={"workers": args.workers, "threads": args.threads},
-                    dry_run=args.dry_run, log=(lambda *_: None) if quiet else print)
-    emit(args, out, lambda o: f"{o['done']} done, {o['diverged']} diverged, {o['failed']} failed, "
-                              f"{o['to_run']} not finished; store {o['store']}")
+    out = run_sweep(
+        spec,
+        executor=args.executor,
+        options={"workers": args.workers, "threads": args.threads},
+        dry_run=args.dry_run,
+        log=(lambda *_: None) if quiet else print,
+    )
+    emit(
+        args,
+        out,
+        lambda o: (
+            f"{o['done']} done, {o['diverged']} diverged, {o['failed']} failed, "
+            f"{o['to_run']} not finished; store {o['store']}"
+        ),
+    )
     return 0 if out["failed"] == 0 or args.dry_run else 1
 
 
@@ -94,19 +108,27 @@ def status(args: argparse.Namespace) -> int:
 
 
 def status_rows_unstarted(spec) -> list[dict]:
-    return [{"run_id": r.run_id, "label": r.label, "status": "pending", "tokens": r.config["tokens"]} for r in spec.runs]
+    return [
+        {"run_id": r.run_id, "label": r.label, "status": "pending", "tokens": r.config["tokens"]}
+        for r in spec.runs
+    ]
 
 
 def _human(o: dict) -> str:
     def f(x, fmt):
         return "" if x is None or x != x else format(x, fmt)
 
-    lines = [f"{'run':<16} {'label':<30} {'status':<10} {'tokens':>9} {'train':>7} {'val':>7} {'wall s':>7}  error"]
+    lines = [
+        f"{'run':<16} {'label':<30} {'status':<10} {'tokens':>9} {'train':>7} {'val':>7} {'wall s':>7}  error"
+    ]
     for r in o["runs"]:
         err = (r.get("error") or "").strip().splitlines()
-        lines.append(f"{r['run_id']:<16} {str(r.get('label') or ''):<30} {r['status']:<10} {f(r['tokens'], '9.3g'):>9} "
-                     f"{f(r['train_loss'], '.4f'):>7} {f(r['val_loss'], '.4f'):>7} {f(r['wall_time_s'], '.0f'):>7}  "
-                     f"{err[-1][:60] if err else ''}")
+        lines.append(
+            f"{r['run_id']:<16} {str(r.get('label') or ''):<30} {r['status']:<10} "
+            f"{f(r['tokens'], '9.3g'):>9} "
+            f"{f(r['train_loss'], '.4f'):>7} {f(r['val_loss'], '.4f'):>7} {f(r['wall_time_s'], '.0f'):>7}  "
+            f"{err[-1][:60] if err else ''}"
+        )
     lines.append(", ".join(f"{v} {k}" for k, v in sorted(o["counts"].items())) + f"  (store {o['store']})")
     return "\n".join(lines)
 

@@ -10,9 +10,15 @@ from finemoe.commands.common import add_json_flag, emit
 def register(sub) -> None:
     p = sub.add_parser("train", help="train one model on a token file to its token budget D")
     p.add_argument("config", help="training config YAML (see configs/tiny.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="override config keys, e.g. tokens=2e6 model.granularity=4 out_dir=runs/g4")
-    p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. tokens=2e6 model.granularity=4 out_dir=runs/g4",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in out_dir from its last checkpoint"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_json_flag(p)
     p.set_defaults(func=run)

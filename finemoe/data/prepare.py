@@ -63,7 +63,10 @@ def prepare(
     if dtype not in (None, "uint16", "uint32"):
         raise DataError(f"dtype must be uint16 or uint32, got {dtype!r}")
     if tokenizer == "bpe" and dtype == "uint16" and vocab_size > 2**16:
-        raise DataError(f"vocabulary of {vocab_size} is too large for uint16 tokens; use --dtype uint32 or a smaller --vocab-size")
+        raise DataError(
+            f"vocabulary of {vocab_size} is too large for uint16 tokens; use --dtype uint32 or a smaller "
+            "--vocab-size"
+        )
     if inputs and sources:
         raise DataError("give either --input files or --sources, not both")
     sources = None if inputs else check_sources(sources or DEFAULT_SOURCES)
@@ -81,7 +84,9 @@ def prepare(
         return out
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").is_file())):
         raise DataError(f"{out} exists and is not a finemoe data folder; choose another --out")
-    ensure_dir(out.parent, "output folder", probe=True)  # now, not after the corpus and the tokenizer are built
+    ensure_dir(
+        out.parent, "output folder", probe=True
+    )  # now, not after the corpus and the tokenizer are built
 
     t0 = time.perf_counter()
     packages: dict[str, dict] = {}
@@ -92,8 +97,10 @@ def prepare(
         raise DataError(f"two documents are both named {dup}; give the input files distinct names")
     train, val, split_rule = split_documents(docs, val_fraction)
     t_docs = time.perf_counter()
-    log(f"{len(docs)} documents ({sum(len(d.text.encode()) for d in docs) / 1e6:.1f} MB): "
-        f"{len(train)} train, {len(val)} validation")
+    log(
+        f"{len(docs)} documents ({sum(len(d.text.encode()) for d in docs) / 1e6:.1f} MB): "
+        f"{len(train)} train, {len(val)} validation"
+    )
 
     if tokenizer == "bpe":
         log(f"training a {vocab_size}-token byte-level BPE on the train split")
@@ -120,8 +127,18 @@ def prepare(
         split_of = {id(d): "val" for d in val}
         with open(tmp / "documents.jsonl", "w", encoding="utf-8") as f:
             for d in train + val:
-                f.write(json.dumps({"source": d.source, "name": d.name, "split": split_of.get(id(d), "train"),
-                                    "text": d.text}, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "source": d.source,
+                            "name": d.name,
+                            "split": split_of.get(id(d), "train"),
+                            "text": d.text,
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
         write_text_atomic(tmp / "tokenizer.json", tok.to_str())
         for name in ("documents.jsonl", "tokenizer.json", "train.bin", "val.bin"):
             if not (tmp / name).is_file():
@@ -129,21 +146,30 @@ def prepare(
             files[name] = sha256_file(tmp / name)
         stats = _totals(stats)
         write_json_atomic(tmp / "stats.json", stats)
-        write_json_atomic(tmp / "meta.json", {
-            "request": request,
-            "packages": packages,
-            "split": {"rule": split_rule, "val_documents": [d.key for d in val]},
-            "tokenizer": {"kind": tokenizer, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
-            "sha256": files,
-            "seconds": {"documents": round(t_docs - t0, 2), "tokenizer": round(t_tok - t_docs, 2),
-                        "encode": round(t_enc - t_tok, 2), "total": round(time.perf_counter() - t0, 2)},
-        })
+        write_json_atomic(
+            tmp / "meta.json",
+            {
+                "request": request,
+                "packages": packages,
+                "split": {"rule": split_rule, "val_documents": [d.key for d in val]},
+                "tokenizer": {"kind": tokenizer, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
+                "sha256": files,
+                "seconds": {
+                    "documents": round(t_docs - t0, 2),
+                    "tokenizer": round(t_tok - t_docs, 2),
+                    "encode": round(t_enc - t_tok, 2),
+                    "total": round(time.perf_counter() - t0, 2),
+                },
+            },
+        )
         _make_readable(tmp)
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"wrote {out}: {stats['total']['tokens']:,} tokens "
-        f"({stats['train']['total']['tokens']:,} train) in {time.perf_counter() - t0:.1f} s")
+    log(
+        f"wrote {out}: {stats['total']['tokens']:,} tokens "
+        f"({stats['train']['total']['tokens']:,} train) in {time.perf_counter() - t0:.1f} s"
+    )
     return out
 
 

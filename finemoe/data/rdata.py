@@ -104,11 +104,14 @@ def _decompress(blob: bytes, compressed) -> bytes:
     else:  # types 2 and 3 carry a one-byte method tag
         method, body = body[:1], body[1:]
         out = {b"0": lambda b: b, b"1": zlib.decompress, b"2": bz2.decompress, b"Z": lzma.decompress}.get(
-            method, lambda b: None)(body)
+            method, lambda b: None
+        )(body)
         if out is None:
             raise DataError(f"unknown R lazy-load compression tag {method!r}")
     if len(out) != size:
-        raise DataError(f"R lazy-load object is {len(out)} bytes, its header says {size}; the .rdb file is damaged")
+        raise DataError(
+            f"R lazy-load object is {len(out)} bytes, its header says {size}; the .rdb file is damaged"
+        )
     return out
 
 
@@ -123,6 +126,8 @@ def read_lazyload(rdx: bytes, rdb: bytes) -> dict[str, object]:
         try:
             raw = _decompress(rdb[offset : offset + length], compressed)
         except (zlib.error, OSError, EOFError, lzma.LZMAError, struct.error) as e:
-            raise DataError(f"R lazy-load object {name!r} does not decompress ({e}); the .rdb file is damaged") from None
+            raise DataError(
+                f"R lazy-load object {name!r} does not decompress ({e}); the .rdb file is damaged"
+            ) from None
         out[name] = unserialize(raw)
     return out

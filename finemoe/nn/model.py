@@ -178,7 +178,10 @@ def load_pretrained(directory: str | Path, map_location: str = "cpu") -> Transfo
     cfg_path, weights = directory / "config.json", directory / "model.safetensors"
     for p in (cfg_path, weights):
         if not p.is_file():
-            raise ConfigError(f"{p} not found; point at a folder written by save_pretrained (config.json + model.safetensors)")
+            raise ConfigError(
+                f"{p} not found; point at a folder written by save_pretrained (config.json + "
+                "model.safetensors)"
+            )
     model = Transformer(ModelConfig.from_dict(json.loads(cfg_path.read_text())))
     model.load_state_dict(load_file(str(weights), device=map_location))
     return model

@@ -45,21 +45,35 @@ def loss_vs_flops(ax, coeffs, s: P.Settings, budgets: Sequence[float], marks: Se
     colors = _g_colors(gs)
     loss = np.array([p.loss for p in opt])
     for i in range(len(budgets) - 1):
-        ax.plot(budgets[i:i + 2], loss[i:i + 2], color=colors[gs[i]], lw=2.5)
+        ax.plot(budgets[i : i + 2], loss[i : i + 2], color=colors[gs[i]], lw=2.5)
     for g, col in colors.items():
         ax.plot([], [], color=col, lw=2.5, label=f"optimal MoE, G={g:g}")
     ax.plot(budgets, g1, ":", color="tab:orange", label="MoE, G=1")
     if coeffs.dense is not None:
-        ax.plot(budgets, [P.dense_optimum(coeffs.dense, F, s).loss for F in budgets], "--", color="tab:red",
-                label="dense")
+        ax.plot(
+            budgets,
+            [P.dense_optimum(coeffs.dense, F, s).loss for F in budgets],
+            "--",
+            color="tab:red",
+            label="dense",
+        )
     for F in marks:
         p = P.optimum(law, F, s)
         ax.plot([F], [p.loss], "o", color="black", ms=5)
-        ax.annotate(f"G={p.granularity:g}\nN_act={p.active_params:.2g}", (F, p.loss), textcoords="offset points",
-                    xytext=(6, 6), fontsize=7)
+        ax.annotate(
+            f"G={p.granularity:g}\nN_act={p.active_params:.2g}",
+            (F, p.loss),
+            textcoords="offset points",
+            xytext=(6, 6),
+            fontsize=7,
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ticks = [t for t in (1.2, 1.5, 1.8, 2.2, 2.7, 3.3, 4.0) if loss.min() * 0.9 <= t <= max(loss.max(), max(g1)) * 1.2]
+    ticks = [
+        t
+        for t in (1.2, 1.5, 1.8, 2.2, 2.7, 3.3, 4.0)
+        if loss.min() * 0.9 <= t <= max(loss.max(), max(g1)) * 1.2
+    ]
     ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.yaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{t:g}" for t in ticks]))
     ax.yaxis.set_minor_formatter(NullFormatter())
@@ -71,7 +85,9 @@ def loss_vs_flops(ax, coeffs, s: P.Settings, budgets: Sequence[float], marks: Se
     ax.legend(fontsize=7)
 
 
-def compute_multiples(ax, coeffs, s: P.Settings, budgets: Sequence[float], marks: Sequence[float] = ()) -> None:
+def compute_multiples(
+    ax, coeffs, s: P.Settings, budgets: Sequence[float], marks: Sequence[float] = ()
+) -> None:
     """Fig. 1b: FLOPs a dense model and a G=1 MoE need to match the optimal MoE, as a multiple."""
     rows = [P.compare(coeffs, F, s) for F in budgets]
     if coeffs.dense is not None:
@@ -121,8 +137,13 @@ def pred_vs_obs(ax, res) -> None:
         keep = np.ones(len(res.observed), bool)
         keep[ho["index"]] = False
         ax.scatter(res.observed[keep], res.predicted[keep], s=14, label=f"fitted (RMSE {res.rmse:.3f})")
-        ax.scatter(ho["observed"], ho["predicted"], s=14, marker="s",
-                   label=f"held-out best {ho['fraction']:.0%}, refit without them (RMSE {ho['rmse']:.3f})")
+        ax.scatter(
+            ho["observed"],
+            ho["predicted"],
+            s=14,
+            marker="s",
+            label=f"held-out best {ho['fraction']:.0%}, refit without them (RMSE {ho['rmse']:.3f})",
+        )
     else:
         ax.scatter(res.observed, res.predicted, s=14, label=f"fitted (RMSE {res.rmse:.3f})")
     lo = min(res.observed.min(), res.predicted.min())
@@ -138,6 +159,7 @@ def pred_vs_obs(ax, res) -> None:
 
 
 # --- one figure per command --------------------------------------------------------------------
+
 
 def plan_figure(coeffs, s: P.Settings, marks: Sequence[float], path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -168,10 +190,19 @@ def fan_figure(coeffs, s: P.Settings, flops: float, path, span: float = 1e4, n: 
     budgets = np.geomspace(flops / math.sqrt(span), flops * math.sqrt(span), n)
     bands = [plan_uncertainty(coeffs, float(F), s) for F in budgets]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    for ax, (key, label) in zip(axes, (("granularity", "optimal G"), ("active_params", "optimal N_act"),
-                                       ("tokens", "optimal D"), ("loss", "loss at the optimum"))):
-        q = {p: np.array([b[p][key] if b and b[p][key] is not None else np.nan for b in bands], float)
-             for p in ("p10", "p50", "p90")}
+    for ax, (key, label) in zip(
+        axes,
+        (
+            ("granularity", "optimal G"),
+            ("active_params", "optimal N_act"),
+            ("tokens", "optimal D"),
+            ("loss", "loss at the optimum"),
+        ),
+    ):
+        q = {
+            p: np.array([b[p][key] if b and b[p][key] is not None else np.nan for b in bands], float)
+            for p in ("p10", "p50", "p90")
+        }
         ax.fill_between(budgets, q["p10"], q["p90"], alpha=0.3, label="p10-p90")
         ax.plot(budgets, q["p50"], marker="o", label="p50")
         ax.axvline(flops, color="grey", linestyle=":", label="this budget")
@@ -182,6 +213,8 @@ def fan_figure(coeffs, s: P.Settings, flops: float, path, span: float = 1e4, n: 
         ax.set_ylabel(label)
         ax.grid(True, which="major", alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"compute-optimal plan over {bands[len(bands) // 2]['n_draws'] if bands[len(bands) // 2] else 0} "
-                 f"bootstrap draws of {coeffs.name}")
+    fig.suptitle(
+        f"compute-optimal plan over {bands[len(bands) // 2]['n_draws'] if bands[len(bands) // 2] else 0} "
+        f"bootstrap draws of {coeffs.name}"
+    )
     _save(fig, path)

@@ -22,10 +22,40 @@ from finemoe.units import count
 DEFAULT_BUDGETS = (1e15, 1e17, 1e19, 1e21)
 # The store's columns the report reads (a `finemoe sweep export` CSV has them all). Without the
 # first set there is nothing to fit; the others only fill the runs table and the summary.
-NEEDED = ("status", "ffn", "granularity", "expansion_rate", "d_model", "n_blocks", "total_params", "tokens", "flops")
-NUMERIC = ("granularity", "expansion_rate", "d_model", "n_blocks", "total_params", "active_params", "tokens", "flops",
-           "train_loss", "val_loss", "wall_time_s")
-OPTIONAL = ("run_id", "active_params", "train_loss", "val_loss", "wall_time_s", "device", "code_version", "error")
+NEEDED = (
+    "status",
+    "ffn",
+    "granularity",
+    "expansion_rate",
+    "d_model",
+    "n_blocks",
+    "total_params",
+    "tokens",
+    "flops",
+)
+NUMERIC = (
+    "granularity",
+    "expansion_rate",
+    "d_model",
+    "n_blocks",
+    "total_params",
+    "active_params",
+    "tokens",
+    "flops",
+    "train_loss",
+    "val_loss",
+    "wall_time_s",
+)
+OPTIONAL = (
+    "run_id",
+    "active_params",
+    "train_loss",
+    "val_loss",
+    "wall_time_s",
+    "device",
+    "code_version",
+    "error",
+)
 
 
 @dataclass
@@ -57,7 +87,9 @@ def _checked(df, results):
         try:
             df[c] = pd.to_numeric(df[c])
         except (ValueError, TypeError):
-            raise DataError(f"{results}: column {c!r} holds text where numbers belong; fix or drop those rows") from None
+            raise DataError(
+                f"{results}: column {c!r} holds text where numbers belong; fix or drop those rows"
+            ) from None
     return df
 
 
@@ -75,13 +107,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _points(df, loss: str):
     from finemoe.scaling.fit import Points
-
     from finemoe.scaling.runs import run_groups
 
     g = df.granularity.where(df.ffn == "moe", 1).astype(float)
     flops = df.flops.astype(float).to_numpy() if "flops" in df.columns else None
-    return Points(df.total_params.astype(float).to_numpy(), df.tokens.astype(float).to_numpy(),
-                  g.to_numpy(), df[loss].astype(float).to_numpy(), flops, run_groups(df.to_dict("records")))
+    return Points(
+        df.total_params.astype(float).to_numpy(),
+        df.tokens.astype(float).to_numpy(),
+        g.to_numpy(),
+        df[loss].astype(float).to_numpy(),
+        flops,
+        run_groups(df.to_dict("records")),
+    )
 
 
 # -- sections ------------------------------------------------------------------------------------
@@ -111,10 +148,25 @@ def _runs_table(df, loss: str) -> str:
         kind = "dense" if r.ffn == "dense" else f"E{int(r.expansion_rate)} G{int(r.granularity)}"
         lines = r.error.strip().splitlines() if isinstance(r.error, str) else []
         err = lines[-1][:60] if lines and r.status != "done" else ""
-        rows.append([r.run_id, f"{int(r.d_model)}×{int(r.n_blocks)}", kind, count(r.total_params), count(r.active_params),
-                     count(r.tokens), count(r.flops), _num(r.train_loss), _num(r.val_loss),
-                     _num(r.wall_time_s, ".0f"), r.status + (f": {err}" if err else "")])
-    return _table(["run", "d×blocks", "FFN", "N", "N_act", "D", "FLOPs", "train loss", "val loss", "wall s", "status"], rows)
+        rows.append(
+            [
+                r.run_id,
+                f"{int(r.d_model)}×{int(r.n_blocks)}",
+                kind,
+                count(r.total_params),
+                count(r.active_params),
+                count(r.tokens),
+                count(r.flops),
+                _num(r.train_loss),
+                _num(r.val_loss),
+                _num(r.wall_time_s, ".0f"),
+                r.status + (f": {err}" if err else ""),
+            ]
+        )
+    return _table(
+        ["run", "d×blocks", "FFN", "N", "N_act", "D", "FLOPs", "train loss", "val loss", "wall s", "status"],
+        rows,
+    )
 
 
 def _granularity_section(done, out: Path, o: ReportOptions) -> tuple[str, list[dict]]:
@@ -127,12 +179,27 @@ def _granularity_section(done, out: Path, o: ReportOptions) -> tuple[str, list[d
     try:
         res = fit(_points(moe, o.loss), law="granularity", holdout=None)
         groups = res.groups
-        text.append(_table(
-            ["N", "D", "runs", "g", "γ", "h", "RMSE"],
-            [[count(g["N"]), count(g["D"]), g["n_points"], _num(g["g"], ".3f"), _num(g["gamma"], ".3f"), _num(g["h"], ".3f"),
-              _num(g["rmse"], ".4f")] for g in groups]))
+        text.append(
+            _table(
+                ["N", "D", "runs", "g", "γ", "h", "RMSE"],
+                [
+                    [
+                        count(g["N"]),
+                        count(g["D"]),
+                        g["n_points"],
+                        _num(g["g"], ".3f"),
+                        _num(g["gamma"], ".3f"),
+                        _num(g["h"], ".3f"),
+                        _num(g["rmse"], ".4f"),
+                    ]
+                    for g in groups
+                ],
+            )
+        )
         gam = [g["gamma"] for g in groups]
-        text.append(f"\nγ per (N, D) ranges {min(gam):.3f}–{max(gam):.3f} (paper: γ > 0 means finer experts help).")
+        text.append(
+            f"\nγ per (N, D) ranges {min(gam):.3f}–{max(gam):.3f} (paper: γ > 0 means finer experts help)."
+        )
     except (FinemoeError, ValueError) as e:
         text.append(f"Eq. 4 not fitted: {e}")
     if not moe.empty:
@@ -148,11 +215,15 @@ def _law_fit(pts, law: str, o: ReportOptions, n_min: int):
     n_free = n_free_params(law, fixed)
     holdout = o.holdout if len(pts) - round(o.holdout * len(pts)) >= n_free + 1 else None
     try:
-        return fit(pts, law=law, fixed=fixed, holdout=holdout, bootstrap=o.bootstrap if len(pts) >= n_min else 0)
+        return fit(
+            pts, law=law, fixed=fixed, holdout=holdout, bootstrap=o.bootstrap if len(pts) >= n_min else 0
+        )
     except DataError as e:
         if "bootstrap" not in str(e):
             raise
-        return fit(pts, law=law, fixed=fixed, holdout=holdout, bootstrap=0)  # intervals impossible, fit still is
+        return fit(
+            pts, law=law, fixed=fixed, holdout=holdout, bootstrap=0
+        )  # intervals impossible, fit still is
 
 
 def _coef_table(res, names: Sequence[str]) -> str:
@@ -188,17 +259,26 @@ def _prior_comparison(pts, law: str, res, o: ReportOptions) -> str:
     except (FinemoeError, ValueError):
         return ""
     names = ", ".join(fixed)
-    return _table(["fit", "in-sample RMSE", f"held-out RMSE (best {res.holdout['fraction']:.0%})"],
-                  [["all exponents free", _num(res.rmse), _num(res.holdout["rmse"])],
-                   [f"{names} fixed at the paper's (`fit --prior paper`)", _num(borrowed.rmse),
-                    _num(borrowed.holdout["rmse"])]])
+    return _table(
+        ["fit", "in-sample RMSE", f"held-out RMSE (best {res.holdout['fraction']:.0%})"],
+        [
+            ["all exponents free", _num(res.rmse), _num(res.holdout["rmse"])],
+            [
+                f"{names} fixed at the paper's (`fit --prior paper`)",
+                _num(borrowed.rmse),
+                _num(borrowed.holdout["rmse"]),
+            ],
+        ],
+    )
 
 
 def _fit_summary(res) -> str:
     parts = [f"{res.n_points} runs, in-sample RMSE {res.rmse:.4f}"]
     if res.holdout:
-        parts.append(f"held-out best {res.holdout['fraction']:.0%} ({res.holdout['n_heldout']} runs) RMSE "
-                     f"{res.holdout['rmse']:.4f} after refitting without them")
+        parts.append(
+            f"held-out best {res.holdout['fraction']:.0%} ({res.holdout['n_heldout']} runs) RMSE "
+            f"{res.holdout['rmse']:.4f} after refitting without them"
+        )
     else:
         parts.append("too few runs to hold any out")
     if res.bootstrap:
@@ -231,11 +311,17 @@ def _moe_section(done, out: Path, o: ReportOptions):
     ci = (res.bootstrap or {}).get("values", {}).get("gamma")
     bad = degenerate(res)
     if bad:
-        text.append(f"\n**Degenerate fit** ({bad}): these runs do not pin down every term of Eq. 9; read γ from "
-                    "the per-(N, D) fits above, and the planner's fitted column as meaningless.")
+        text.append(
+            f"\n**Degenerate fit** ({bad}): these runs do not pin down every term of Eq. 9; read γ from "
+            "the per-(N, D) fits above, and the planner's fitted column as meaningless."
+        )
     elif g is not None:
-        verdict = ("finer experts help (γ > 0" + (f", interval [{ci[0]:.3g}, {ci[1]:.3g}] above 0)" if ci and ci[0] > 0.01 else ")")
-                   if g > 0.01 else "no measurable benefit of granularity (γ ≈ 0)")
+        verdict = (
+            "finer experts help (γ > 0"
+            + (f", interval [{ci[0]:.3g}, {ci[1]:.3g}] above 0)" if ci and ci[0] > 0.01 else ")")
+            if g > 0.01
+            else "no measurable benefit of granularity (γ ≈ 0)"
+        )
         text.append(f"\nFitted γ = {g:.3f}: {verdict}. Paper (Table 1): γ = 0.58.")
     text.append("\n![predicted vs observed, Eq. 9](fit_moe.png)")
     return "\n".join(text), res
@@ -247,8 +333,11 @@ def _dense_section(done, out: Path, o: ReportOptions):
         return why, None
     bad = degenerate(res)
     warn = f"\n**Degenerate fit** ({bad}): these runs do not identify Eq. 1." if bad else ""
-    return "\n".join([_coef_table(res, ["a", "alpha", "b", "beta", "c"]), "", _fit_summary(res) + warn]
-                     + (["", prior] if prior else []) + ["\n![predicted vs observed, Eq. 1](fit_dense.png)"]), res
+    return "\n".join(
+        [_coef_table(res, ["a", "alpha", "b", "beta", "c"]), "", _fit_summary(res) + warn]
+        + (["", prior] if prior else [])
+        + ["\n![predicted vs observed, Eq. 1](fit_dense.png)"]
+    ), res
 
 
 def dense_loss_at(flops: float, dense_flops: Sequence[float], dense_loss: Sequence[float]) -> float | None:
@@ -278,20 +367,46 @@ def _equal_flops_section(done, out: Path, o: ReportOptions) -> str:
         dl = float(dense[o.loss].iloc[0])
         size = done[(done.ffn == "dense") & (done.d_model == d) & (done.n_blocks == n)]
         at_f = dense_loss_at(float(best.flops), size.flops, size[o.loss])
-        rows.append([f"{int(d)}×{int(n)}", count(D), _num(dl), _num(float(g1[o.loss].iloc[0])) if not g1.empty else "–",
-                     int(best.granularity), _num(float(best[o.loss])), _num(float(best[o.loss]) - dl, "+.4f"),
-                     _num(float(best.flops) / float(dense.flops.iloc[0]), ".3f"),
-                     _num(at_f) if at_f is not None else "–",
-                     _num(float(best[o.loss]) - at_f, "+.4f") if at_f is not None else "–"])
+        rows.append(
+            [
+                f"{int(d)}×{int(n)}",
+                count(D),
+                _num(dl),
+                _num(float(g1[o.loss].iloc[0])) if not g1.empty else "–",
+                int(best.granularity),
+                _num(float(best[o.loss])),
+                _num(float(best[o.loss]) - dl, "+.4f"),
+                _num(float(best.flops) / float(dense.flops.iloc[0]), ".3f"),
+                _num(at_f) if at_f is not None else "–",
+                _num(float(best[o.loss]) - at_f, "+.4f") if at_f is not None else "–",
+            ]
+        )
     loss_vs_flops(done, out / "loss_vs_flops.png", o.loss)
     text = ["![loss vs FLOPs](loss_vs_flops.png)", ""]
     if rows:
-        text.append("Same size and tokens: MoE adds expert parameters at (almost) the dense model's FLOPs; 'FLOPs "
-                    "ratio' is the best MoE's FLOPs ÷ dense FLOPs (router cost 14·E·G/(72·d)). For equal compute, "
-                    "'dense @ MoE FLOPs' is the same size's dense loss at the best MoE's FLOPs, linear in log FLOPs "
-                    "through that size's dense runs; a negative last column means the MoE wins at equal FLOPs.\n")
-        text.append(_table(["d×blocks", "D", "dense", "MoE G=1", "best G", "best MoE", "best − dense", "FLOPs ratio",
-                            "dense @ MoE FLOPs", "best − that"], rows))
+        text.append(
+            "Same size and tokens: MoE adds expert parameters at (almost) the dense model's FLOPs; 'FLOPs "
+            "ratio' is the best MoE's FLOPs ÷ dense FLOPs (router cost 14·E·G/(72·d)). For equal compute, "
+            "'dense @ MoE FLOPs' is the same size's dense loss at the best MoE's FLOPs, linear in log FLOPs "
+            "through that size's dense runs; a negative last column means the MoE wins at equal FLOPs.\n"
+        )
+        text.append(
+            _table(
+                [
+                    "d×blocks",
+                    "D",
+                    "dense",
+                    "MoE G=1",
+                    "best G",
+                    "best MoE",
+                    "best − dense",
+                    "FLOPs ratio",
+                    "dense @ MoE FLOPs",
+                    "best − that",
+                ],
+                rows,
+            )
+        )
     return "\n".join(text)
 
 
@@ -304,8 +419,13 @@ def iso_runs(done, loss: str):
         return IsoRuns(*(np.array([]) for _ in range(5)))
     iso = done[done.budget.notna()]
     g = iso.granularity.where(iso.ffn == "moe", 0).astype(int)
-    return IsoRuns(iso.budget.astype(float).to_numpy(), iso.active_params.astype(float).to_numpy(), g.to_numpy(),
-                   iso[loss].astype(float).to_numpy(), run_groups(iso.to_dict("records")))
+    return IsoRuns(
+        iso.budget.astype(float).to_numpy(),
+        iso.active_params.astype(float).to_numpy(),
+        g.to_numpy(),
+        iso[loss].astype(float).to_numpy(),
+        run_groups(iso.to_dict("records")),
+    )
 
 
 def _isoflop_section(done, out: Path, o: ReportOptions, E: int) -> str | None:
@@ -331,16 +451,28 @@ def _isoflop_section(done, out: Path, o: ReportOptions, E: int) -> str | None:
         for opt in [x for x in res["optima"] if x["budget"] == F]:
             band = boot["curves"][f"{F:.4g}/G{opt['granularity']}"]
             ci = band["active_params"]
-            rows.append([f"{F:.3g}", "dense" if opt["granularity"] == 0 else opt["granularity"],
-                         count(opt["active_params"]) + ("" if opt["inside"] else " (outside the sizes run)"),
-                         f"{count(ci['p10'])}–{count(ci['p90'])}" if ci else "–", _num(opt["loss"]),
-                         f"{band['n_draws']}/{boot['n']}"])
-    text = ["Chinchilla's approach 2 per FFN: at each budget, a parabola in ln N_act through the runs' "
-            f"{o.loss.replace('_', ' ')}; its minimum is the compute-optimal size and loss. Intervals: p10–p90 over "
-            f"{boot['n']} bootstrap resamples of whole run groups (a stable run with its cooldown branches); a "
-            "resample that leaves a curve fewer than 3 sizes has no minimum for it ('draws').", "",
-            "![iso-FLOP curves](isoflop.png)", "",
-            _table(["budget", "FFN", "optimal N_act", "p10–p90", "loss at the optimum", "draws"], rows), ""]
+            rows.append(
+                [
+                    f"{F:.3g}",
+                    "dense" if opt["granularity"] == 0 else opt["granularity"],
+                    count(opt["active_params"]) + ("" if opt["inside"] else " (outside the sizes run)"),
+                    f"{count(ci['p10'])}–{count(ci['p90'])}" if ci else "–",
+                    _num(opt["loss"]),
+                    f"{band['n_draws']}/{boot['n']}",
+                ]
+            )
+    text = [
+        "Chinchilla's approach 2 per FFN: at each budget, a parabola in ln N_act through the runs' "
+        f"{o.loss.replace('_', ' ')}; its minimum is the compute-optimal size and loss. Intervals: p10–p90 "
+        "over "
+        f"{boot['n']} bootstrap resamples of whole run groups (a stable run with its cooldown branches); a "
+        "resample that leaves a curve fewer than 3 sizes has no minimum for it ('draws').",
+        "",
+        "![iso-FLOP curves](isoflop.png)",
+        "",
+        _table(["budget", "FFN", "optimal N_act", "p10–p90", "loss at the optimum", "draws"], rows),
+        "",
+    ]
     rows = []
     for F in res["budgets"]:
         b = boot["best_granularity_log2"].get(F) or {}
@@ -350,22 +482,51 @@ def _isoflop_section(done, out: Path, o: ReportOptions, E: int) -> str | None:
             paper_g = f"{P.optimum(paper.moe, F, s).granularity:g}"
         except (FinemoeError, ValueError, ArithmeticError):
             paper_g = "–"
-        rows.append([f"{F:.3g}", res["best_granularity"][F] or "–", share or "–",
-                     f"{m:.2f}×" if m else "–", f"{mb['p10']:.2f}–{mb['p90']:.2f}×" if mb else "–", paper_g])
-    text += [_table(["budget", "best G", "best G across draws", "dense FLOPs to match", "p10–p90",
-                     f"paper law's G* (E={E}, G ≤ {max(gs) if gs else 1})"], rows), ""]
+        rows.append(
+            [
+                f"{F:.3g}",
+                res["best_granularity"][F] or "–",
+                share or "–",
+                f"{m:.2f}×" if m else "–",
+                f"{mb['p10']:.2f}–{mb['p90']:.2f}×" if mb else "–",
+                paper_g,
+            ]
+        )
+    text += [
+        _table(
+            [
+                "budget",
+                "best G",
+                "best G across draws",
+                "dense FLOPs to match",
+                "p10–p90",
+                f"paper law's G* (E={E}, G ≤ {max(gs) if gs else 1})",
+            ],
+            rows,
+        ),
+        "",
+    ]
     gr = res["grows"]
     if gr["grows"] is None:
         text.append("**Does the best G grow with compute?** Not answerable: a budget lacks an MoE optimum.")
     else:
-        verdict = "yes" if gr["grows"] else ("no, it shrinks" if gr["best_at_largest"] < gr["best_at_smallest"] else "no")
-        text.append(f"**Does the best G grow with compute?** {verdict.capitalize()} in these runs: G={gr['best_at_smallest']} "
-                    f"at {gr['smallest_budget']:.3g} FLOPs, G={gr['best_at_largest']} at {gr['largest_budget']:.3g}. "
-                    f"It grows in {gr['share_of_draws_growing']:.0%} of the bootstrap draws and shrinks in "
-                    f"{gr['share_of_draws_shrinking']:.0%}.")
-    text.append("'dense FLOPs to match' is the compute the dense optimum needs to reach the best MoE's optimal loss "
-                "at that budget (dense optima linear in ln FLOPs across the budgets), over the budget: above 1× the "
-                "MoE wins.")
+        verdict = (
+            "yes"
+            if gr["grows"]
+            else ("no, it shrinks" if gr["best_at_largest"] < gr["best_at_smallest"] else "no")
+        )
+        text.append(
+            f"**Does the best G grow with compute?** {verdict.capitalize()} in these runs: "
+            f"G={gr['best_at_smallest']} "
+            f"at {gr['smallest_budget']:.3g} FLOPs, G={gr['best_at_largest']} at {gr['largest_budget']:.3g}. "
+            f"It grows in {gr['share_of_draws_growing']:.0%} of the bootstrap draws and shrinks in "
+            f"{gr['share_of_draws_shrinking']:.0%}."
+        )
+    text.append(
+        "'dense FLOPs to match' is the compute the dense optimum needs to reach the best MoE's optimal loss "
+        "at that budget (dense optima linear in ln FLOPs across the budgets), over the budget: above 1× the "
+        "MoE wins."
+    )
     return "\n".join(text)
 
 
@@ -376,8 +537,14 @@ def fitted_coefficients(moe_res, dense_res, E: int, source: str):
     fits = {"moe": moe_res.to_dict(draws=True)}
     if dense_res is not None:
         fits["dense"] = dense_res.to_dict(draws=True)
-    return CoefficientSet("fitted", moe_res.model(), dense_res.model() if dense_res is not None else None,
-                          expansion_rate=E, source=source, extra={"fit": fits})
+    return CoefficientSet(
+        "fitted",
+        moe_res.model(),
+        dense_res.model() if dense_res is not None else None,
+        expansion_rate=E,
+        source=source,
+        extra={"fit": fits},
+    )
 
 
 def _plan_section(fitted, o: ReportOptions) -> str:
@@ -389,26 +556,38 @@ def _plan_section(fitted, o: ReportOptions) -> str:
         E = fitted.expansion_rate
         sets.append((f"fitted here (E={E})", fitted, P.Settings(expansion_rate=E)))
     paper = load_coefficients(o.paper_coefficients)
-    sets.append((f"paper `{o.paper_coefficients}` (E={paper.expansion_rate})", paper,
-                 P.Settings(expansion_rate=paper.expansion_rate)))
+    sets.append(
+        (
+            f"paper `{o.paper_coefficients}` (E={paper.expansion_rate})",
+            paper,
+            P.Settings(expansion_rate=paper.expansion_rate),
+        )
+    )
     rows = []
     for F in o.budgets:
         row = [f"{F:.0e}"]
         for _, coeffs, s in sets:
             try:
                 c = P.compare(coeffs, F, s)
-                row += [f"{c.moe.granularity:g}", count(c.moe.active_params), count(c.moe.tokens), _num(c.moe.loss, ".3f"),
-                        _num(c.dense_flops_multiple, ".2f") + "×" if c.dense_flops_multiple else "–"]
+                row += [
+                    f"{c.moe.granularity:g}",
+                    count(c.moe.active_params),
+                    count(c.moe.tokens),
+                    _num(c.moe.loss, ".3f"),
+                    _num(c.dense_flops_multiple, ".2f") + "×" if c.dense_flops_multiple else "–",
+                ]
             except (FinemoeError, ValueError, ArithmeticError) as e:
                 row += ["–", "–", "–", f"({str(e)[:40]})", "–"]
         rows.append(row)
     header = ["FLOPs"]
     for name, _, _ in sets:
         header += [f"G ({name})", "N_act", "D", "loss", "dense ×"]
-    note = ("Compute-optimal (N, D, G) per budget (d_model = 64·n_blocks, G over powers of two). "
-            "'dense ×' is the dense compute needed to reach the MoE optimum's loss. A law fitted on a few "
-            "small runs is extrapolated far outside its data here: read its column as what the fit implies, "
-            "not as a prediction.")
+    note = (
+        "Compute-optimal (N, D, G) per budget (d_model = 64·n_blocks, G over powers of two). "
+        "'dense ×' is the dense compute needed to reach the MoE optimum's loss. A law fitted on a few "
+        "small runs is extrapolated far outside its data here: read its column as what the fit implies, "
+        "not as a prediction."
+    )
     return note + "\n\n" + _table(header, rows)
 
 

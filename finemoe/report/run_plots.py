@@ -43,11 +43,24 @@ def loss_vs_granularity(df, groups: list[dict], path: str | Path, loss: str = "t
                 continue
             ax.plot(m.granularity, m[loss], "o", color=color, label=f"D={count(D)}")
             N = float(m.total_params.iloc[0])
-            g = next((g for g in groups if math.isclose(g["N"], N, rel_tol=1e-9) and math.isclose(g["D"], D, rel_tol=1e-9)), None)
+            g = next(
+                (
+                    g
+                    for g in groups
+                    if math.isclose(g["N"], N, rel_tol=1e-9) and math.isclose(g["D"], D, rel_tol=1e-9)
+                ),
+                None,
+            )
             if g is not None:
                 G = np.geomspace(m.granularity.min(), m.granularity.max(), 50)
-                ax.plot(G, g["g"] * G ** -g["gamma"] + g["h"], "-", color=color, lw=1.2,
-                        label=f"  Eq. 4: γ={g['gamma']:.2f}")
+                ax.plot(
+                    G,
+                    g["g"] * G ** -g["gamma"] + g["h"],
+                    "-",
+                    color=color,
+                    lw=1.2,
+                    label=f"  Eq. 4: γ={g['gamma']:.2f}",
+                )
             dn = at[(at.ffn == "dense") & (at.tokens == D)]
             if not dn.empty:
                 ax.axhline(float(dn[loss].iloc[0]), color=color, ls="--", lw=1, alpha=0.8)
@@ -107,7 +120,9 @@ def isoflop_curves(runs, res: dict, path: str | Path, loss: str = "train_loss") 
             if len(np.unique(x)) >= 3:
                 a, b, c = np.polyfit(np.log(x), y, 2)
                 xs = np.geomspace(x.min(), x.max(), 40)
-                ax.plot(xs, a * np.log(xs) ** 2 + b * np.log(xs) + c, "--" if G == 0 else "-", color=color, lw=1)
+                ax.plot(
+                    xs, a * np.log(xs) ** 2 + b * np.log(xs) + c, "--" if G == 0 else "-", color=color, lw=1
+                )
             o = opt.get((F, G))
             if o is not None and o["inside"]:
                 ax.plot([o["active_params"]], [o["loss"]], "*", color=color, ms=11, mec="white")

@@ -35,6 +35,7 @@ LAWS = ("moe", "dense", "granularity")
 
 # --- law definitions: parameter names, prediction and its Jacobian wrt log-parameters -------------
 
+
 @dataclass(frozen=True)
 class _Law:
     names: tuple[str, ...]
@@ -51,8 +52,18 @@ def _moe_predict(p, X):
     A = g * u + a
     L = c + A * v + b * w
     # d L / d log p = p * d L / d p
-    J = np.stack([g * u * v, -gamma * g * u * X["logG"] * v, a * v, -alpha * A * v * X["logN"],
-                  b * w, -beta * b * w * X["logD"], np.full_like(L, c)], axis=1)
+    J = np.stack(
+        [
+            g * u * v,
+            -gamma * g * u * X["logG"] * v,
+            a * v,
+            -alpha * A * v * X["logN"],
+            b * w,
+            -beta * b * w * X["logD"],
+            np.full_like(L, c),
+        ],
+        axis=1,
+    )
     return L, J
 
 
@@ -61,7 +72,9 @@ def _dense_predict(p, X):
     v = np.exp(-alpha * X["logN"])
     w = np.exp(-beta * X["logD"])
     L = c + a * v + b * w
-    J = np.stack([a * v, -alpha * a * v * X["logN"], b * w, -beta * b * w * X["logD"], np.full_like(L, c)], axis=1)
+    J = np.stack(
+        [a * v, -alpha * a * v * X["logN"], b * w, -beta * b * w * X["logD"], np.full_like(L, c)], axis=1
+    )
     return L, J
 
 
@@ -74,21 +87,43 @@ def _gran_predict(p, X):
 
 
 _LAWS = {
-    "moe": _Law(("g", "gamma", "a", "alpha", "b", "beta", "c"),
-                {"g": (0.5, 3.0), "gamma": (0.2, 0.8), "a": (5.0, 30.0), "alpha": (0.08, 0.25),
-                 "b": (5.0, 50.0), "beta": (0.08, 0.25), "c": (0.3, 1.2)},
-                _moe_predict, MoELaw),
-    "dense": _Law(("a", "alpha", "b", "beta", "c"),
-                  {"a": (2.0, 10.0, 50.0), "alpha": (0.05, 0.15, 0.35), "b": (2.0, 10.0, 50.0),
-                   "beta": (0.05, 0.15, 0.35), "c": (0.3, 1.0, 1.7)},
-                  _dense_predict, DenseLaw),
-    "granularity": _Law(("g", "gamma", "h"),
-                        {"g": (0.05, 0.3, 1.0), "gamma": (0.2, 0.6, 1.2), "h": (0.5, 2.0, 3.0)},
-                        _gran_predict, GranularityLaw),
+    "moe": _Law(
+        ("g", "gamma", "a", "alpha", "b", "beta", "c"),
+        {
+            "g": (0.5, 3.0),
+            "gamma": (0.2, 0.8),
+            "a": (5.0, 30.0),
+            "alpha": (0.08, 0.25),
+            "b": (5.0, 50.0),
+            "beta": (0.08, 0.25),
+            "c": (0.3, 1.2),
+        },
+        _moe_predict,
+        MoELaw,
+    ),
+    "dense": _Law(
+        ("a", "alpha", "b", "beta", "c"),
+        {
+            "a": (2.0, 10.0, 50.0),
+            "alpha": (0.05, 0.15, 0.35),
+            "b": (2.0, 10.0, 50.0),
+            "beta": (0.05, 0.15, 0.35),
+            "c": (0.3, 1.0, 1.7),
+        },
+        _dense_predict,
+        DenseLaw,
+    ),
+    "granularity": _Law(
+        ("g", "gamma", "h"),
+        {"g": (0.05, 0.3, 1.0), "gamma": (0.2, 0.6, 1.2), "h": (0.5, 2.0, 3.0)},
+        _gran_predict,
+        GranularityLaw,
+    ),
 }
 
 
 # --- data ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Points:
@@ -122,14 +157,23 @@ class Points:
         return len(self.loss)
 
     def take(self, idx) -> "Points":
-        return Points(self.N[idx], self.D[idx], self.G[idx], self.loss[idx],
-                      None if self.flops is None else self.flops[idx], self.group[idx],
-                      None if self.budget is None else self.budget[idx])
+        return Points(
+            self.N[idx],
+            self.D[idx],
+            self.G[idx],
+            self.loss[idx],
+            None if self.flops is None else self.flops[idx],
+            self.group[idx],
+            None if self.budget is None else self.budget[idx],
+        )
 
     def largest_budget(self) -> np.ndarray:
         """Indices of the runs at the largest compute budget (an iso-FLOP sweep's), to hold out."""
         if self.budget is None or not np.isfinite(self.budget).any():
-            raise DataError("no run has a compute budget: holding out the largest budget needs an iso-FLOP sweep's results")
+            raise DataError(
+                "no run has a compute budget: holding out the largest budget needs an iso-FLOP sweep's "
+                "results"
+            )
         return np.flatnonzero(self.budget == np.nanmax(self.budget))
 
     def features(self) -> dict[str, np.ndarray]:
@@ -150,26 +194,42 @@ def validate(pts: Points, law: str, fixed: dict[str, float]) -> None:
     bad = ~np.isfinite(pts.loss)
     if bad.any():
         rows = np.flatnonzero(bad)[:5].tolist()
-        raise DataError(f"{int(bad.sum())} run(s) have a NaN/inf loss (rows {rows}...); drop diverged runs or mark them failed")
+        raise DataError(
+            f"{int(bad.sum())} run(s) have a NaN/inf loss (rows {rows}...); drop diverged runs or mark them "
+            "failed"
+        )
     if (pts.loss <= 0).any():
         raise DataError("losses must be positive (cross-entropy in nats); check the loss column")
     for k in ("N", "D", "G"):
         a = getattr(pts, k)
         if not np.all(np.isfinite(a)) or (a <= 0).any():
-            raise DataError(f"every {k} must be a positive finite number; {int((~(np.isfinite(a) & (a > 0))).sum())} are not")
+            raise DataError(
+                f"every {k} must be a positive finite number; {int((~(np.isfinite(a) & (a > 0))).sum())} are "
+                "not"
+            )
     if law != "dense" and (pts.G < 1).any():
         raise DataError("granularity must be >= 1")
     if len(pts) <= n_free:
-        raise DataError(f"{len(pts)} run(s) cannot fit the {law} law's {n_free} free parameters; need at least {n_free + 1}")
+        raise DataError(
+            f"{len(pts)} run(s) cannot fit the {law} law's {n_free} free parameters; need at least "
+            f"{n_free + 1}"
+        )
     distinct = lambda a: len(np.unique(a))  # noqa: E731
     if law in ("moe", "granularity") and distinct(pts.G) < 2:
-        raise DataError(f"the {law} law needs runs at 2 or more granularities to identify g and gamma; got only G={pts.G[0]:g}")
+        raise DataError(
+            f"the {law} law needs runs at 2 or more granularities to identify g and gamma; got only "
+            f"G={pts.G[0]:g}"
+        )
     if law in ("moe", "dense"):
         if distinct(pts.N) < 2 or distinct(pts.D) < 2:
-            raise DataError(f"the {law} law needs 2 or more distinct model sizes N and token counts D to identify alpha and beta")
+            raise DataError(
+                f"the {law} law needs 2 or more distinct model sizes N and token counts D to identify alpha "
+                "and beta"
+            )
 
 
 # --- the objective ---------------------------------------------------------------------------------
+
 
 def huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
     """Huber value and derivative, elementwise."""
@@ -236,19 +296,33 @@ class FitResult:
     groups: list[dict[str, Any]] = field(default_factory=list)  # granularity law: one fit per (N, D)
     weight_decay: float = 0.0
     data: dict[str, float] = field(default_factory=dict)  # the span of the fitted runs (trust.data_range)
-    flags: list[str] = field(default_factory=list)  # why the fit is degenerate (trust.fit_flags); empty if not
+    flags: list[str] = field(
+        default_factory=list
+    )  # why the fit is degenerate (trust.fit_flags); empty if not
 
     def model(self):
         return _LAWS[self.law].cls(**{**self.fixed, **self.params})
 
     def to_dict(self, draws: bool = False) -> dict[str, Any]:
-        """Everything a reader needs; the bootstrap's coefficient draws only with draws=True (they are long)."""
-        out = {"law": self.law, "coefficients": self.params, "fixed": sorted(self.fixed), "n_points": self.n_points,
-               "rmse": self.rmse, "huber_delta": self.huber_delta, "space": self.space,
-               "weight_decay": self.weight_decay, "data": self.data, "flags": self.flags,
-               "degenerate": bool(self.flags)}
+        """Everything a reader needs; the bootstrap's coefficient draws only with draws=True (they are
+        long)."""
+        out = {
+            "law": self.law,
+            "coefficients": self.params,
+            "fixed": sorted(self.fixed),
+            "n_points": self.n_points,
+            "rmse": self.rmse,
+            "huber_delta": self.huber_delta,
+            "space": self.space,
+            "weight_decay": self.weight_decay,
+            "data": self.data,
+            "flags": self.flags,
+            "degenerate": bool(self.flags),
+        }
         if self.holdout is not None:
-            out["holdout"] = {k: v for k, v in self.holdout.items() if k not in ("predicted", "observed", "index")}
+            out["holdout"] = {
+                k: v for k, v in self.holdout.items() if k not in ("predicted", "observed", "index")
+            }
         if self.bootstrap is not None:
             out["bootstrap"] = {k: v for k, v in self.bootstrap.items() if draws or k != "draws"}
         if self.groups:
@@ -261,8 +335,9 @@ def _starts(law: _Law, fixed: dict[str, float]) -> np.ndarray:
     return np.log(np.array(list(itertools.product(*axes)), float))
 
 
-def _solve(law: _Law, pts: Points, fixed: dict[str, float], obj: Objective,
-           starts: np.ndarray, n_polish: int) -> tuple[np.ndarray, float]:
+def _solve(
+    law: _Law, pts: Points, fixed: dict[str, float], obj: Objective, starts: np.ndarray, n_polish: int
+) -> tuple[np.ndarray, float]:
     X, y = pts.features(), pts.loss
     free = np.array([k not in fixed for k in law.names])
     base = np.array([math.log(fixed.get(k, 1.0)) for k in law.names])
@@ -272,8 +347,13 @@ def _solve(law: _Law, pts: Points, fixed: dict[str, float], obj: Objective,
         starts = starts[np.argsort(scores)[:n_polish]]
     best_t, best_v = None, math.inf
     for s in starts:
-        r = minimize(f, s[free], jac=True, method="L-BFGS-B",
-                     options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 20})
+        r = minimize(
+            f,
+            s[free],
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 20},
+        )
         if np.all(np.isfinite(r.x)) and r.fun < best_v:
             best_t, best_v = r.x, float(r.fun)
     if best_t is None:
@@ -291,11 +371,22 @@ def _rmse(pred, obs) -> float:
     return float(np.sqrt(np.mean((pred - obs) ** 2)))
 
 
-def fit(pts: Points, law: str = "moe", *, fixed: dict[str, float] | None = None, huber_delta: float = 0.1,
-        space: str = "loss", weight_decay: float = 0.0, n_polish: int = 8, holdout: float | np.ndarray | None = 0.2,
-        bootstrap: int = 0,
-        bootstrap_fraction: float = 0.8, percentiles: Sequence[float] = (10, 90), seed: int = 0,
-        derived: Callable[[Any], dict[str, float]] | None = None) -> FitResult:
+def fit(
+    pts: Points,
+    law: str = "moe",
+    *,
+    fixed: dict[str, float] | None = None,
+    huber_delta: float = 0.1,
+    space: str = "loss",
+    weight_decay: float = 0.0,
+    n_polish: int = 8,
+    holdout: float | np.ndarray | None = 0.2,
+    bootstrap: int = 0,
+    bootstrap_fraction: float = 0.8,
+    percentiles: Sequence[float] = (10, 90),
+    seed: int = 0,
+    derived: Callable[[Any], dict[str, float]] | None = None,
+) -> FitResult:
     """Fit one law. `holdout` is the fraction of best runs refitted without and scored, or the indices
     of the runs to hold out (e.g. `pts.largest_budget()`). `derived(law_object)` maps a fitted law to
     named quantities (e.g. optimal G at a budget) whose bootstrap percentiles are reported beside the
@@ -303,12 +394,38 @@ def fit(pts: Points, law: str = "moe", *, fixed: dict[str, float] | None = None,
     # Thousands of tiny solves: threaded BLAS inside L-BFGS-B only adds contention (10-50x slower on a
     # busy machine), so run single-threaded; bootstrap refits are the unit of parallelism, not BLAS.
     with threadpool_limits(1):
-        return _fit(pts, law, fixed, huber_delta, space, weight_decay, n_polish, holdout, bootstrap, bootstrap_fraction,
-                    percentiles, seed, derived)
+        return _fit(
+            pts,
+            law,
+            fixed,
+            huber_delta,
+            space,
+            weight_decay,
+            n_polish,
+            holdout,
+            bootstrap,
+            bootstrap_fraction,
+            percentiles,
+            seed,
+            derived,
+        )
 
 
-def _fit(pts, law, fixed, huber_delta, space, weight_decay, n_polish, holdout, bootstrap, bootstrap_fraction,
-         percentiles, seed, derived) -> FitResult:
+def _fit(
+    pts,
+    law,
+    fixed,
+    huber_delta,
+    space,
+    weight_decay,
+    n_polish,
+    holdout,
+    bootstrap,
+    bootstrap_fraction,
+    percentiles,
+    seed,
+    derived,
+) -> FitResult:
     fixed = dict(fixed or {})
     if space not in ("loss", "log"):
         raise DataError(f"space must be 'loss' or 'log', got {space!r}")
@@ -329,14 +446,26 @@ def _fit(pts, law, fixed, huber_delta, space, weight_decay, n_polish, holdout, b
             raise DataError(f"fixed {k}={v} must be positive (parameters are positive by construction)")
     theta, value = _solve(spec, pts, fixed, obj, _starts(spec, fixed), n_polish)
     pred = _predict(spec, theta, pts)
-    res = FitResult(law, _named(spec, theta, fixed), fixed, len(pts), _rmse(pred, pts.loss), value, huber_delta, space,
-                    pred, pts.loss.copy(), weight_decay=weight_decay)
+    res = FitResult(
+        law,
+        _named(spec, theta, fixed),
+        fixed,
+        len(pts),
+        _rmse(pred, pts.loss),
+        value,
+        huber_delta,
+        space,
+        pred,
+        pts.loss.copy(),
+        weight_decay=weight_decay,
+    )
 
     if holdout is not None and (np.ndim(holdout) or holdout):
         res.holdout = _holdout(spec, pts, fixed, obj, theta, holdout, law)
     if bootstrap:
-        res.bootstrap = _bootstrap(spec, law, pts, fixed, obj, theta, bootstrap, bootstrap_fraction,
-                                   percentiles, seed, derived)
+        res.bootstrap = _bootstrap(
+            spec, law, pts, fixed, obj, theta, bootstrap, bootstrap_fraction, percentiles, seed, derived
+        )
     res.data = data_range(pts.N, pts.D, pts.flops)
     res.flags = fit_flags(res.params, list(fixed), res.bootstrap, float(pts.loss.min()))
     return res
@@ -352,14 +481,18 @@ def _holdout(spec, pts, fixed, obj, theta, holdout, law) -> dict[str, Any]:
         test = np.asarray(holdout, int)
         frac, what = len(test) / len(pts), f"the {len(test)} runs asked for"
         if not 0 < len(test) < len(pts):
-            raise DataError(f"holding out {len(test)} of {len(pts)} runs leaves nothing to fit or to validate on")
+            raise DataError(
+                f"holding out {len(test)} of {len(pts)} runs leaves nothing to fit or to validate on"
+            )
     else:
         frac = holdout
         if not 0 < frac < 1:
             raise DataError(f"--holdout-best must be a fraction in (0, 1), got {frac}")
         k = int(round(frac * len(pts)))
         if k < 1:
-            raise DataError(f"holding out {frac:.0%} of {len(pts)} runs leaves nothing to validate on; use more runs")
+            raise DataError(
+                f"holding out {frac:.0%} of {len(pts)} runs leaves nothing to validate on; use more runs"
+            )
         test, what = np.argsort(pts.loss)[:k], f"the best {frac:.0%} of runs"
     train = np.setdiff1d(np.arange(len(pts)), test)
     k = len(test)
@@ -372,9 +505,17 @@ def _holdout(spec, pts, fixed, obj, theta, holdout, law) -> dict[str, Any]:
     t, _ = _solve(spec, tr, fixed, obj, starts, 4)
     te = pts.take(test)
     pred = _predict(spec, t, te)
-    return {"fraction": frac, "held_out": "given" if np.ndim(holdout) else "best", "n_heldout": int(k), "rmse": _rmse(pred, te.loss), "coefficients": _named(spec, t, fixed),
-            "train_rmse": _rmse(_predict(spec, t, tr), tr.loss), "predicted": pred, "observed": te.loss,
-            "index": test}
+    return {
+        "fraction": frac,
+        "held_out": "given" if np.ndim(holdout) else "best",
+        "n_heldout": int(k),
+        "rmse": _rmse(pred, te.loss),
+        "coefficients": _named(spec, t, fixed),
+        "train_rmse": _rmse(_predict(spec, t, tr), tr.loss),
+        "predicted": pred,
+        "observed": te.loss,
+        "index": test,
+    }
 
 
 def _bootstrap(spec, law, pts, fixed, obj, theta, n, frac, percentiles, seed, derived) -> dict[str, Any]:
@@ -401,12 +542,18 @@ def _bootstrap(spec, law, pts, fixed, obj, theta, n, frac, percentiles, seed, de
             row.update(derived(spec.cls(**row)))
         rows.append(row)
     if not rows:
-        raise DataError("every bootstrap resample was degenerate; use more runs or a larger --bootstrap-fraction")
+        raise DataError(
+            "every bootstrap resample was degenerate; use more runs or a larger --bootstrap-fraction"
+        )
     keys = list(rows[0])
     table = {k: np.array([r[k] for r in rows], float) for k in keys}
     return {
-        "n": len(rows), "skipped": skipped, "fraction": frac, "percentiles": list(percentiles),
-        "resampled": "groups" if len(labels) < len(pts) else "runs", "n_groups": int(len(labels)),
+        "n": len(rows),
+        "skipped": skipped,
+        "fraction": frac,
+        "percentiles": list(percentiles),
+        "resampled": "groups" if len(labels) < len(pts) else "runs",
+        "n_groups": int(len(labels)),
         "values": {k: [float(np.percentile(v, q)) for q in percentiles] for k, v in table.items()},
         "draws": draws,
     }
@@ -426,11 +573,32 @@ def _fit_groups(pts, fixed, obj: Objective, n_polish) -> FitResult:
         theta, _ = _solve(spec, sub, fixed, obj, _starts(spec, fixed), n_polish)
         p = _predict(spec, theta, sub)
         pred[idx] = p
-        groups.append({"N": float(N), "D": float(D), "n_points": int(len(idx)), **_named(spec, theta, fixed),
-                       "rmse": _rmse(p, sub.loss)})
+        groups.append(
+            {
+                "N": float(N),
+                "D": float(D),
+                "n_points": int(len(idx)),
+                **_named(spec, theta, fixed),
+                "rmse": _rmse(p, sub.loss),
+            }
+        )
     if not groups:
-        raise DataError("the granularity law needs an (N, D) pair with runs at 3 or more distinct G; none has")
+        raise DataError(
+            "the granularity law needs an (N, D) pair with runs at 3 or more distinct G; none has"
+        )
     used = np.isfinite(pred)
-    res = FitResult("granularity", {}, fixed, int(used.sum()), _rmse(pred[used], pts.loss[used]), math.nan, obj.delta,
-                    obj.space, pred[used], pts.loss[used], groups=groups, weight_decay=obj.weight_decay)
+    res = FitResult(
+        "granularity",
+        {},
+        fixed,
+        int(used.sum()),
+        _rmse(pred[used], pts.loss[used]),
+        math.nan,
+        obj.delta,
+        obj.space,
+        pred[used],
+        pts.loss[used],
+        groups=groups,
+        weight_decay=obj.weight_decay,
+    )
     return res

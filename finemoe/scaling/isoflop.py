@@ -34,7 +34,9 @@ class IsoRuns:
     group: np.ndarray
 
     def take(self, idx) -> "IsoRuns":
-        return IsoRuns(*(getattr(self, k)[idx] for k in ("budget", "active_params", "granularity", "loss", "group")))
+        return IsoRuns(
+            *(getattr(self, k)[idx] for k in ("budget", "active_params", "granularity", "loss", "group"))
+        )
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,12 @@ def parabola_optimum(active_params: Sequence[float], loss: Sequence[float]) -> O
     if not a > 0:
         return None
     x0 = -b / (2 * a)
-    return Optimum(float(math.exp(x0)), float(c - b * b / (4 * a)), bool(x.min() <= x0 <= x.max()),
-                   int(len(np.unique(x))))
+    return Optimum(
+        float(math.exp(x0)),
+        float(c - b * b / (4 * a)),
+        bool(x.min() <= x0 <= x.max()),
+        int(len(np.unique(x))),
+    )
 
 
 def optima(runs: IsoRuns) -> dict[tuple[float, int], Optimum]:
@@ -100,8 +106,17 @@ def summarize(opt: dict[tuple[float, int], Optimum]) -> dict[str, Any]:
     budgets = sorted({F for F, _ in opt})
     return {
         "budgets": budgets,
-        "optima": [{"budget": F, "granularity": G, "active_params": o.active_params, "loss": o.loss,
-                    "inside": o.inside, "n_sizes": o.n_sizes} for (F, G), o in sorted(opt.items())],
+        "optima": [
+            {
+                "budget": F,
+                "granularity": G,
+                "active_params": o.active_params,
+                "loss": o.loss,
+                "inside": o.inside,
+                "n_sizes": o.n_sizes,
+            }
+            for (F, G), o in sorted(opt.items())
+        ],
         "best_granularity": {F: best_granularity(opt, F) for F in budgets},
         "dense_flops_multiple": {F: dense_multiple(opt, F) for F in budgets},
     }
@@ -139,16 +154,26 @@ def _bands(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]
         key = (o["budget"], o["granularity"])
         mine = [p for d in draws for p in d["optima"] if (p["budget"], p["granularity"]) == key]
         curves[f"{o['budget']:.4g}/G{o['granularity']}"] = {
-            "active_params": _q([p["active_params"] for p in mine]), "loss": _q([p["loss"] for p in mine]),
-            "n_draws": len(mine)}
+            "active_params": _q([p["active_params"] for p in mine]),
+            "loss": _q([p["loss"] for p in mine]),
+            "n_draws": len(mine),
+        }
     best = {}
     for F in point["budgets"]:
         picks = [d["best_granularity"].get(F) for d in draws]
         picks = [g for g in picks if g is not None]
-        best[F] = {"share": {int(g): picks.count(g) / len(picks) for g in sorted(set(picks))} if picks else {},
-                   **(_q([math.log2(g) for g in picks]) or {})}
-    return {"n": len(draws), "curves": curves, "best_granularity_log2": best,
-            "dense_flops_multiple": {F: _q([d["dense_flops_multiple"].get(F) for d in draws]) for F in point["budgets"]}}
+        best[F] = {
+            "share": {int(g): picks.count(g) / len(picks) for g in sorted(set(picks))} if picks else {},
+            **(_q([math.log2(g) for g in picks]) or {}),
+        }
+    return {
+        "n": len(draws),
+        "curves": curves,
+        "best_granularity_log2": best,
+        "dense_flops_multiple": {
+            F: _q([d["dense_flops_multiple"].get(F) for d in draws]) for F in point["budgets"]
+        },
+    }
 
 
 def _grows(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]:
@@ -158,7 +183,12 @@ def _grows(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]
     pairs = [(d["best_granularity"].get(lo), d["best_granularity"].get(hi)) for d in draws]
     pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
     g_lo, g_hi = point["best_granularity"][lo], point["best_granularity"][hi]
-    return {"smallest_budget": lo, "largest_budget": hi, "best_at_smallest": g_lo, "best_at_largest": g_hi,
-            "grows": None if g_lo is None or g_hi is None else g_hi > g_lo,
-            "share_of_draws_growing": sum(b > a for a, b in pairs) / len(pairs) if pairs else None,
-            "share_of_draws_shrinking": sum(b < a for a, b in pairs) / len(pairs) if pairs else None}
+    return {
+        "smallest_budget": lo,
+        "largest_budget": hi,
+        "best_at_smallest": g_lo,
+        "best_at_largest": g_hi,
+        "grows": None if g_lo is None or g_hi is None else g_hi > g_lo,
+        "share_of_draws_growing": sum(b > a for a, b in pairs) / len(pairs) if pairs else None,
+        "share_of_draws_shrinking": sum(b < a for a, b in pairs) / len(pairs) if pairs else None,
+    }

@@ -34,7 +34,7 @@ class MoELaw:
     def loss(self, N, D, G):
         N, D, G = np.asarray(N, float), np.asarray(D, float), np.asarray(G, float)
         with np.errstate(over="ignore"):  # a law fitted on tiny runs may blow up far away: inf, not a warning
-            return self.c + (self.g * G ** -self.gamma + self.a) * N ** -self.alpha + self.b * D ** -self.beta
+            return self.c + (self.g * G**-self.gamma + self.a) * N**-self.alpha + self.b * D**-self.beta
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class DenseLaw:
     def loss(self, N, D):
         N, D = np.asarray(N, float), np.asarray(D, float)
         with np.errstate(over="ignore"):
-            return self.c + self.a * N ** -self.alpha + self.b * D ** -self.beta
+            return self.c + self.a * N**-self.alpha + self.b * D**-self.beta
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,11 @@ class CoefficientSet:
         return got
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "source": self.source, "expansion_rate": self.expansion_rate}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "source": self.source,
+            "expansion_rate": self.expansion_rate,
+        }
         if self.moe is not None:
             out["moe"] = asdict(self.moe)
         if self.dense is not None:
@@ -115,7 +119,9 @@ def _law(cls, data: Any, where: str):
 
 def coefficients_from_dict(data: Any, where: str = "coefficients") -> CoefficientSet:
     if not isinstance(data, dict) or not ("moe" in data or "dense" in data):
-        raise ConfigError(f"{where}: expected a JSON object with a 'moe' and/or 'dense' law (as `finemoe fit --out` writes)")
+        raise ConfigError(
+            f"{where}: expected a JSON object with a 'moe' and/or 'dense' law (as `finemoe fit --out` writes)"
+        )
     known = {"name", "source", "expansion_rate", "moe", "dense"}
     return CoefficientSet(
         name=str(data.get("name", where)),
@@ -134,9 +140,13 @@ def load_coefficients(spec: str) -> CoefficientSet:
         return coefficients_from_dict(json.loads(text), spec)
     path = Path(spec)
     if not path.is_file():
-        raise ConfigError(f"coefficients {spec!r}: not a published set {list(PUBLISHED)} nor an existing JSON file")
+        raise ConfigError(
+            f"coefficients {spec!r}: not a published set {list(PUBLISHED)} nor an existing JSON file"
+        )
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"coefficients file {spec}: cannot read JSON ({e}); write it with `finemoe fit --out`") from None
+        raise ConfigError(
+            f"coefficients file {spec}: cannot read JSON ({e}); write it with `finemoe fit --out`"
+        ) from None
     return coefficients_from_dict(data, str(path))

@@ -76,16 +76,22 @@ class Settings:
         if self.max_active_params is not None:
             bound = min(bound, math.log(acc.d_model_for_active(self.max_active_params, self.aspect)))
         if bound <= LOG_D_BOUNDS[0]:
-            raise ConfigError(f"size cap too small: no model with d_model >= 1 has at most {self.caps_text()}")
+            raise ConfigError(
+                f"size cap too small: no model with d_model >= 1 has at most {self.caps_text()}"
+            )
         return bound
 
     def fits(self, total_params: float, active_params: float) -> bool:
         return (self.max_total_params is None or total_params <= self.max_total_params) and (
-            self.max_active_params is None or active_params <= self.max_active_params)
+            self.max_active_params is None or active_params <= self.max_active_params
+        )
 
     def caps_text(self) -> str:
-        caps = [f"{v:.3g} {what} params" for v, what in ((self.max_total_params, "total"),
-                                                           (self.max_active_params, "active")) if v is not None]
+        caps = [
+            f"{v:.3g} {what} params"
+            for v, what in ((self.max_total_params, "total"), (self.max_active_params, "active"))
+            if v is not None
+        ]
         return " and ".join(caps)
 
 
@@ -121,8 +127,9 @@ def _moe_point(law: MoELaw, flops: float, G: float, log_d: float, s: Settings) -
     n = acc.n_blocks_for(d, s.aspect)
     D = acc.tokens_for_flops(flops, d, n, s.expansion_rate, G, s.c_f, s.c_r)
     N = acc.total_params(d, n, s.expansion_rate)
-    return Plan(flops, G, d, n, acc.active_params(d, n), N, D, float(law.loss(N, D, G)),
-                _at_cap(log_d, s.log_d_max()))
+    return Plan(
+        flops, G, d, n, acc.active_params(d, n), N, D, float(law.loss(N, D, G)), _at_cap(log_d, s.log_d_max())
+    )
 
 
 def optimum_for_g(law: MoELaw, flops: float, G: float, s: Settings = Settings()) -> Plan:
@@ -134,7 +141,9 @@ def optimum_for_g(law: MoELaw, flops: float, G: float, s: Settings = Settings())
 def _nd(flops, G, log_d, s):
     d = math.exp(log_d)
     n = acc.n_blocks_for(d, s.aspect)
-    return acc.total_params(d, n, s.expansion_rate), acc.tokens_for_flops(flops, d, n, s.expansion_rate, G, s.c_f, s.c_r)
+    return acc.total_params(d, n, s.expansion_rate), acc.tokens_for_flops(
+        flops, d, n, s.expansion_rate, G, s.c_f, s.c_r
+    )
 
 
 def optimum(law: MoELaw, flops: float, s: Settings = Settings()) -> Plan:
@@ -144,8 +153,12 @@ def optimum(law: MoELaw, flops: float, s: Settings = Settings()) -> Plan:
         lo, hi = math.log(min(s.granularities)), math.log(max(s.granularities))
         if hi - lo < 1e-12:
             return optimum_for_g(law, flops, min(s.granularities), s)
-        r = minimize_scalar(lambda x: optimum_for_g(law, flops, math.exp(x), s).loss,
-                            bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
+        r = minimize_scalar(
+            lambda x: optimum_for_g(law, flops, math.exp(x), s).loss,
+            bounds=(lo, hi),
+            method="bounded",
+            options={"xatol": 1e-6},
+        )
         return optimum_for_g(law, flops, math.exp(float(r.x)), s)
     return min((optimum_for_g(law, flops, G, s) for G in s.granularities), key=lambda p: p.loss)
 
@@ -221,7 +234,9 @@ def optimum_for_active(law: MoELaw, n_act: float, s: Settings = Settings()) -> P
     while h(hi) < 0:
         hi += 2.0
         if hi > lo + 200:
-            raise ConfigError(f"no budget gives an optimum with {n_act:.3g} active params under these coefficients")
+            raise ConfigError(
+                f"no budget gives an optimum with {n_act:.3g} active params under these coefficients"
+            )
     x = brentq(h, lo, hi, xtol=1e-12, rtol=1e-14)
     return optimum(law, math.exp(x), s)
 
@@ -243,11 +258,14 @@ def check_plannable(flops: float, s: Settings) -> None:
         raise ConfigError(f"FLOPs budget {flops:.3g} is beyond {MAX_BUDGET:.0e}; plan for a budget below it")
     smallest = acc.flops_per_token(64, 1, s.expansion_rate, 1, s.c_f, s.c_r)
     if flops < smallest:
-        raise ConfigError(f"budget {flops:.3g} FLOPs cannot train even one token of the smallest buildable model "
-                          f"({smallest:.3g} FLOPs per token); raise --flops")
+        raise ConfigError(
+            f"budget {flops:.3g} FLOPs cannot train even one token of the smallest buildable model "
+            f"({smallest:.3g} FLOPs per token); raise --flops"
+        )
 
 
 # --- concrete architecture -------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -273,13 +291,20 @@ def _deepest_under_caps(d: int, E: int, s: Settings) -> list[int]:
     shape down to d/aspect blocks alone can leave much of the cap unused."""
     if not s.capped:
         return []
-    n = min(math.floor(c / per_block) for c, per_block in ((s.max_total_params, acc.total_params(d, 1, E)),
-                                                            (s.max_active_params, acc.active_params(d, 1)))
-            if c is not None)
+    n = min(
+        math.floor(c / per_block)
+        for c, per_block in (
+            (s.max_total_params, acc.total_params(d, 1, E)),
+            (s.max_active_params, acc.active_params(d, 1)),
+        )
+        if c is not None
+    )
     return [n] if n >= 1 else []
 
 
-def architecture(law: MoELaw, plan: Plan, s: Settings = Settings(), head_dim: int = 64, ff_mult: int = 4) -> Architecture:
+def architecture(
+    law: MoELaw, plan: Plan, s: Settings = Settings(), head_dim: int = 64, ff_mult: int = 4
+) -> Architecture:
     """Round a continuous plan to a model one can build, spending the same budget.
 
     d_model is a multiple of head_dim (n_heads = d_model / head_dim) and makes the expert width
@@ -306,13 +331,25 @@ def architecture(law: MoELaw, plan: Plan, s: Settings = Settings(), head_dim: in
             if s.fits(N, acc.active_params(d, n)):
                 cands.append((float(law.loss(N, D, G)), d, n, D, fpt, N))
     if not cands and s.capped and plan.flops // acc.flops_per_token(q, 1, E, G, s.c_f, s.c_r) >= 1:
-        raise ConfigError(f"no buildable G={G} model (d_model a multiple of {q}) has at most {s.caps_text()}; "
-                          "raise the cap or search smaller G with --granularities")
+        raise ConfigError(
+            f"no buildable G={G} model (d_model a multiple of {q}) has at most {s.caps_text()}; "
+            "raise the cap or search smaller G with --granularities"
+        )
     if not cands:
-        raise ConfigError(f"budget {plan.flops:.3g} FLOPs cannot train even one token of the smallest buildable model")
+        raise ConfigError(
+            f"budget {plan.flops:.3g} FLOPs cannot train even one token of the smallest buildable model"
+        )
     loss, d, n, D, fpt, N = min(cands)
     return Architecture(
-        d_model=d, n_blocks=n, n_heads=d // head_dim, granularity=G, n_experts=E * G,
-        expert_width=ff_mult * d // G, active_params=int(acc.active_params(d, n)), total_params=int(N),
-        tokens=D, flops=float(fpt * D), loss=loss,
+        d_model=d,
+        n_blocks=n,
+        n_heads=d // head_dim,
+        granularity=G,
+        n_experts=E * G,
+        expert_width=ff_mult * d // G,
+        active_params=int(acc.active_params(d, n)),
+        total_params=int(N),
+        tokens=D,
+        flops=float(fpt * D),
+        loss=loss,
     )

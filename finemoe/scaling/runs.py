@@ -56,7 +56,9 @@ def _column(path, rows: list[dict], col: str) -> np.ndarray:
         try:
             out[i] = float(v)
         except (TypeError, ValueError):
-            raise DataError(f"results {path}: column {col!r} holds {v!r}, not a number; fix or drop that row") from None
+            raise DataError(
+                f"results {path}: column {col!r} holds {v!r}, not a number; fix or drop that row"
+            ) from None
     return out
 
 
@@ -83,12 +85,22 @@ def load_points(path: str | Path | list, law: str = "moe", loss_column: str = "t
         want = "dense" if law == "dense" else "moe"
         rows = [r for r in rows if str(r["ffn"]).strip().lower() == want]
     if not rows:
-        raise DataError(f"results {path}: no finished ('done') {'dense' if law == 'dense' else 'moe'} runs to fit the {law} law")
+        raise DataError(
+            f"results {path}: no finished ('done') {'dense' if law == 'dense' else 'moe'} runs to fit the "
+            f"{law} law"
+        )
     G = _column(path, rows, "granularity") if law != "dense" else np.ones(len(rows))
     flops = _column(path, rows, "flops") if "flops" in cols else None
     budget = _column(path, rows, "budget") if "budget" in cols else None
-    return Points(_column(path, rows, "total_params"), _column(path, rows, "tokens"), G,
-                  _column(path, rows, loss_column), flops, run_groups(rows), budget)
+    return Points(
+        _column(path, rows, "total_params"),
+        _column(path, rows, "tokens"),
+        G,
+        _column(path, rows, loss_column),
+        flops,
+        run_groups(rows),
+        budget,
+    )
 
 
 def _unique_runs(path, rows: list[dict], loss_column: str) -> list[dict]:
@@ -104,8 +116,10 @@ def _unique_runs(path, rows: list[dict], loss_column: str) -> list[dict]:
         key = tuple(_as_number(r.get(k)) for k in (loss_column, "tokens", "total_params", "granularity"))
         if rid in seen:
             if seen[rid] != key:
-                raise DataError(f"results {path}: run {rid} appears twice with different results "
-                                f"({loss_column} {seen[rid][0]} and {key[0]}); keep one of them")
+                raise DataError(
+                    f"results {path}: run {rid} appears twice with different results "
+                    f"({loss_column} {seen[rid][0]} and {key[0]}); keep one of them"
+                )
             continue
         seen[rid] = key
         out.append(r)
@@ -126,5 +140,7 @@ def run_groups(rows: list[dict]) -> np.ndarray:
     for i, r in enumerate(rows):
         parent = r.get("parent")
         own = r.get("run_id")
-        labels.append(str(parent) if parent not in (None, "") and parent == parent else str(own if own else i))
+        labels.append(
+            str(parent) if parent not in (None, "") and parent == parent else str(own if own else i)
+        )
     return np.array(labels)

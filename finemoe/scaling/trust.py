@@ -24,20 +24,33 @@ WARN_FACTOR = 100.0  # a plan this far past the largest training run's FLOPs war
 QUANTILES = (10, 50, 90)
 
 
-def fit_flags(params: dict[str, float], fixed: Sequence[str] = (), bootstrap: dict[str, Any] | None = None,
-              min_loss: float | None = None) -> list[str]:
+def fit_flags(
+    params: dict[str, float],
+    fixed: Sequence[str] = (),
+    bootstrap: dict[str, Any] | None = None,
+    min_loss: float | None = None,
+) -> list[str]:
     """Why a fit cannot be read as a law, one reason per entry; empty when none applies."""
     free = {k: v for k, v in params.items() if k not in fixed}
     lo, hi = EXPONENT_RANGE
-    out = [f"exponent {k}={v:.3g} is outside [{lo:g}, {hi:g}]" for k, v in free.items()
-           if k in EXPONENTS and not lo <= v <= hi]
-    out += [f"coefficient {k}={v:.3g} is above {COEFFICIENT_MAX:.0e}" for k, v in free.items()
-            if k in ("a", "b", "g") and v > COEFFICIENT_MAX]
+    out = [
+        f"exponent {k}={v:.3g} is outside [{lo:g}, {hi:g}]"
+        for k, v in free.items()
+        if k in EXPONENTS and not lo <= v <= hi
+    ]
+    out += [
+        f"coefficient {k}={v:.3g} is above {COEFFICIENT_MAX:.0e}"
+        for k, v in free.items()
+        if k in ("a", "b", "g") and v > COEFFICIENT_MAX
+    ]
     if "c" in free and min_loss is not None and free["c"] < 0.01 * min_loss:
         low = [f"{k}={free[k]:.3g}" for k in ("alpha", "beta") if k in free and free[k] < C_FLOOR_EXPONENT]
         if low:
-            out.append(f"c={free['c']:.2g} sits at 0 with {', '.join(low)} below {C_FLOOR_EXPONENT:g}: the fit trades "
-                       "the irreducible loss for a flat power law")
+            out.append(
+                f"c={free['c']:.2g} sits at 0 with {', '.join(low)} below {C_FLOOR_EXPONENT:g}: the fit "
+                "trades "
+                "the irreducible loss for a flat power law"
+            )
     draws = (bootstrap or {}).get("draws") or []
     for k in free:
         vals = np.array([d[k] for d in draws if k in d], float)
@@ -50,8 +63,12 @@ def fit_flags(params: dict[str, float], fixed: Sequence[str] = (), bootstrap: di
 
 def data_range(N, D, flops=None) -> dict[str, float]:
     """The span of the fitted runs, which a plan is measured against."""
-    out = {"max_total_params": float(np.max(N)), "min_total_params": float(np.min(N)),
-           "max_tokens": float(np.max(D)), "min_tokens": float(np.min(D))}
+    out = {
+        "max_total_params": float(np.max(N)),
+        "min_total_params": float(np.min(N)),
+        "max_tokens": float(np.max(D)),
+        "min_tokens": float(np.min(D)),
+    }
     if flops is not None and np.isfinite(flops).any():
         out["max_flops"] = float(np.nanmax(flops))
     return out
@@ -66,17 +83,27 @@ def extrapolation(flops: float, total_params: float, tokens: float, data: dict[s
     n_factor = total_params / data["max_total_params"]
     d_factor = tokens / data["max_tokens"]
     factor = flops / data["max_flops"] if data.get("max_flops") else n_factor * d_factor
-    beyond = [f"{what} {x:.3g}x the largest fitted run's" for what, x in
-              (("the budget is", factor), ("N is", n_factor), ("D is", d_factor)) if x > 1]
+    beyond = [
+        f"{what} {x:.3g}x the largest fitted run's"
+        for what, x in (("the budget is", factor), ("N is", n_factor), ("D is", d_factor))
+        if x > 1
+    ]
     warning = None
     loud = max(factor, n_factor, d_factor) > WARN_FACTOR
     if loud:
-        warning = (f"EXTRAPOLATION: {'; '.join(beyond)}. Past {WARN_FACTOR:g}x a law fitted on these runs is a "
-                   "guess: run larger runs, or borrow exponents (`finemoe fit --prior paper`)")
+        warning = (
+            f"EXTRAPOLATION: {'; '.join(beyond)}. Past {WARN_FACTOR:g}x a law fitted on these runs is a "
+            "guess: run larger runs, or borrow exponents (`finemoe fit --prior paper`)"
+        )
     elif beyond:
         warning = f"beyond the fitted runs: {'; '.join(beyond)}"
-    return {"factor": factor, "total_params_factor": n_factor, "tokens_factor": d_factor, "warning": warning,
-            "loud": loud}
+    return {
+        "factor": factor,
+        "total_params_factor": n_factor,
+        "tokens_factor": d_factor,
+        "warning": warning,
+        "loud": loud,
+    }
 
 
 def quantiles(rows: list[dict[str, float | None]]) -> dict[str, Any]:
@@ -90,7 +117,9 @@ def quantiles(rows: list[dict[str, float | None]]) -> dict[str, Any]:
     return out
 
 
-def over_draws(draws: Sequence[Any], fn: Callable[[Any], dict[str, float | None]]) -> list[dict[str, float | None]]:
+def over_draws(
+    draws: Sequence[Any], fn: Callable[[Any], dict[str, float | None]]
+) -> list[dict[str, float | None]]:
     """`fn` on each draw, skipping draws where it has no answer (a law that cannot reach a loss)."""
     rows = []
     for d in draws:
@@ -118,7 +147,9 @@ def coefficient_flags(coeffs) -> dict[str, list[str]]:
             continue
         meta = _fit_meta(coeffs, law)
         stored = meta.get("flags")
-        out[law] = list(stored) if isinstance(stored, list) else fit_flags(vars(params), meta.get("fixed", ()))
+        out[law] = (
+            list(stored) if isinstance(stored, list) else fit_flags(vars(params), meta.get("fixed", ()))
+        )
     return out
 
 
@@ -144,8 +175,13 @@ def plan_uncertainty(coeffs, flops: float, settings) -> dict[str, Any] | None:
         i, d = i_draw
         dl = DenseLaw(**dense[i % len(dense)]) if dense else None
         c = P.compare(CoefficientSet("draw", MoELaw(**d), dl, coeffs.expansion_rate), flops, settings)
-        return {"granularity": c.moe.granularity, "active_params": c.moe.active_params, "tokens": c.moe.tokens,
-                "loss": c.moe.loss, "dense_flops_multiple": c.dense_flops_multiple}
+        return {
+            "granularity": c.moe.granularity,
+            "active_params": c.moe.active_params,
+            "tokens": c.moe.tokens,
+            "loss": c.moe.loss,
+            "dense_flops_multiple": c.dense_flops_multiple,
+        }
 
     rows = over_draws(list(enumerate(moe)), one)
     return quantiles(rows) if rows else None

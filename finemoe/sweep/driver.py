@@ -28,8 +28,13 @@ def todo(store: Store, spec: Spec) -> list[str]:
     return out
 
 
-def run_sweep(spec: Spec, executor: str | None = None, options: dict[str, Any] | None = None,
-              dry_run: bool = False, log=print) -> dict[str, Any]:
+def run_sweep(
+    spec: Spec,
+    executor: str | None = None,
+    options: dict[str, Any] | None = None,
+    dry_run: bool = False,
+    log=print,
+) -> dict[str, Any]:
     """Run every non-final run of `spec`; returns the store's counts for the spec's runs."""
     store = Store(spec.store)
     store.add(spec.runs, spec.name)
@@ -42,15 +47,22 @@ def run_sweep(spec: Spec, executor: str | None = None, options: dict[str, Any] |
     pending = todo(store, spec)
     ids = [r.run_id for r in spec.runs]
     counts = store.counts(ids)
-    log(f"sweep {spec.name}: {len(spec.runs)} runs, {counts['done'] + counts['diverged']} finished, "
-        f"{len(pending)} to run  (store {spec.store})")
+    log(
+        f"sweep {spec.name}: {len(spec.runs)} runs, {counts['done'] + counts['diverged']} finished, "
+        f"{len(pending)} to run  (store {spec.store})"
+    )
     labels = {r.run_id: r.label for r in spec.runs}
     if dry_run:
         for rid in pending:
             log(f"  would run {rid}  {labels[rid]}")
     if dry_run or not pending:
-        return {"sweep": spec.name, "store": spec.store, "to_run": len(pending), **counts,
-                "pending": [{"run_id": rid, "label": labels[rid]} for rid in pending]}
+        return {
+            "sweep": spec.name,
+            "store": spec.store,
+            "to_run": len(pending),
+            **counts,
+            "pending": [{"run_id": rid, "label": labels[rid]} for rid in pending],
+        }
     opts = {**spec.executor, **{k: v for k, v in (options or {}).items() if v is not None}}
     kind = executor or opts.get("kind") or "local"
     ex = make_executor(kind, opts, spec.runs_dir)
@@ -63,8 +75,10 @@ def run_sweep(spec: Spec, executor: str | None = None, options: dict[str, Any] |
         loss = row.get("train_loss")
         err = (row.get("error") or "").strip().splitlines()
         what = f"loss {loss:.4f}" if isinstance(loss, float) else (err[-1] if err else "")
-        log(f"[{k}/{len(pending)}] {row.get('status', '?'):8s} {labels[rid]}  {what}  "
-            f"({row.get('wall_time_s') or 0:.0f} s; sweep {time.time() - t0:.0f} s)")
+        log(
+            f"[{k}/{len(pending)}] {row.get('status', '?'):8s} {labels[rid]}  {what}  "
+            f"({row.get('wall_time_s') or 0:.0f} s; sweep {time.time() - t0:.0f} s)"
+        )
         if spec.csv:
             store.export_csv(spec.csv)
 
@@ -76,13 +90,22 @@ def run_sweep(spec: Spec, executor: str | None = None, options: dict[str, Any] |
 
 
 def status_rows(store: Store, spec: Spec | None = None) -> list[dict[str, Any]]:
-    """Rows for `sweep status`: the spec's runs in spec order (unregistered ones as pending), or the whole store."""
+    """Rows for `sweep status`: the spec's runs in spec order (unregistered ones as pending), or the whole
+    store."""
     if spec is None:
         return store.rows()
-    have = {r["run_id"]: r for r in store.rows([r.run_id for r in spec.runs])} if Path(spec.store).is_file() else {}
+    have = (
+        {r["run_id"]: r for r in store.rows([r.run_id for r in spec.runs])}
+        if Path(spec.store).is_file()
+        else {}
+    )
     out = []
     for run in spec.runs:
-        row = have.get(run.run_id) or {"run_id": run.run_id, "status": "pending", "tokens": run.config["tokens"]}
+        row = have.get(run.run_id) or {
+            "run_id": run.run_id,
+            "status": "pending",
+            "tokens": run.config["tokens"],
+        }
         row = dict(row, label=run.label)
         if row["status"] == "running" and not owner_alive(row.get("owner"), row.get("heartbeat_at")):
             row["status"] = "running (dead; resumes on re-run)"

@@ -37,7 +37,8 @@ def waves(run_ids: Sequence[str], parents: dict[str, str | None]) -> list[list[s
 
 
 def _die_with_parent() -> None:
-    """Linux: a worker gets SIGKILL when the sweep process dies, even by SIGKILL, so no orphan keeps training."""
+    """Linux: a worker gets SIGKILL when the sweep process dies, even by SIGKILL, so no orphan keeps
+    training."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -50,8 +51,14 @@ class InProcessExecutor:
     def __init__(self, threads: int | None = None, **_: Any):
         self.threads = threads
 
-    def run(self, store: Store, run_ids: Sequence[str], trainer: str, on_done: OnDone,
-            parents: dict[str, str | None] | None = None) -> None:
+    def run(
+        self,
+        store: Store,
+        run_ids: Sequence[str],
+        trainer: str,
+        on_done: OnDone,
+        parents: dict[str, str | None] | None = None,
+    ) -> None:
         for wave in waves(run_ids, parents or {}):
             for rid in wave:
                 execute_run(str(store.path), rid, trainer, self.threads)
@@ -76,21 +83,41 @@ class LocalExecutor:
         env = dict(os.environ)
         for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[k] = str(self.threads)
-        cmd = [sys.executable, "-m", "finemoe.sweep.worker", str(store.path), rid,
-               "--trainer", trainer, "--threads", str(self.threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "finemoe.sweep.worker",
+            str(store.path),
+            rid,
+            "--trainer",
+            trainer,
+            "--threads",
+            str(self.threads),
+        ]
         out = None
         if self.workers > 1 and self.log_dir:  # interleaved progress bars are unreadable: log to files
             ensure_dir(self.log_dir, "log folder")
             out = open(Path(self.log_dir) / f"{rid}.log", "ab")
         try:
-            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                    preexec_fn=_die_with_parent)
+            return subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                preexec_fn=_die_with_parent,
+            )
         finally:
             if out:
                 out.close()
 
-    def run(self, store: Store, run_ids: Sequence[str], trainer: str, on_done: OnDone,
-            parents: dict[str, str | None] | None = None) -> None:
+    def run(
+        self,
+        store: Store,
+        run_ids: Sequence[str],
+        trainer: str,
+        on_done: OnDone,
+        parents: dict[str, str | None] | None = None,
+    ) -> None:
         """A branch waits while its stable parent is queued or training, then starts from its snapshot."""
         parents = parents or {}
         queue = list(run_ids)
@@ -111,7 +138,10 @@ class LocalExecutor:
                     row = store.get(rid)
                     if proc.returncode != 0 and row and row["status"] == "running":
                         # the worker died without recording (OOM kill, segfault): say so and go on
-                        store.fail(rid, f"worker process exited with code {proc.returncode} before recording a result")
+                        store.fail(
+                            rid,
+                            f"worker process exited with code {proc.returncode} before recording a result",
+                        )
                     on_done(rid)
         finally:
             for proc in live.values():  # Ctrl-C: stop workers; their rows resume from checkpoints next time
@@ -131,13 +161,25 @@ class SlurmExecutor:
     mem_gb, slurm_array_parallelism, ...).
     """
 
-    def __init__(self, folder: str, cluster: str | None = "slurm", threads: int | None = None,
-                 wait: bool = True, **params: Any):
+    def __init__(
+        self,
+        folder: str,
+        cluster: str | None = "slurm",
+        threads: int | None = None,
+        wait: bool = True,
+        **params: Any,
+    ):
         self.folder, self.cluster, self.threads, self.wait = folder, cluster, threads, wait
         self.params = {"timeout_min": 60 * 24, **params}
 
-    def run(self, store: Store, run_ids: Sequence[str], trainer: str, on_done: OnDone,
-            parents: dict[str, str | None] | None = None) -> None:
+    def run(
+        self,
+        store: Store,
+        run_ids: Sequence[str],
+        trainer: str,
+        on_done: OnDone,
+        parents: dict[str, str | None] | None = None,
+    ) -> None:
         """Stable runs are submitted before their branches, one wave after another when waiting."""
         try:
             import submitit
@@ -148,7 +190,9 @@ class SlurmExecutor:
         try:
             ex = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
         except Exception as e:  # no sbatch on this machine, an unknown cluster name
-            raise ConfigError(f"cannot use the {self.cluster} executor here ({e}); use --executor local") from None
+            raise ConfigError(
+                f"cannot use the {self.cluster} executor here ({e}); use --executor local"
+            ) from None
         try:
             ex.update_parameters(**self.params)
         except (ValueError, TypeError) as e:
@@ -157,7 +201,9 @@ class SlurmExecutor:
         for wave in waves(run_ids, parents or {}) if self.wait else [list(run_ids)]:
             self._submit(ex, store, path, wave, trainer, on_done)
 
-    def _submit(self, ex, store: Store, path: str, run_ids: Sequence[str], trainer: str, on_done: OnDone) -> None:
+    def _submit(
+        self, ex, store: Store, path: str, run_ids: Sequence[str], trainer: str, on_done: OnDone
+    ) -> None:
         n = len(run_ids)
         jobs = ex.map_array(execute_run, [path] * n, list(run_ids), [trainer] * n, [self.threads] * n)
         print(f"submitted {n} job(s): {', '.join(j.job_id for j in jobs[:5])}{' ...' if n > 5 else ''}")
@@ -169,7 +215,11 @@ class SlurmExecutor:
             except Exception as e:  # the job itself died (timeout, preemption, node failure)
                 row = store.get(rid)
                 if row and row["status"] in ("running", "pending"):
-                    store.fail(rid, f"slurm job {job.job_id} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                    store.fail(
+                        rid,
+                        f"slurm job {job.job_id} failed: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                    )
             on_done(rid)
 
 

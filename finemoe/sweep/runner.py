@@ -64,8 +64,9 @@ def _heartbeat(store: Store, run_id: str, owner: str, stop: threading.Event) -> 
             pass
 
 
-def execute_run(store_path: str, run_id: str, trainer: str = "finemoe.sweep.runner:train_run",
-                threads: int | None = None) -> str:
+def execute_run(
+    store_path: str, run_id: str, trainer: str = "finemoe.sweep.runner:train_run", threads: int | None = None
+) -> str:
     """Train one run of the store if nobody else holds it; returns the row's final status or 'skipped'."""
     store = Store(store_path)
     owner = owner_id()

@@ -54,9 +54,25 @@ def check_executor(kind: Any, where: str) -> None:
     if kind not in EXECUTORS:
         raise ConfigError(f"{where}: unknown executor {kind!r}; use one of {', '.join(EXECUTORS)}")
 
+
 TOP_KEYS = {
-    "name", "description", "data_dir", "runs_dir", "store", "csv", "model", "train", "sizes",
-    "granularities", "tokens", "budgets", "branches", "dense", "seeds", "executor", "trainer",
+    "name",
+    "description",
+    "data_dir",
+    "runs_dir",
+    "store",
+    "csv",
+    "model",
+    "train",
+    "sizes",
+    "granularities",
+    "tokens",
+    "budgets",
+    "branches",
+    "dense",
+    "seeds",
+    "executor",
+    "trainer",
 }
 SIZE_KEYS = {"tokens", "budgets", "granularities", "dense", "name"}
 # Train keys that do not change what a run computes, so they stay out of its id.
@@ -147,7 +163,9 @@ def expand(raw: dict[str, Any], source: str = "<spec>") -> Spec:
             raise ConfigError(f"{source}: '{key}' must be a text (a name or a path), got {raw[key]!r}")
     for key in ("model", "train", "executor"):
         if raw.get(key) is not None and not isinstance(raw[key], dict):
-            raise ConfigError(f"{source}: '{key}' must be a mapping of keys, such as {key}: {{...}}, got {raw[key]!r}")
+            raise ConfigError(
+                f"{source}: '{key}' must be a mapping of keys, such as {key}: {{...}}, got {raw[key]!r}"
+            )
     name = str(raw.get("name") or Path(source).stem)
     data_dir = raw.get("data_dir")
     if not data_dir:
@@ -163,17 +181,23 @@ def expand(raw: dict[str, Any], source: str = "<spec>") -> Spec:
             raise ConfigError(f"{source}: executor.{key} must be >= 1, got {executor[key]!r}")
     for bad in ("model", "data_dir", "out_dir", "tokens", "seed"):
         if bad in train_base:
-            raise ConfigError(f"{source}: 'train.{bad}' is set by the sweep; use the spec's top-level keys instead")
+            raise ConfigError(
+                f"{source}: 'train.{bad}' is set by the sweep; use the spec's top-level keys instead"
+            )
     sizes = raw.get("sizes")
     if not sizes or not isinstance(sizes, list):
-        raise ConfigError(f"{source}: 'sizes' must be a non-empty list such as [{{d_model: 64, n_blocks: 2}}]")
+        raise ConfigError(
+            f"{source}: 'sizes' must be a non-empty list such as [{{d_model: 64, n_blocks: 2}}]"
+        )
     seeds = [_whole(s, "seeds") for s in _list(raw.get("seeds", [0]), "seeds")] or [0]
 
     branches = raw.get("branches", False)
     if not isinstance(branches, bool):
         raise ConfigError(f"{source}: 'branches' must be true or false, got {branches!r}")
     if branches and train_base.get("schedule") != "wsd":
-        raise ConfigError(f"{source}: 'branches: true' needs train: {{schedule: wsd}} (a cosine run cannot be branched)")
+        raise ConfigError(
+            f"{source}: 'branches: true' needs train: {{schedule: wsd}} (a cosine run cannot be branched)"
+        )
     batch_size = _whole(train_base.get("batch_size", TrainConfig().batch_size), "train.batch_size")
 
     drafts: list[dict[str, Any]] = []  # configs before ids: branches still change them
@@ -186,13 +210,20 @@ def expand(raw: dict[str, Any], source: str = "<spec>") -> Spec:
         if tokens and budgets:
             raise ConfigError(f"{source}: sizes[{i}] has both token budgets and compute budgets; give one")
         if not tokens and not budgets:
-            raise ConfigError(f"{source}: no token or compute budgets for sizes[{i}]; set 'tokens' or 'budgets'")
-        gs = [_whole(g, f"sizes[{i}] granularities") for g in _list(size.get("granularities", raw.get("granularities")), "granularities")]
+            raise ConfigError(
+                f"{source}: no token or compute budgets for sizes[{i}]; set 'tokens' or 'budgets'"
+            )
+        gs = [
+            _whole(g, f"sizes[{i}] granularities")
+            for g in _list(size.get("granularities", raw.get("granularities")), "granularities")
+        ]
         dense = size.get("dense", raw.get("dense", False))
         if not isinstance(dense, bool):
             raise ConfigError(f"{source}: sizes[{i}] 'dense' must be true or false, got {dense!r}")
         if not gs and not dense:
-            raise ConfigError(f"{source}: sizes[{i}] has no granularities and no dense baseline; nothing to run")
+            raise ConfigError(
+                f"{source}: sizes[{i}] has no granularities and no dense baseline; nothing to run"
+            )
         variants = ([{"ffn": "dense"}] if dense else []) + [{"ffn": "moe", "granularity": g} for g in gs]
         for var in variants:
             model = {**model_base, **model_over, **var}
@@ -207,14 +238,23 @@ def expand(raw: dict[str, Any], source: str = "<spec>") -> Spec:
                 f = _number(f, f"sizes[{i}] budgets")
                 d = int(f / per_token // step) * step
                 if d < step:
-                    raise ConfigError(f"{source}: sizes[{i}] {var}: budget {f:.3g} FLOPs buys less than one step "
-                                      f"({step * per_token:.3g} FLOPs); raise the budget or drop the size")
+                    raise ConfigError(
+                        f"{source}: sizes[{i}] {var}: budget {f:.3g} FLOPs buys less than one step "
+                        f"({step * per_token:.3g} FLOPs); raise the budget or drop the size"
+                    )
                 lengths.append((d, f))
             for d, f in lengths:
                 for seed in seeds:
-                    config = {**copy.deepcopy(train_base), "model": mc.to_dict(), "data_dir": str(data_dir),
-                              "tokens": d, "seed": seed}
-                    drafts.append({"config": config, "budget": f, "group": (i, json.dumps(var), seed), "parent": None})
+                    config = {
+                        **copy.deepcopy(train_base),
+                        "model": mc.to_dict(),
+                        "data_dir": str(data_dir),
+                        "tokens": d,
+                        "seed": seed,
+                    }
+                    drafts.append(
+                        {"config": config, "budget": f, "group": (i, json.dumps(var), seed), "parent": None}
+                    )
     if branches:
         _branch(drafts, runs_dir)
 
@@ -230,8 +270,17 @@ def expand(raw: dict[str, Any], source: str = "<spec>") -> Spec:
         _check_train(config)
         parent = ids[id(dr["parent"])] if dr["parent"] is not None else None
         runs.append(Run(run_id, run_label(config, dr["budget"]), config, dr["budget"], parent))
-    return Spec(name=name, data_dir=str(data_dir), runs_dir=runs_dir, store=store, csv=raw.get("csv"),
-                runs=runs, executor=executor, trainer=str(raw.get("trainer") or DEFAULT_TRAINER), source=source)
+    return Spec(
+        name=name,
+        data_dir=str(data_dir),
+        runs_dir=runs_dir,
+        store=store,
+        csv=raw.get("csv"),
+        runs=runs,
+        executor=executor,
+        trainer=str(raw.get("trainer") or DEFAULT_TRAINER),
+        source=source,
+    )
 
 
 def _branch(drafts: list[dict[str, Any]], runs_dir: str) -> None:
@@ -292,7 +341,9 @@ def load(path: str | Path) -> Spec:
         builtin = resources.files("finemoe.sweep") / "specs" / f"{p.name}.yaml"
         if p.suffix == "" and p.name == str(path) and builtin.is_file():  # a bare name, not a missing path
             return expand(yaml.safe_load(builtin.read_text()), source=p.name)
-        raise ConfigError(f"sweep spec {path} not found; give a YAML file or a built-in name such as 'quickstart'")
+        raise ConfigError(
+            f"sweep spec {path} not found; give a YAML file or a built-in name such as 'quickstart'"
+        )
     try:
         raw = yaml.safe_load(read_text(p, "sweep spec"))
     except yaml.YAMLError as e:

@@ -28,17 +28,42 @@ FINAL = ("done", "diverged")  # a re-run skips these; failed runs are retried
 
 # Flat columns copied from the trainer's final record (the fit reads these).
 RECORD_COLUMNS = {
-    "ffn": "TEXT", "granularity": "INTEGER", "expansion_rate": "INTEGER", "d_model": "INTEGER",
-    "n_blocks": "INTEGER", "total_params": "INTEGER", "active_params": "INTEGER", "tokens": "INTEGER",
-    "flops": "REAL", "train_loss": "REAL", "val_loss": "REAL", "steps": "INTEGER", "tokens_per_s": "REAL",
-    "wall_time_s": "REAL", "device": "TEXT", "schedule": "TEXT", "branched_at": "INTEGER",
+    "ffn": "TEXT",
+    "granularity": "INTEGER",
+    "expansion_rate": "INTEGER",
+    "d_model": "INTEGER",
+    "n_blocks": "INTEGER",
+    "total_params": "INTEGER",
+    "active_params": "INTEGER",
+    "tokens": "INTEGER",
+    "flops": "REAL",
+    "train_loss": "REAL",
+    "val_loss": "REAL",
+    "steps": "INTEGER",
+    "tokens_per_s": "REAL",
+    "wall_time_s": "REAL",
+    "device": "TEXT",
+    "schedule": "TEXT",
+    "branched_at": "INTEGER",
 }
 COLUMNS = {
-    "run_id": "TEXT PRIMARY KEY", "sweep": "TEXT", "label": "TEXT", "status": "TEXT NOT NULL",
+    "run_id": "TEXT PRIMARY KEY",
+    "sweep": "TEXT",
+    "label": "TEXT",
+    "status": "TEXT NOT NULL",
     **RECORD_COLUMNS,
-    "seed": "INTEGER", "budget": "REAL", "parent": "TEXT", "error": "TEXT", "code_version": "TEXT", "owner": "TEXT", "heartbeat_at": "TEXT",
-    "started_at": "TEXT", "finished_at": "TEXT", "attempts": "INTEGER NOT NULL DEFAULT 0",
-    "config": "TEXT NOT NULL", "record": "TEXT",
+    "seed": "INTEGER",
+    "budget": "REAL",
+    "parent": "TEXT",
+    "error": "TEXT",
+    "code_version": "TEXT",
+    "owner": "TEXT",
+    "heartbeat_at": "TEXT",
+    "started_at": "TEXT",
+    "finished_at": "TEXT",
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "config": "TEXT NOT NULL",
+    "record": "TEXT",
 }
 
 
@@ -53,8 +78,13 @@ def code_version() -> str:
 
     root = Path(finemoe.__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=root,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if out.returncode == 0 and out.stdout.strip():
             return f"git:{out.stdout.strip()}"
     except (OSError, subprocess.SubprocessError):
@@ -109,13 +139,17 @@ class Store:
         self.readonly = not create
         if self.readonly:
             if not self.path.is_file():
-                raise DataError(f"results store {self.path} not found; run `finemoe sweep run SPEC` first or pass --store")
+                raise DataError(
+                    f"results store {self.path} not found; run `finemoe sweep run SPEC` first or pass --store"
+                )
             with self._connect() as con:
                 have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
             missing = {"run_id", "status", "config"} - have
             if missing:
-                raise DataError(f"{self.path} is not a finemoe results store (no 'runs' table with "
-                                f"{', '.join(sorted(missing))}); give the store a sweep wrote")
+                raise DataError(
+                    f"{self.path} is not a finemoe results store (no 'runs' table with "
+                    f"{', '.join(sorted(missing))}); give the store a sweep wrote"
+                )
             return
         ensure_dir(self.path.parent, "results store folder")
         if self.path.is_file() and self.path.stat().st_size and not _is_sqlite(self.path):
@@ -124,20 +158,27 @@ class Store:
             have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if (tables and not have) or (have and not {"run_id", "status", "config"} <= have):
-                raise DataError(f"{self.path} is a SQLite file of something else; give a new path or a finemoe store")
+                raise DataError(
+                    f"{self.path} is a SQLite file of something else; give a new path or a finemoe store"
+                )
             con.execute("PRAGMA journal_mode=WAL")
             cols = ", ".join(f"{k} {v}" for k, v in COLUMNS.items())
             con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
             have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
             for k, v in COLUMNS.items():  # stores written by an older version gain the new columns
                 if k not in have:
-                    con.execute(f"ALTER TABLE runs ADD COLUMN {k} {v.replace('PRIMARY KEY', '').replace('NOT NULL', '')}")
+                    con.execute(
+                        f"ALTER TABLE runs ADD COLUMN {k} "
+                        f"{v.replace('PRIMARY KEY', '').replace('NOT NULL', '')}"
+                    )
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         try:
             if self.readonly:
-                con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60.0, isolation_level=None)
+                con = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, timeout=60.0, isolation_level=None
+                )
             else:
                 con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
         except sqlite3.Error as e:
@@ -153,7 +194,9 @@ class Store:
             if "not a database" in text or "malformed" in text:
                 raise DataError(f"{self.path} is not a readable SQLite results store ({e})") from None
             if "disk is full" in text or "disk I/O" in text or "readonly" in text:
-                raise DataError(f"cannot write results store {self.path} ({e}); its last committed state is kept") from None
+                raise DataError(
+                    f"cannot write results store {self.path} ({e}); its last committed state is kept"
+                ) from None
             raise
         finally:
             con.close()
@@ -178,11 +221,27 @@ class Store:
             before = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
             con.executemany(
                 "INSERT OR IGNORE INTO runs (run_id, sweep, label, status, seed, budget, parent, config, ffn,"
-                " granularity, expansion_rate, d_model, n_blocks, tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(r.run_id, sweep, r.label, "pending", r.config.get("seed"), getattr(r, "budget", None),
-                  getattr(r, "parent", None), json.dumps(r.config, sort_keys=True),
-                  r.config["model"]["ffn"], _g(r.config["model"]), _e(r.config["model"]),
-                  r.config["model"]["d_model"], r.config["model"]["n_blocks"], r.config["tokens"]) for r in runs],
+                " granularity, expansion_rate, d_model, n_blocks, tokens) VALUES "
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        r.run_id,
+                        sweep,
+                        r.label,
+                        "pending",
+                        r.config.get("seed"),
+                        getattr(r, "budget", None),
+                        getattr(r, "parent", None),
+                        json.dumps(r.config, sort_keys=True),
+                        r.config["model"]["ffn"],
+                        _g(r.config["model"]),
+                        _e(r.config["model"]),
+                        r.config["model"]["d_model"],
+                        r.config["model"]["n_blocks"],
+                        r.config["tokens"],
+                    )
+                    for r in runs
+                ],
             )
             return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] - before
 
@@ -193,11 +252,16 @@ class Store:
             row = con.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
             if row is None or row["status"] in FINAL:
                 return None
-            if row["status"] == "running" and row["owner"] != owner and owner_alive(row["owner"], row["heartbeat_at"]):
+            if (
+                row["status"] == "running"
+                and row["owner"] != owner
+                and owner_alive(row["owner"], row["heartbeat_at"])
+            ):
                 return None
             t = now()
             con.execute(
-                "UPDATE runs SET status='running', owner=?, heartbeat_at=?, started_at=COALESCE(started_at, ?),"
+                "UPDATE runs SET status='running', owner=?, heartbeat_at=?, started_at=COALESCE(started_at, "
+                "?),"
                 " attempts=attempts+1, error=NULL, code_version=? WHERE run_id=?",
                 (owner, t, t, code_version(), run_id),
             )
@@ -220,8 +284,14 @@ class Store:
         with self.transaction() as con:
             con.execute(
                 f"UPDATE runs SET {sets}, status=?, error=?, finished_at=?, record=? WHERE run_id=?",
-                (*flat.values(), status, error, now(),
-                 json.dumps(record, sort_keys=True, default=str), run_id),
+                (
+                    *flat.values(),
+                    status,
+                    error,
+                    now(),
+                    json.dumps(record, sort_keys=True, default=str),
+                    run_id,
+                ),
             )
 
     def import_finished(self, path: str | os.PathLike, run_ids: Iterable[str]) -> tuple[int, list[str]]:
@@ -254,15 +324,21 @@ class Store:
 
     def fail(self, run_id: str, error: str) -> None:
         with self.transaction() as con:
-            con.execute("UPDATE runs SET status='failed', error=?, finished_at=? WHERE run_id=?",
-                        (error, now(), run_id))
+            con.execute(
+                "UPDATE runs SET status='failed', error=?, finished_at=? WHERE run_id=?",
+                (error, now(), run_id),
+            )
 
     def release_dead(self) -> int:
         """Rows 'running' under a dead owner go back to 'pending' (they resume from their checkpoint)."""
         with self.transaction() as con:
-            rows = con.execute("SELECT run_id, owner, heartbeat_at FROM runs WHERE status='running'").fetchall()
+            rows = con.execute(
+                "SELECT run_id, owner, heartbeat_at FROM runs WHERE status='running'"
+            ).fetchall()
             dead = [r["run_id"] for r in rows if not owner_alive(r["owner"], r["heartbeat_at"])]
-            con.executemany("UPDATE runs SET status='pending', owner=NULL WHERE run_id=?", [(d,) for d in dead])
+            con.executemany(
+                "UPDATE runs SET status='pending', owner=NULL WHERE run_id=?", [(d,) for d in dead]
+            )
             return len(dead)
 
     # -- reads --------------------------------------------------------------------------------------
@@ -301,6 +377,7 @@ class Store:
 
 def _invalid_finished(row: dict[str, Any]) -> str | None:
     """Why a CSV row marked finished cannot stand for a finished run, or None."""
+
     def number(k):
         try:
             v = float(row.get(k))
@@ -343,7 +420,9 @@ def load_runs(path: str | os.PathLike):
 
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"results file {p} not found; give a results store (.sqlite) or a CSV exported from one")
+        raise DataError(
+            f"results file {p} not found; give a results store (.sqlite) or a CSV exported from one"
+        )
     if _is_sqlite(p):
         try:
             con = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=60.0)
@@ -352,11 +431,15 @@ def load_runs(path: str | os.PathLike):
             finally:
                 con.close()
         except (sqlite3.Error, pd.errors.DatabaseError) as e:
-            raise DataError(f"{p} has no readable 'runs' table ({e}); is it a finemoe results store?") from None
+            raise DataError(
+                f"{p} has no readable 'runs' table ({e}); is it a finemoe results store?"
+            ) from None
     try:
         df = pd.read_csv(p)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"{p} is neither a SQLite store nor a readable CSV ({e.__class__.__name__})") from None
+        raise DataError(
+            f"{p} is neither a SQLite store nor a readable CSV ({e.__class__.__name__})"
+        ) from None
     if "status" not in df.columns:
         raise DataError(f"{p} has no 'status' column; export it with `finemoe sweep export` or add one")
     return df

@@ -52,4 +52,6 @@ def load(path: str | Path) -> dict[str, Any]:
         # our own files: they hold numpy RNG state and python tuples, which weights_only rejects
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file
-        raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); it is not a finemoe checkpoint") from None
+        raise ConfigError(
+            f"cannot read checkpoint {path} ({type(e).__name__}); it is not a finemoe checkpoint"
+        ) from None

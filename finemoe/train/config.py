@@ -83,38 +83,74 @@ class TrainConfig:
             f"{self.tokens_per_step}; raise tokens or lower batch_size/seq_len",
         )
         require(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
-        require(0 <= self.final_lr_fraction <= 1, f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
-        require(0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        require(self.warmup_tokens is None or self.warmup_tokens >= 0,
-               f"warmup_tokens must be >= 0 or null, got {self.warmup_tokens}")
+        require(
+            0 <= self.final_lr_fraction <= 1,
+            f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}",
+        )
+        require(
+            0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}"
+        )
+        require(
+            self.warmup_tokens is None or self.warmup_tokens >= 0,
+            f"warmup_tokens must be >= 0 or null, got {self.warmup_tokens}",
+        )
         require(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        require(0 < self.cooldown_fraction <= 1, f"cooldown_fraction must be in (0, 1], got {self.cooldown_fraction}")
-        require(self.cooldown_shape in COOLDOWN_SHAPES,
-               f"cooldown_shape must be one of {COOLDOWN_SHAPES}, got {self.cooldown_shape!r}")
+        require(
+            0 < self.cooldown_fraction <= 1,
+            f"cooldown_fraction must be in (0, 1], got {self.cooldown_fraction}",
+        )
+        require(
+            self.cooldown_shape in COOLDOWN_SHAPES,
+            f"cooldown_shape must be one of {COOLDOWN_SHAPES}, got {self.cooldown_shape!r}",
+        )
         if self.schedule == "wsd":
-            require(self.warmup_steps <= self.decay_start,
-                   f"the warmup ({self.warmup_steps} steps) runs into the cooldown, which starts at step "
-                   f"{self.decay_start}; lower warmup_tokens/warmup_fraction or cooldown_fraction")
+            require(
+                self.warmup_steps <= self.decay_start,
+                f"the warmup ({self.warmup_steps} steps) runs into the cooldown, which starts at step "
+                f"{self.decay_start}; lower warmup_tokens/warmup_fraction or cooldown_fraction",
+            )
         object.__setattr__(self, "snapshot_steps", tuple(sorted(set(self.snapshot_steps))))
-        require(all(isinstance(s, int) and self.warmup_steps <= s <= self.decay_start for s in self.snapshot_steps),
-               f"snapshot_steps must be whole steps between the warmup's end ({self.warmup_steps}) and the "
-               f"decay's start ({self.decay_start}), got {list(self.snapshot_steps)}")
+        require(
+            all(
+                isinstance(s, int) and self.warmup_steps <= s <= self.decay_start for s in self.snapshot_steps
+            ),
+            f"snapshot_steps must be whole steps between the warmup's end ({self.warmup_steps}) and the "
+            f"decay's start ({self.decay_start}), got {list(self.snapshot_steps)}",
+        )
         require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"betas must be two numbers in [0, 1), got {list(self.betas)}",
         )
         require(self.eps > 0, f"eps must be > 0, got {self.eps}")
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        require(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or null, got {self.grad_clip}")
-        require(self.lb_loss_weight >= 0 and self.z_loss_weight >= 0, "lb_loss_weight and z_loss_weight must be >= 0")
-        require(self.eval_every >= 1 and self.ckpt_every >= 1, "eval_every and ckpt_every must be >= 1 (steps)")
+        require(
+            self.grad_clip is None or self.grad_clip > 0,
+            f"grad_clip must be > 0 or null, got {self.grad_clip}",
+        )
+        require(
+            self.lb_loss_weight >= 0 and self.z_loss_weight >= 0,
+            "lb_loss_weight and z_loss_weight must be >= 0",
+        )
+        require(
+            self.eval_every >= 1 and self.ckpt_every >= 1, "eval_every and ckpt_every must be >= 1 (steps)"
+        )
         require(self.eval_batches >= 1, f"eval_batches must be >= 1, got {self.eval_batches}")
-        require(self.smooth_window is None or self.smooth_window >= 1, f"smooth_window must be >= 1 or null, got {self.smooth_window}")
-        require(0 < self.smooth_fraction <= 1, f"smooth_fraction must be in (0, 1], got {self.smooth_fraction}")
+        require(
+            self.smooth_window is None or self.smooth_window >= 1,
+            f"smooth_window must be >= 1 or null, got {self.smooth_window}",
+        )
+        require(
+            0 < self.smooth_fraction <= 1, f"smooth_fraction must be in (0, 1], got {self.smooth_fraction}"
+        )
         require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        require(self.threads is None or self.threads >= 1, f"threads must be >= 1 or null, got {self.threads}")
-        require(self.cpu_matmul in CPU_MATMULS, f"cpu_matmul must be one of {CPU_MATMULS}, got {self.cpu_matmul!r}")
+        require(
+            self.threads is None or self.threads >= 1, f"threads must be >= 1 or null, got {self.threads}"
+        )
+        require(
+            self.cpu_matmul in CPU_MATMULS,
+            f"cpu_matmul must be one of {CPU_MATMULS}, got {self.cpu_matmul!r}",
+        )
         require(bool(self.out_dir), "out_dir must be a folder path")
 
     @property
@@ -146,8 +182,9 @@ class TrainConfig:
         """The LR schedule as a multiplier of the peak for each step (torch's LambdaLR takes it)."""
         if self.schedule == "wsd":
             cooldown = max(1, round(self.cooldown_fraction * self.steps))
-            return WarmupStableDecay(self.steps, self.warmup_steps, cooldown, self.final_lr_fraction,
-                                     self.cooldown_shape)
+            return WarmupStableDecay(
+                self.steps, self.warmup_steps, cooldown, self.final_lr_fraction, self.cooldown_shape
+            )
         return WarmupCosine(self.steps, self.warmup_steps, self.final_lr_fraction)
 
     @property
@@ -165,7 +202,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "TrainConfig":
-        require(data is None or isinstance(data, dict), f"a training config must be a mapping, got {type(data).__name__}")
+        require(
+            data is None or isinstance(data, dict),
+            f"a training config must be a mapping, got {type(data).__name__}",
+        )
         data = dict(data or {})
         check_known_keys(cls, data, "training")
         if "model" in data:
@@ -202,7 +242,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         require(bool(sep) and bool(key), f"override {item!r} must look like key=value or model.key=value")
         value = yaml.safe_load(text) if text else None
         parts = key.split(".")
-        require(len(parts) <= 2 and (len(parts) == 1 or parts[0] == "model"), f"override key {key!r}: only model.<key> nests")
+        require(
+            len(parts) <= 2 and (len(parts) == 1 or parts[0] == "model"),
+            f"override key {key!r}: only model.<key> nests",
+        )
         if len(parts) == 2:
             data.setdefault("model", {})
             require(isinstance(data["model"], dict), "model must be a mapping")

@@ -25,11 +25,17 @@ def find_tokenizer(path: str | Path, train_cfg: dict, explicit: str | None = Non
     """The tokenizer a run used: --tokenizer, else the copy in the run folder, else its data_dir's."""
     path = Path(path)
     run_dir = path if path.is_dir() else path.parent
-    candidates = [Path(explicit)] if explicit else [run_dir / "tokenizer.json", Path(train_cfg["data_dir"]) / "tokenizer.json"]
+    candidates = (
+        [Path(explicit)]
+        if explicit
+        else [run_dir / "tokenizer.json", Path(train_cfg["data_dir"]) / "tokenizer.json"]
+    )
     for c in candidates:
         if c.is_file():
             return c
-    raise ConfigError(f"no tokenizer.json found (looked at {', '.join(map(str, candidates))}); pass --tokenizer PATH")
+    raise ConfigError(
+        f"no tokenizer.json found (looked at {', '.join(map(str, candidates))}); pass --tokenizer PATH"
+    )
 
 
 @torch.no_grad()

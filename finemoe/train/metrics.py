@@ -42,7 +42,7 @@ class MetricsLog:
                 continue
             if rec.get("step", math.inf) <= step:
                 keep.append(line)
-        write_text_atomic(self.path, "".join(l + "\n" for l in keep))
+        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def write(self, rec: dict[str, Any]) -> None:
         clean = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in rec.items()}

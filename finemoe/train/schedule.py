@@ -36,10 +36,17 @@ class WarmupCosine:
 
 
 class WarmupStableDecay:
-    """Linear warmup, the peak, then a linear or 1-sqrt decay that reaches `final_fraction` at the last step."""
+    """Linear warmup, the peak, then a linear or 1-sqrt decay that reaches `final_fraction` at the last
+    step."""
 
-    def __init__(self, total_steps: int, warmup_steps: int, cooldown_steps: int, final_fraction: float = 0.0,
-                 shape: str = "1-sqrt"):
+    def __init__(
+        self,
+        total_steps: int,
+        warmup_steps: int,
+        cooldown_steps: int,
+        final_fraction: float = 0.0,
+        shape: str = "1-sqrt",
+    ):
         if shape not in COOLDOWN_SHAPES:
             raise ValueError(f"cooldown shape must be one of {COOLDOWN_SHAPES}, got {shape!r}")
         self.total_steps = int(total_steps)

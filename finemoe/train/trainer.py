@@ -36,8 +36,17 @@ FINAL_NAME = "final.json"
 # Settings that may change between a run and its resumption without changing what it computes (the
 # thread count and the CPU matmul path change float rounding only).
 RESUMABLE_CHANGES = {
-    "out_dir", "data_dir", "device", "compile", "threads", "cpu_matmul", "eval_every", "ckpt_every", "deterministic",
-    "snapshot_steps", "init_from",
+    "out_dir",
+    "data_dir",
+    "device",
+    "compile",
+    "threads",
+    "cpu_matmul",
+    "eval_every",
+    "ckpt_every",
+    "deterministic",
+    "snapshot_steps",
+    "init_from",
 }
 # What a WSD branch may change against the stable run it starts from (the schedules are compared apart).
 BRANCH_CHANGES = RESUMABLE_CHANGES | {"tokens", "smooth_window"}
@@ -109,14 +118,20 @@ class _Run:
         for tf in (train, val):
             if tf is not None and tf.vocab_size > cfg.model.vocab_size:
                 raise DataError(
-                    f"{tf.path} uses a vocabulary of {tf.vocab_size} but model.vocab_size={cfg.model.vocab_size}; "
+                    f"{tf.path} uses a vocabulary of {tf.vocab_size} but "
+                    f"model.vocab_size={cfg.model.vocab_size}; "
                     f"set model.vocab_size to at least {tf.vocab_size}"
                 )
         train.check_fits(cfg.batch_size, cfg.seq_len)
         if cfg.batch_size % self.dist.world_size:
-            raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {self.dist.world_size} processes")
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} is not divisible by the {self.dist.world_size} processes"
+            )
         if val is not None and val.n_windows(cfg.seq_len) < self.dist.world_size:
-            raise DataError(f"{val.path} holds fewer than {self.dist.world_size} sequences of {cfg.seq_len + 1} tokens; use more validation text")
+            raise DataError(
+                f"{val.path} holds fewer than {self.dist.world_size} sequences of {cfg.seq_len + 1} tokens; "
+                "use more validation text"
+            )
         return train, val
 
     def _build(self) -> None:
@@ -136,7 +151,11 @@ class _Run:
             self.step_model = DDP(self.fwd, device_ids=ids)
         fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(
-            param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None
+            param_groups(self.model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            fused=fused or None,
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cfg.lr_multiplier())
 
@@ -144,7 +163,8 @@ class _Run:
         diff = config_diff(ckpt["config"], self.cfg, RESUMABLE_CHANGES)
         if diff:
             raise ConfigError(
-                f"{self.out / checkpoint.CKPT_NAME} was written with a different config ({', '.join(diff)} differ); "
+                f"{self.out / checkpoint.CKPT_NAME} was written with a different config ({', '.join(diff)} "
+                "differ); "
                 "resume with the same config or pick a new out_dir"
             )
         self.model.load_state_dict(ckpt["model"])
@@ -167,8 +187,10 @@ class _Run:
         ours, theirs = self.cfg.lr_multiplier(), parent.lr_multiplier()
         if diff or step >= self.cfg.steps or any(ours(s) != theirs(s) for s in range(step)):
             why = f"{', '.join(diff)} differ" if diff else "its LR schedule differs before the snapshot"
-            raise ConfigError(f"init_from {path} cannot start this run ({why}); branch only from a stable run of "
-                              "the same config, at or before this run's decay start")
+            raise ConfigError(
+                f"init_from {path} cannot start this run ({why}); branch only from a stable run of "
+                "the same config, at or before this run's decay start"
+            )
         self.model.load_state_dict(snap["model"])
         self.opt.load_state_dict(snap["optimizer"])
         self.sched.load_state_dict({**snap["scheduler"], "lr_lambdas": [None] * len(self.opt.param_groups)})
@@ -186,11 +208,15 @@ class _Run:
             record = json.loads(final_path.read_text())
             diff = config_diff(record.get("config") or {}, cfg, RESUMABLE_CHANGES)
             if diff:
-                raise ConfigError(f"{out} holds a finished run of a different config ({', '.join(diff)} differ); "
-                                  "train it with its own config or pick a new out_dir")
+                raise ConfigError(
+                    f"{out} holds a finished run of a different config ({', '.join(diff)} differ); "
+                    "train it with its own config or pick a new out_dir"
+                )
             return record
         if not resume and (final_path.exists() or ckpt_path.exists()):
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another out_dir")
+            raise ConfigError(
+                f"{out} already holds a run; pass --resume to continue it or choose another out_dir"
+            )
         self.train_data, self.val_data = self._open_data()
         self._build()
 
@@ -207,7 +233,10 @@ class _Run:
         distributed.barrier(self.dist)  # every rank has read the checkpoint before rank 0 rewrites it
         if main:
             ensure_dir(out, "run folder")
-            for stale in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:  # a kill mid-write leaves its temp file
+            for stale in [
+                *out.glob(".*.tmp"),
+                *out.glob("*/.*.tmp"),
+            ]:  # a kill mid-write leaves its temp file
                 stale.unlink(missing_ok=True)
             write_json_atomic(out / "config.json", cfg.to_dict())
             tok = Path(cfg.data_dir) / "tokenizer.json"
@@ -243,12 +272,21 @@ class _Run:
                     log.write(rec)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss_smooth']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+                    bar.set_postfix(
+                        loss=f"{rec['loss_smooth']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False
+                    )
                 if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                    self._save(done, list(smoother.losses), elapsed + time.perf_counter() - t_start, train_time)
+                    self._save(
+                        done, list(smoother.losses), elapsed + time.perf_counter() - t_start, train_time
+                    )
                 if done in cfg.snapshot_steps:
-                    self._save(done, list(smoother.losses), elapsed + time.perf_counter() - t_start, train_time,
-                               out / SNAPSHOT_DIR / f"step_{done}.pt")
+                    self._save(
+                        done,
+                        list(smoother.losses),
+                        elapsed + time.perf_counter() - t_start,
+                        train_time,
+                        out / SNAPSHOT_DIR / f"step_{done}.pt",
+                    )
         finally:
             if bar is not None:
                 bar.close()
@@ -258,8 +296,15 @@ class _Run:
         if status == "done" and start == cfg.steps:  # killed after the last checkpoint, before final.json
             val_loss = self.evaluate()
         trained = completed * cfg.tokens_per_step
-        record = self._record(status, smoother.value if status == "done" else math.nan, val_loss if status == "done" else None,
-                              trained, elapsed + time.perf_counter() - t_start, train_time, completed)
+        record = self._record(
+            status,
+            smoother.value if status == "done" else math.nan,
+            val_loss if status == "done" else None,
+            trained,
+            elapsed + time.perf_counter() - t_start,
+            train_time,
+            completed,
+        )
         if main:
             if status == "done":
                 save_pretrained(self.model, out / "model")
@@ -270,7 +315,9 @@ class _Run:
     def _step(self, step: int) -> dict[str, Any] | None:
         """One optimizer step; None if the loss or the gradient is not finite (the run diverged)."""
         cfg = self.cfg
-        x, y = self.train_data.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed, self.dist.rank, self.dist.world_size)
+        x, y = self.train_data.batch(
+            step, cfg.batch_size, cfg.seq_len, cfg.seed, self.dist.rank, self.dist.world_size
+        )
         x = torch.from_numpy(x).to(self.device, non_blocking=True)
         y = torch.from_numpy(y).to(self.device, non_blocking=True)
         lr = self.opt.param_groups[0]["lr"]
@@ -291,8 +338,13 @@ class _Run:
             return None
         self.opt.step()
         self.sched.step()
-        rec: dict[str, Any] = {"step": step + 1, "tokens": (step + 1) * cfg.tokens_per_step, "loss": loss_val, "lr": lr,
-                               "grad_norm": grad_norm.item()}
+        rec: dict[str, Any] = {
+            "step": step + 1,
+            "tokens": (step + 1) * cfg.tokens_per_step,
+            "loss": loss_val,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+        }
         for key in ("lb_loss", "z_loss"):
             if key in aux:
                 rec[key] = distributed.mean(aux[key].detach().float(), self.dist).item()
@@ -314,11 +366,15 @@ class _Run:
         for i in range(n_batches):
             x, y = self.val_data.batch(i, bs, cfg.seq_len, cfg.seed, d.rank, d.world_size)
             with self.autocast():
-                total += self.fwd(torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)).loss.float()
+                total += self.fwd(
+                    torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+                ).loss.float()
         self.model.train()
         return finite_or_none(distributed.mean(total / n_batches, d).item())
 
-    def _save(self, step: int, losses: list[float], elapsed: float, train_time: float, path: Path | None = None) -> None:
+    def _save(
+        self, step: int, losses: list[float], elapsed: float, train_time: float, path: Path | None = None
+    ) -> None:
         if self.dist.main:
             if path is not None:
                 ensure_dir(path.parent, "snapshot folder")
@@ -345,8 +401,16 @@ class _Run:
 
         return tqdm(total=self.cfg.steps, initial=start, unit="step", dynamic_ncols=True, desc=self.out.name)
 
-    def _record(self, status: str, train_loss: float, val_loss: float | None, tokens: int, wall: float,
-                train_time: float, completed: int):
+    def _record(
+        self,
+        status: str,
+        train_loss: float,
+        val_loss: float | None,
+        tokens: int,
+        wall: float,
+        train_time: float,
+        completed: int,
+    ):
         cfg, m = self.cfg, self.cfg.model
         trained_here = (completed - self.branched_at) * cfg.tokens_per_step
         moe = m.ffn == "moe"
@@ -374,7 +438,8 @@ class _Run:
             "wall_time_s": wall,
             "tokens_per_s": trained_here / train_time if train_time > 0 else None,
             "schedule": cfg.schedule,
-            "branched_at": self.branched_at,  # steps taken from a stable run's snapshot (0: trained from scratch)
+            # steps taken from a stable run's snapshot (0: trained from scratch)
+            "branched_at": self.branched_at,
             "tokens_trained_here": trained_here,
             "exact_params": exact_params(m)["total"],
             "world_size": self.dist.world_size,
