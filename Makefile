@@ -11,8 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export MALLOC_TOP_PAD_ ?= 268435456
-# This one backs malloc's heap with transparent huge pages (glibc >= 2.35; ignored elsewhere): ~40x
-# fewer faults while the heap grows; MoE/dense training tokens/s 0.91 against 0.82 (medians, bench_train.py).
+# This one backs malloc's heap with transparent huge pages (glibc >= 2.35; ignored elsewhere): far
+# fewer faults while the heap grows (docs/performance.md).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: venv test bench quickstart replicate replicate-isoflop clean

@@ -33,8 +33,6 @@ def test_user_prepared_tokens_are_used_as_they_are(tmp_path, monkeypatch):
 
 
 def test_quickstart_runs_everything_then_reuses_it(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("finemoe.scaling.fit")
-    pytest.importorskip("finemoe.report.plots")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(TESTS))
     _user_data(tmp_path / "data")
@@ -72,8 +70,6 @@ def test_quickstart_runs_everything_then_reuses_it(tmp_path, monkeypatch, capsys
 def test_real_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
     """The real thing: corpus from the registries, the built-in sweep on the real trainer (~10 min on 2
     cores)."""
-    for mod in ("finemoe.data.prepare", "finemoe.train.trainer", "finemoe.nn.moe", "finemoe.scaling.fit"):
-        pytest.importorskip(mod)
     monkeypatch.chdir(tmp_path)
     assert main(["quickstart"]) == 0
     assert "report:" in capsys.readouterr().out

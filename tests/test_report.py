@@ -144,8 +144,6 @@ def test_report_names_the_missing_columns(tmp_path, capsys):
 
 
 def test_report_recovers_known_law_and_writes_figures(tmp_path, capsys):
-    pytest.importorskip("finemoe.scaling.fit")
-    pytest.importorskip("finemoe.report.plots")
     store = tmp_path / "s.sqlite"
     _synthetic_store(store)
     csv = Store(store).export_csv(tmp_path / "runs.csv")

@@ -74,7 +74,6 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
 
 def test_moe_run_interrupted_and_resumed_is_bit_identical(tmp_path, monkeypatch):
-    pytest.importorskip("finemoe.nn.moe")
     from finemoe.train import trainer
 
     data = make_data(tmp_path / "data")

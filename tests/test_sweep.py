@@ -307,8 +307,6 @@ def test_cli_sweep_run_status_export(tmp_path, capsys, monkeypatch):
 
 
 def test_real_trainer_sweep(tmp_path):
-    pytest.importorskip("finemoe.train.trainer")
-    pytest.importorskip("finemoe.nn.moe")
     import numpy as np
 
     from finemoe.data.tokens import write_tokens

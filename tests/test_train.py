@@ -127,7 +127,6 @@ def test_moe_aux_losses_and_imbalance_are_used_and_logged(data, tmp_path, monkey
 
 
 def test_moe_run_end_to_end(data, tmp_path):
-    pytest.importorskip("finemoe.nn.moe")
     model = {"ffn": "moe", "expansion_rate": 4, "granularity": 2}
     rec = train(TrainConfig.from_dict(tiny_config(data, tmp_path / "run", steps=10, model=model)), quiet=True)
     assert rec["status"] == "done" and rec["granularity"] == 2 and rec["total_params"] > rec["active_params"]

@@ -7,7 +7,7 @@ round slows both sides), with its 25th-75th percentile spread; the times are med
 The first `warmup` rounds are untimed, and so are up to `settle` more while a round still page-faults:
 the allocator's heap grows during the first steps, and first touches of fresh memory are not the
 layer's cost in a long training run. At the G=16 shape, a process that starts there faults in
-hundreds of huge pages for a few steps (each step then 1.5-2.5x slower on a VM), where one that ran
+hundreds of huge pages for a few steps (each step then much slower on a VM), where one that ran
 the smaller G first has already touched them. Both sides are the modules the model
 uses: the dense FFN with its biases, the MoE layer with router and output LayerNorm, both with
 their matmuls on the chosen CPU path (`cpu_matmul`, finemoe.nn.linear). Gradients flow into the

@@ -16,13 +16,13 @@ GLIBC_MALLOC = {
     "MALLOC_MMAP_THRESHOLD_": "1073741824",
     "MALLOC_TRIM_THRESHOLD_": "4294967296",
     "MALLOC_TOP_PAD_": "268435456",
-    # transparent huge pages for the heap (glibc >= 2.35, ignored elsewhere): ~40x fewer page faults measured
+    # transparent huge pages for the heap (glibc >= 2.35, ignored elsewhere): far fewer page faults
     "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
 }
 # With more runnable threads than cores (a shared machine), OpenMP workers spinning at the end of
 # every parallel region steal the cores their peers need: a 2-thread MoE step with its many small
-# ops measured 1.3-1.6x slower than with sleeping workers, a dense FFN (six large GEMMs) hardly
-# changed. Applied to both sides; on a quiet machine the cost is a few microseconds per region.
+# ops runs markedly slower than with sleeping workers (docs/performance.md), a dense FFN (six large
+# GEMMs) hardly changes. Applied to both sides; on a quiet machine the cost is a few microseconds per region.
 OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 REEXEC_MARK = "FINEMOE_BENCH_REEXEC"
 

@@ -5,11 +5,11 @@ gathered, the output gradient gathered, the input gradient per slot), G times th
 and read each back from memory in two batched matmuls; at G=16 that traffic is most of the layer's
 excess over a dense FFN. The kernels gather each expert's block into a per-thread tile that stays in
 cache for the matmuls reading it, and gather the tokens again in the backward rather than keeping
-them (activation memory at the benchmark's G=16 shape: 67 MB kept instead of 335 MB). The matmuls are
+them (a fifth of the unfused path's activation memory; docs/performance.md). The matmuls are
 MKL's sgemm, the one torch's bmm runs, so a dense layer and the MoE layer still share their GEMM.
 
-torch.utils.cpp_extension compiles them the first time a process needs them (about 10 s; then
-cached on disk, rebuilt when the source changes). Where that cannot work (no C++ compiler, a torch
+torch.utils.cpp_extension compiles them the first time a process needs them (then cached on disk,
+rebuilt when the source changes). Where that cannot work (no C++ compiler, a torch
 built without MKL, or FINEMOE_CPU_KERNELS=0 in the environment) the layer runs its unfused PyTorch
 path, with one warning saying why when a build was tried and failed.
 """

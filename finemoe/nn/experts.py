@@ -6,7 +6,7 @@ Two layouts of the routed (expert, token) slots:
   oneDNN path, finemoe.nn.linear: the slots stored [C, n_experts] and grouped 1x1 convolutions
   instead of the bmms but for the weight gradients);
 - sorted by expert with per-expert counts (Token Choice): two grouped GEMMs (`F.grouped_mm`) on
-  GPU; elsewhere (CPU, where grouped_mm runs one mm per expert with a 2-4x slower backward, or
+  GPU; elsewhere (CPU, where grouped_mm runs one mm per expert with a slower backward, or
   unaligned rows) the experts, by load, in a few runs each padded to its heaviest expert (zero
   gates on the padding), stored one after another: one gather, one bmm per run, one combine.
 
@@ -30,9 +30,9 @@ from torch import nn
 
 from finemoe.config import ModelConfig
 from finemoe.nn import cpu_kernels
+from finemoe.nn.activations import ACT
 from finemoe.nn.init import trunc_normal_
 from finemoe.nn.linear import conv_linear, onednn_applies
-from finemoe.nn.model import ACT
 from finemoe.nn.routing import Slots
 
 
@@ -54,7 +54,7 @@ class Dispatch:
         """`tokens` [n_pairs]: the tokens of the routed pairs in expert-major order (ascending within an
         expert), `slot_ids` their slots; padding slots, if any, appear in `idx` only. Without them
         every slot of `idx` is a routed pair. A stable sort of such runs of ascending tokens is
-        cheap (a few ms for 10^5 pairs)."""
+        cheap (docs/performance.md)."""
         if tokens is None:
             tokens, slot_ids = idx, torch.arange(idx.numel(), device=idx.device)
         perm = slot_ids[torch.argsort(tokens, stable=True)]
@@ -77,8 +77,8 @@ class Dispatch:
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """out[t] = sum of the slots of token t, each times weights[slot] if given. embedding_bag
-        reduces each token's slots in one pass, parallel over tokens: 2-3x faster on CPU than
-        index_add_ with unsorted indices, and weighting costs it nothing measurable."""
+        reduces each token's slots in one pass, parallel over tokens: faster on CPU than index_add_ with
+        unsorted indices (docs/performance.md), and weighting costs it nothing measurable."""
         w = None if weights is None else weights.index_select(0, self.perm)
         return F.embedding_bag(self.perm, y, self.offsets, mode="sum", per_sample_weights=w)
 
@@ -101,8 +101,8 @@ def gather_rows(x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
 
 class _PermuteExperts(torch.autograd.Function):
     """w[order] for a permutation `order` of the experts; the backward gathers by the inverse
-    permutation instead of adding into zeros. Advanced indexing, not index_select: on these few
-    large rows index_select measured 4x slower (2-D) to 40x slower (3-D) on 2 cores."""
+    permutation instead of adding into zeros. Advanced indexing, not index_select, which is slow on
+    these few large rows (docs/performance.md)."""
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -187,9 +187,9 @@ class RunsMM:
 
 class ConvMM:
     """Fixed capacity, capacity-major: x [C, n*k] (slot c of every expert in one row) times w[e] for
-    each expert's k columns, as grouped 1x1 convolutions: oneDNN's kernels, forward 1.4-1.9x faster
-    than MKL's bmm on some CPUs (benchmarks/bench_cpu_gemm.py). The weight gradient stays a bmm
-    (oneDNN's grouped weight gradient measured slower)."""
+    each expert's k columns, as grouped 1x1 convolutions: oneDNN's kernels, faster than MKL's bmm on
+    some CPUs (docs/performance.md). The weight gradient stays a bmm (oneDNN's grouped weight
+    gradient is slower)."""
 
     def __init__(self, n_experts: int):
         self.n = n_experts
@@ -296,8 +296,32 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
+def fast_path(experts: "Experts", x: torch.Tensor, slots: Slots) -> torch.Tensor:
+    """The default kernel: fixed-capacity slots (Expert Choice) or expert-sorted ones (Token Choice),
+    each on the fastest path that applies to the tensors at hand."""
+    return experts.capacity(x, slots) if slots.counts is None else experts.sorted(x, slots)
+
+
+def padded_slots(slots: Slots, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots as [n_experts, C] token ids and gates: as they are for fixed capacity; expert-sorted
+    slots padded to the busiest expert's count, padding pointing at token 0 with gate 0."""
+    if slots.counts is None:
+        return slots.idx, slots.gates
+    counts = slots.counts
+    C = int(counts.max()) if counts.numel() else 0
+    expert = torch.repeat_interleave(torch.arange(n_experts, device=counts.device), counts)
+    pos = torch.arange(slots.idx.numel(), device=counts.device) - (torch.cumsum(counts, 0) - counts)[expert]
+    idx = slots.idx.new_zeros(n_experts, C).index_put((expert, pos), slots.idx)
+    gates = slots.gates.new_zeros(n_experts, C).index_put((expert, pos), slots.gates)
+    return idx, gates
+
+
 class Experts(nn.Module):
-    """n_experts = E*G bias-free FFNs of width d_ff/G, weights stacked for batched matmuls."""
+    """n_experts = E*G bias-free FFNs of width d_ff/G, weights stacked for batched matmuls.
+
+    `forward` hands the work to `self.kernel`, the one place a fast path is chosen (`fast_path` by
+    default); `reference` is the plain computation each of them is tested against.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -313,6 +337,21 @@ class Experts(nn.Module):
         # Expert Choice on fp32 CPU runs the fused kernels (finemoe.nn.cpu_kernels) where they
         # apply; False keeps the unfused path.
         self.use_cpu_kernels = True
+        self.kernel = fast_path
+
+    def forward(self, x: torch.Tensor, slots: Slots) -> torch.Tensor:
+        """x [N, d] (the tokens, flattened) and their routed slots -> the gated sum of expert outputs."""
+        return self.kernel(self, x, slots)
+
+    def reference(self, x: torch.Tensor, slots: Slots) -> torch.Tensor:
+        """Gather each slot's token, two batched matmuls around the activation, scale by the gate, add
+        into the token: what every fast path computes, in plain PyTorch."""
+        idx, gates = padded_slots(slots, self.w1.shape[0])
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            h = self.act(torch.bmm(x.to(dtype)[idx], self.w1.to(dtype)))
+            y = torch.bmm(h, self.w2.to(dtype)) * gates.to(dtype).unsqueeze(-1)
+            return x.new_zeros(x.shape, dtype=dtype).index_add(0, idx.reshape(-1), y.reshape(-1, x.shape[-1]))
 
     def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.w1.to(dtype), self.w2.to(dtype)
@@ -399,7 +438,7 @@ class Experts(nn.Module):
 
     def _grouped_ok(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         """grouped_mm needs 16-byte aligned row strides. On CPU it runs one mm per expert and its
-        backward is 2-4x slower than bmm (measured), so the padded bmm path is the default there."""
+        backward is slower than bmm (docs/performance.md), so the padded bmm path is the default there."""
         if self.use_grouped_mm is False:
             return False
         size = torch.empty((), dtype=dtype).element_size()

@@ -1,8 +1,8 @@
 """Linear maps with an opt-in fp32 CPU path through oneDNN.
 
 torch's nn.Linear runs on MKL's sgemm on CPU. On some CPUs oneDNN's JIT kernels, which torch uses for
-convolutions, run the same fp32 products about twice as fast: on an AVX-512 AMD EPYC (2 cores) a dense
-FFN fwd+bwd took 278 ms against 556 (`python benchmarks/bench_cpu_gemm.py`). A linear map is a 1x1
+convolutions, run the same fp32 products up to twice as fast (docs/performance.md; check a machine
+with `python benchmarks/bench_cpu_gemm.py`). A linear map is a 1x1
 convolution whose spatial axis is the rows, and in channels-last memory that view of a [rows, k]
 tensor is free, so `linear` reaches those kernels with torch's own convolution backward.
 

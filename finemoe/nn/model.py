@@ -21,10 +21,10 @@ from torch import nn
 from finemoe.config import ModelConfig
 from finemoe.errors import ConfigError
 from finemoe.io import atomic_path, ensure_dir, write_json_atomic
+from finemoe.nn.activations import ACT
 from finemoe.nn.init import trunc_normal_
 from finemoe.nn.linear import Linear
-
-ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+from finemoe.nn.moe import MoE
 
 
 @dataclass
@@ -89,8 +89,6 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         if moe:
-            from finemoe.nn.moe import MoE  # only MoE models need the routing code
-
             self.ffn = MoE(cfg)
         else:
             self.ffn = DenseFFN(cfg)

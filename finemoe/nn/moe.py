@@ -54,7 +54,7 @@ class MoE(nn.Module):
 
         k = ec_tokens_per_expert(B, cfg.expansion_rate, cfg.capacity_factor) if cfg.routing == "ec" else None
         if k is not None:
-            y = self.experts.capacity(xf, expert_choice(probs, k))
+            y = self.experts(xf, expert_choice(probs, k))
             aux["load"] = torch.full((n,), 1.0 / n, device=x.device)  # every expert fills T*k slots
         else:
             if cfg.routing == "ec":
@@ -64,7 +64,7 @@ class MoE(nn.Module):
             else:
                 top = cfg.k_tokens_choice
             slots, _ = token_choice(probs.view(B * T, n), top)
-            y = self.experts.sorted(xf, slots)
+            y = self.experts(xf, slots)
             if cfg.routing == "tc":
                 aux["lb_loss"] = switch_lb_loss(probs, slots.counts)
             aux["load"] = (slots.counts.float() / slots.counts.sum()).detach()

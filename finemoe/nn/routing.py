@@ -88,11 +88,10 @@ def _top_k_dim0(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Overwrites p (the caller's scratch copy).
 
     k passes of a max-reduction over the leading axis, each vectorised across the contiguous
-    trailing axes, and a scatter of -inf over each pick; topk over a [T*n, B] permuted copy spends
-    ~150 ns per tiny row instead (11 vs 4 ms for k=2 at the layer benchmark's G=16 shape on 2 CPU
-    cores). The lowest index among equal maxima is an amax of reversed ranks, as max(dim) with
-    indices is slower along dim 0; bool masks are kept out of the full-size passes (each bool
-    where/masked_fill costs 3-4 times an arithmetic pass on CPU).
+    trailing axes, and a scatter of -inf over each pick; topk over a [T*n, B] permuted copy is slower
+    on its many tiny rows (docs/performance.md). The lowest index among equal maxima is an amax of
+    reversed ranks, as max(dim) with indices is slower along dim 0; bool masks are kept out of the
+    full-size passes (each bool where/masked_fill costs several arithmetic passes on CPU).
     """
     B = p.shape[0]
     rank_dtype = torch.int16 if B < 2**15 else torch.int32

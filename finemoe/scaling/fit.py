@@ -391,7 +391,7 @@ def fit(
     of the runs to hold out (e.g. `pts.largest_budget()`). `derived(law_object)` maps a fitted law to
     named quantities (e.g. optimal G at a budget) whose bootstrap percentiles are reported beside the
     coefficients'."""
-    # Thousands of tiny solves: threaded BLAS inside L-BFGS-B only adds contention (10-50x slower on a
+    # Thousands of tiny solves: threaded BLAS inside L-BFGS-B only adds contention (much slower on a
     # busy machine), so run single-threaded; bootstrap refits are the unit of parallelism, not BLAS.
     with threadpool_limits(1):
         return _fit(
