@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from finemoe.benchmarks import allocator_settings  # noqa: E402
 from finemoe.config import CPU_MATMULS  # noqa: E402
-from finemoe.nn.experts import BatchedMM, ConvMM, _ExpertMM  # noqa: E402
-from finemoe.nn.linear import conv_linear  # noqa: E402
+from finemoe.kernels.cpu_matmul import conv_linear  # noqa: E402
+from finemoe.kernels.expert_mm import BatchedMM, ConvMM, ExpertMM  # noqa: E402
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -109,8 +109,8 @@ def _cases(d_model: int, tokens: int, granularity: int, expansion_rate: int) -> 
     dye = torch.randn(n, C, w, generator=g)
     # the layer's own two paths: bmm, and grouped convolutions with the weight gradient by bmm
     fns = (
-        lambda: _ExpertMM.apply(xe, we, BatchedMM()),
-        lambda: _ExpertMM.apply(xc.view(C, n * d), wc, ConvMM(n)),
+        lambda: ExpertMM.apply(xe, we, BatchedMM()),
+        lambda: ExpertMM.apply(xc.view(C, n * d), wc, ConvMM(n)),
     )
     expert = dict(
         fns=fns,

@@ -8,7 +8,7 @@ per token plus 14 per router weight; it leaves out the output head and attention
 every matmul FLOP the model executes (finemoe.accounting.exact_flops_per_token), which is what a plain
 GPT's "fraction of GEMM peak" means. The first step of each round (allocator warm-up) is not timed;
 every figure is a median over timed steps (and over GEMM repeats). `--cpu-matmul mkl onednn` trains
-each model on both CPU linear paths (finemoe.nn.linear), each divided by its own path's GEMM peak.
+each model on both CPU linear paths (finemoe.kernels.cpu_matmul), each divided by its own path's GEMM peak.
 
     python benchmarks/bench_train.py                    # d_model 256, 4 blocks, seq 256, batch 16
     python benchmarks/bench_train.py --granularity 16 --expansion-rate 16 --json
@@ -34,8 +34,8 @@ from finemoe.accounting import exact_flops_per_token  # noqa: E402
 from finemoe.benchmarks import allocator_settings  # noqa: E402
 from finemoe.config import CPU_MATMULS, ModelConfig  # noqa: E402
 from finemoe.data.tokens import write_tokens  # noqa: E402
-from finemoe.nn.linear import cpu_matmul as linear_path  # noqa: E402
-from finemoe.nn.linear import linear  # noqa: E402
+from finemoe.kernels.cpu_matmul import cpu_matmul as linear_path  # noqa: E402
+from finemoe.kernels.cpu_matmul import linear  # noqa: E402
 from finemoe.train.config import TrainConfig  # noqa: E402
 from finemoe.train.trainer import train  # noqa: E402
 
@@ -234,7 +234,8 @@ def main(argv=None) -> int:
         nargs="+",
         choices=CPU_MATMULS,
         default=["mkl"],
-        help="CPU linear paths to train each model on (finemoe.nn.linear); the first is the reference",
+        help="CPU linear paths to train each model on (finemoe.kernels.cpu_matmul); the first is the "
+        "reference",
     )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)

@@ -14,7 +14,7 @@ FFN_KINDS = ("moe", "dense")
 ROUTINGS = ("ec", "tc")
 POS_EMBS = ("learned", "rope")
 ACTIVATIONS = ("relu", "gelu", "silu")
-CPU_MATMULS = ("mkl", "onednn")  # fp32 CPU matmul paths (finemoe.nn.linear); a training setting
+CPU_MATMULS = ("mkl", "onednn")  # fp32 CPU matmul paths (finemoe.kernels.cpu_matmul); a training setting
 
 
 # Beyond these a model cannot be built on any machine we know of; the check names the field instead of

@@ -1,4 +1,4 @@
-"""The fused Expert Choice CPU kernels (finemoe.nn.cpu_kernels) against the unfused path and the slow
+"""The fused Expert Choice CPU kernels (finemoe.kernels.cpu_fused) against the unfused path and the slow
 reference, and the layer's fallback when they cannot be built."""
 
 import contextlib
@@ -10,7 +10,7 @@ from test_moe import _assert_matches_reference, _cfg, _grads
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from finemoe.benchmarks.op_times import op_kind
-from finemoe.nn import cpu_kernels
+from finemoe.kernels import cpu_fused as cpu_kernels
 from finemoe.nn.moe import MoE
 
 

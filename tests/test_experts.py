@@ -2,16 +2,16 @@
 
 Each case takes a different path through `fast_path` (asserted by spying on what it ran): the fused
 CPU kernels, the unfused batched matmuls, a non-ReLU activation, the oneDNN convolutions, Token
-Choice's padded runs, its grouped GEMM, its runs one by one under oneDNN, and bf16 autocast.
+Choice's padded buckets, its grouped GEMM, its buckets one by one under oneDNN, and bf16 autocast.
 """
 
 import pytest
 import torch
 
 from finemoe.config import ModelConfig
-from finemoe.nn import cpu_kernels
+from finemoe.kernels import cpu_fused, paths
+from finemoe.kernels.cpu_matmul import cpu_matmul
 from finemoe.nn import experts as X
-from finemoe.nn.linear import cpu_matmul
 from finemoe.nn.routing import expert_choice, token_choice
 
 CASES = {  # name: (routing, model overrides, experts attributes, cpu matmul, autocast, the path it must take)
@@ -19,9 +19,9 @@ CASES = {  # name: (routing, model overrides, experts attributes, cpu matmul, au
     "ec-unfused": ("ec", {}, {"use_cpu_kernels": False}, "mkl", False, "BatchedMM"),
     "ec-gelu": ("ec", {"activation": "gelu"}, {}, "mkl", False, "BatchedMM"),
     "ec-onednn": ("ec", {}, {}, "onednn", False, "ConvMM"),
-    "tc-runs": ("tc", {}, {}, "mkl", False, "RunsMM"),
+    "tc-buckets": ("tc", {}, {}, "mkl", False, "BucketsMM"),
     "tc-grouped": ("tc", {}, {"use_grouped_mm": True}, "mkl", False, "GroupedMM"),
-    "tc-onednn-runs": ("tc", {}, {}, "onednn", False, "ConvMM"),
+    "tc-onednn-buckets": ("tc", {}, {}, "onednn", False, "ConvMM"),
     "ec-bf16": ("ec", {}, {}, "mkl", True, "BatchedMM"),
 }
 
@@ -38,7 +38,7 @@ def test_fast_path_matches_the_reference(name, monkeypatch):
     routing, over, attrs, matmul, bf16, path = CASES[name]
     if matmul == "onednn" and not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN")
-    if path == "fused" and not cpu_kernels.available():
+    if path == "fused" and not cpu_fused.available():
         pytest.skip("no C++ compiler here: the fused kernels cannot build")
     cfg = ModelConfig(d_model=32, expansion_rate=4, granularity=4, seq_len=8, **over)
     torch.manual_seed(0)
@@ -50,11 +50,11 @@ def test_fast_path_matches_the_reference(name, monkeypatch):
     logits = torch.randn(B * T, cfg.n_experts)
 
     taken = []
-    for cls in ("BatchedMM", "ConvMM", "RunsMM", "GroupedMM"):
-        orig = getattr(X, cls)
-        monkeypatch.setattr(X, cls, lambda *a, _o=orig, _n=cls, **k: taken.append(_n) or _o(*a, **k))
-    fused = cpu_kernels.FusedExpertChoice.apply
-    monkeypatch.setattr(cpu_kernels.FusedExpertChoice, "apply", lambda *a: taken.append("fused") or fused(*a))
+    for cls in ("BatchedMM", "ConvMM", "BucketsMM", "GroupedMM"):
+        orig = getattr(paths, cls)
+        monkeypatch.setattr(paths, cls, lambda *a, _o=orig, _n=cls, **k: taken.append(_n) or _o(*a, **k))
+    fused = cpu_fused.FusedExpertChoice.apply
+    monkeypatch.setattr(cpu_fused.FusedExpertChoice, "apply", lambda *a: taken.append("fused") or fused(*a))
 
     def run(fn):
         m.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""The opt-in oneDNN path of finemoe.nn.linear: same values and gradients as F.linear, used only
+"""The opt-in oneDNN path of finemoe.kernels.cpu_matmul: same values and gradients as F.linear, used only
 where it applies, and selected per process (restored by the context, set by the trainer)."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from finemoe.config import ModelConfig
-from finemoe.nn import linear as L
+from finemoe.kernels import cpu_matmul as L
 from finemoe.nn.model import Transformer
 
 

@@ -247,7 +247,7 @@ def test_gpu_matches_cpu(routing):
 
 
 def test_token_choice_skewed_load_uses_overflow_batch_and_matches_reference():
-    from finemoe.nn.experts import _pad_buckets
+    from finemoe.kernels.dispatch import pad_buckets
 
     torch.manual_seed(0)
     m = MoE(_cfg(routing="tc", expansion_rate=4, granularity=2))
@@ -256,13 +256,13 @@ def test_token_choice_skewed_load_uses_overflow_batch_and_matches_reference():
     x = torch.randn(4, 5, 16) + 1.0
     probs = m.router(x).softmax(-1).view(20, -1)
     slots, _ = token_choice(probs, 2)
-    assert int(slots.counts[0]) == 20 and len(list(_pad_buckets(slots).parts())) >= 2
+    assert int(slots.counts[0]) == 20 and len(list(pad_buckets(slots).parts())) >= 2
     _assert_matches_reference(m, x, torch.randn(4, 5, 16))
 
 
 def test_token_choice_with_idle_experts_matches_reference():
     """Experts that no token picks form an empty run: zero weight gradients, nothing else touched."""
-    from finemoe.nn.experts import _pad_buckets
+    from finemoe.kernels.dispatch import pad_buckets
 
     torch.manual_seed(1)
     m = MoE(_cfg(routing="tc", expansion_rate=4, granularity=2))
@@ -272,7 +272,7 @@ def test_token_choice_with_idle_experts_matches_reference():
     x = torch.randn(4, 5, 16).abs()
     probs = m.router(x).softmax(-1).view(20, -1)
     slots, _ = token_choice(probs, 2)
-    runs = _pad_buckets(slots)
+    runs = pad_buckets(slots)
     assert (slots.counts[4:] == 0).all() and 0 in runs.caps
     _assert_matches_reference(m, x, torch.randn(4, 5, 16))
     assert m.experts.w1.grad[4:].abs().sum() == 0 and m.experts.w2.grad[4:].abs().sum() == 0
@@ -281,13 +281,13 @@ def test_token_choice_with_idle_experts_matches_reference():
 def test_bucket_cuts_minimise_padded_slots():
     import itertools
 
-    from finemoe.nn.experts import _bucket_cuts
+    from finemoe.kernels.dispatch import bucket_cuts
 
     torch.manual_seed(0)
     for _ in range(20):
         c = sorted(torch.randint(0, 30, (7,)).tolist(), reverse=True)
         for k in (1, 2, 3):
-            cuts = _bucket_cuts(c, k)
+            cuts = bucket_cuts(c, k)
             assert cuts[0] == 0 and cuts[-1] == len(c) and len(cuts) - 1 <= k
 
             def padded(cs, c=c):
@@ -302,7 +302,7 @@ def test_bucket_cuts_minimise_padded_slots():
 
 
 def _random_dispatch(n_tokens, n_slots, seed=0):
-    from finemoe.nn.experts import Dispatch
+    from finemoe.kernels.dispatch import Dispatch
 
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n_tokens, (n_slots,), generator=g)
@@ -324,7 +324,7 @@ def _gated_output_reference(h, w2, gates, dispatch, offs):
 
 
 def test_gated_output_backward_matches_autograd_fixed_capacity():
-    from finemoe.nn.experts import BatchedMM, _GatedOutput
+    from finemoe.kernels.expert_mm import BatchedMM, GatedOutput
 
     torch.manual_seed(0)
     n, C, w, d, N = 3, 4, 5, 6, 7
@@ -333,7 +333,7 @@ def test_gated_output_backward_matches_autograd_fixed_capacity():
     gates = torch.rand(n, C, dtype=torch.double, requires_grad=True)
     dispatch = _random_dispatch(N, n * C)
     args = (h, w2, gates)
-    fn = lambda h, w2, g: _GatedOutput.apply(h, w2, g, dispatch, BatchedMM())  # noqa: E731
+    fn = lambda h, w2, g: GatedOutput.apply(h, w2, g, dispatch, BatchedMM())  # noqa: E731
     torch.testing.assert_close(fn(*args), _gated_output_reference(*args, dispatch, None))
     assert torch.autograd.gradcheck(fn, args)
 
@@ -341,7 +341,7 @@ def test_gated_output_backward_matches_autograd_fixed_capacity():
 def test_gated_output_grouped_matches_autograd():
     """The grouped-GEMM layout (rows sorted by expert); grouped_mm has no float64, so compared in
     float32 against the plain-autograd sum."""
-    from finemoe.nn.experts import GroupedMM, _GatedOutput
+    from finemoe.kernels.expert_mm import GatedOutput, GroupedMM
 
     torch.manual_seed(0)
     w, d, N = 8, 8, 7
@@ -352,7 +352,7 @@ def test_gated_output_grouped_matches_autograd():
     dispatch = _random_dispatch(N, 12)
     dout = torch.randn(N, d)
     got = torch.autograd.grad(
-        _GatedOutput.apply(h, w2, gates, dispatch, GroupedMM(offs)), (h, w2, gates), dout
+        GatedOutput.apply(h, w2, gates, dispatch, GroupedMM(offs)), (h, w2, gates), dout
     )
     ref = torch.autograd.grad(_gated_output_reference(h, w2, gates, dispatch, offs), (h, w2, gates), dout)
     for a, b in zip(got, ref):
@@ -362,14 +362,14 @@ def test_gated_output_grouped_matches_autograd():
 def test_gated_output_zero_gate_gives_zero_not_nan():
     """An underflowed softmax gate (or a padding slot) of exactly 0: no NaN, and 0 is what the
     softmax backward would multiply that gate's gradient by anyway."""
-    from finemoe.nn.experts import BatchedMM, _GatedOutput
+    from finemoe.kernels.expert_mm import BatchedMM, GatedOutput
 
     torch.manual_seed(0)
     h = torch.randn(2, 3, 4).relu().requires_grad_(True)
     w2 = torch.randn(2, 4, 5, requires_grad=True)
     gates = torch.tensor([[0.5, 0.0, 0.2], [0.0, 1.0, 0.3]], requires_grad=True)
     dispatch = _random_dispatch(4, 6)
-    out = _GatedOutput.apply(h, w2, gates, dispatch, BatchedMM())
+    out = GatedOutput.apply(h, w2, gates, dispatch, BatchedMM())
     torch.testing.assert_close(out, _gated_output_reference(h, w2, gates, dispatch, None))
     out.backward(torch.randn_like(out))
     assert torch.isfinite(gates.grad).all() and torch.isfinite(h.grad).all()
@@ -379,7 +379,7 @@ def test_gated_output_zero_gate_gives_zero_not_nan():
 def test_capacity_major_convolution_layout_matches_expert_major():
     """The oneDNN layout (slots [C, n], grouped 1x1 convolutions) computes the expert-major sum; in
     float64 (torch's non-oneDNN convolution) so gradcheck can check its backward too."""
-    from finemoe.nn.experts import ConvMM, _ExpertMM, _GatedOutput
+    from finemoe.kernels.expert_mm import ConvMM, ExpertMM, GatedOutput
 
     torch.manual_seed(0)
     n, C, k, w, d, N = 3, 4, 6, 5, 6, 7
@@ -391,27 +391,27 @@ def test_capacity_major_convolution_layout_matches_expert_major():
     w1 = torch.randn(n, k, w, dtype=torch.double, requires_grad=True)
     h = torch.bmm(xe, w1).relu()
     xc = xe.transpose(0, 1).reshape(C, n * k).requires_grad_(True)
-    hc = _ExpertMM.apply(xc, w1, ConvMM(n))
+    hc = ExpertMM.apply(xc, w1, ConvMM(n))
     torch.testing.assert_close(hc.view(C, n, w).transpose(0, 1), torch.bmm(xe, w1))
-    assert torch.autograd.gradcheck(lambda a, b: _ExpertMM.apply(a, b, ConvMM(n)), (xc, w1))
+    assert torch.autograd.gradcheck(lambda a, b: ExpertMM.apply(a, b, ConvMM(n)), (xc, w1))
 
     h = h.detach().requires_grad_(True)
     w2 = torch.randn(n, w, d, dtype=torch.double, requires_grad=True)
     gates = torch.rand(n, C, dtype=torch.double, requires_grad=True)
     ref = _gated_output_reference(h, w2, gates, dispatch, None)
     hc = h.detach().transpose(0, 1).reshape(C, n * w).requires_grad_(True)
-    fn = lambda hc, w2, g: _GatedOutput.apply(hc, w2, g.t(), cm, ConvMM(n))  # noqa: E731
+    fn = lambda hc, w2, g: GatedOutput.apply(hc, w2, g.t(), cm, ConvMM(n))  # noqa: E731
     torch.testing.assert_close(fn(hc, w2, gates), ref)
     assert torch.autograd.gradcheck(fn, (hc, w2, gates))
 
 
 def test_in_place_relu_backward_matches_autograd():
-    from finemoe.nn.experts import _ReLU
+    from finemoe.kernels.expert_mm import InplaceReLU
 
     torch.manual_seed(0)
     a = torch.randn(3, 4, 5, dtype=torch.double, requires_grad=True)
     # in place on its input, as on a matmul's output in the layer: give it a non-leaf
-    assert torch.autograd.gradcheck(lambda a: _ReLU.apply(a.clone()), (a,))
+    assert torch.autograd.gradcheck(lambda a: InplaceReLU.apply(a.clone()), (a,))
 
 
 def test_z_loss_from_probs_matches_logsumexp_value_and_gradient():

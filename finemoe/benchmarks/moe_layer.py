@@ -10,7 +10,7 @@ layer's cost in a long training run. At the G=16 shape, a process that starts th
 hundreds of huge pages for a few steps (each step then much slower on a VM), where one that ran
 the smaller G first has already touched them. Both sides are the modules the model
 uses: the dense FFN with its biases, the MoE layer with router and output LayerNorm, both with
-their matmuls on the chosen CPU path (`cpu_matmul`, finemoe.nn.linear). Gradients flow into the
+their matmuls on the chosen CPU path (`cpu_matmul`, finemoe.kernels.cpu_matmul). Gradients flow into the
 input as they do inside a model.
 
 With `breakdown`, a few more steps per layer run with every op timed (finemoe.benchmarks.op_times),
@@ -34,7 +34,7 @@ from finemoe.accounting import moe_ffn_matmul_ratio
 from finemoe.benchmarks import allocator_settings
 from finemoe.benchmarks.op_times import step_breakdown
 from finemoe.config import ModelConfig
-from finemoe.nn.linear import cpu_matmul as linear_path
+from finemoe.kernels.cpu_matmul import cpu_matmul as linear_path
 from finemoe.nn.model import DenseFFN
 from finemoe.nn.moe import MoE
 

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 KINDS = ("expert matmuls", "other matmuls", "gather/combine", "other ops", "unattributed")
 
 _MATMULS = {"mm", "addmm", "addbmm"}
-# the fused CPU kernels (finemoe.nn.cpu_kernels) count here with the gathers inside them
+# the fused CPU kernels (finemoe.kernels.cpu_fused) count here with the gathers inside them
 _EXPERT_MATMULS = {"bmm", "baddbmm", "_grouped_mm", "gather_mm", "expert_backward"}
 _CONVOLUTIONS = {"convolution", "_convolution", "convolution_backward", "mkldnn_convolution"}
 _GATHERS = {

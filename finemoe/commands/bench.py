@@ -68,7 +68,7 @@ def register(sub) -> None:
         choices=CPU_MATMULS,
         default="mkl",
         help="fp32 CPU matmuls of both sides (dense FFN; router, experts): torch's MKL or oneDNN "
-        "(finemoe.nn.linear)",
+        "(finemoe.kernels.cpu_matmul)",
     )
     m.add_argument(
         "--breakdown",

@@ -21,9 +21,9 @@ from torch import nn
 from finemoe.config import ModelConfig
 from finemoe.errors import ConfigError
 from finemoe.io import atomic_path, ensure_dir, write_json_atomic
+from finemoe.kernels.cpu_matmul import Linear
 from finemoe.nn.activations import ACT
 from finemoe.nn.init import trunc_normal_
-from finemoe.nn.linear import Linear
 from finemoe.nn.moe import MoE
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from finemoe.kernels.cpu_matmul import linear
 from finemoe.nn.init import trunc_normal_
-from finemoe.nn.linear import linear
 
 
 class Router(nn.Module):

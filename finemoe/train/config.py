@@ -66,7 +66,7 @@ class TrainConfig:
     dtype: str = "auto"  # fp32 on CPU, bf16 autocast on CUDA
     compile: bool = False
     threads: int | None = None  # torch intra-op threads; None: torch's default
-    cpu_matmul: str = "mkl"  # fp32 CPU matmuls: torch's MKL sgemm, or oneDNN (finemoe.nn.linear)
+    cpu_matmul: str = "mkl"  # fp32 CPU matmuls: torch's MKL sgemm, or oneDNN (finemoe.kernels.cpu_matmul)
     deterministic: bool = False  # torch.use_deterministic_algorithms (CPU runs are reproducible anyway)
 
     def __post_init__(self) -> None:

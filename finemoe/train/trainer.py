@@ -26,7 +26,7 @@ from finemoe.accounting import exact_params, paper_counts
 from finemoe.data.tokens import TokenFile
 from finemoe.errors import ConfigError, DataError
 from finemoe.io import ensure_dir, write_json_atomic
-from finemoe.nn.linear import cpu_matmul
+from finemoe.kernels.cpu_matmul import cpu_matmul
 from finemoe.nn.model import Transformer, save_pretrained
 from finemoe.train import checkpoint, distributed
 from finemoe.train.config import TrainConfig

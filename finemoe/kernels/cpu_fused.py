@@ -93,7 +93,7 @@ class FusedExpertChoice(torch.autograd.Function):
     """out = combine over slots of gates * (relu(x[idx] @ w1) @ w2), with the fused kernels.
 
     idx/gates [n, C] (expert-major fixed capacity); `dispatch` has the combine (per-token segmented
-    sum, finemoe.nn.experts.Dispatch). The forward's first matmul gathers in tiles; the second and
+    sum, finemoe.kernels.dispatch.Dispatch). The forward's first matmul gathers in tiles; the second and
     the combine are bmm and embedding_bag as on the unfused path. The backward is one kernel for
     all four matmuls and the gate gradient, then the combine of the input gradient.
     """

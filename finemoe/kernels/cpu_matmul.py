@@ -11,7 +11,7 @@ torch.backends flags, because it is a property of the machine, not of the model:
 or the `cpu_matmul(...)` context (the trainer's `cpu_matmul` setting). It applies to fp32 CPU
 tensors outside autocast with more than one torch thread (with one, torch runs 1x1 convolutions
 on a slower non-oneDNN kernel); everything else goes to F.linear. The experts' fixed-capacity
-matmuls follow the same switch (finemoe.nn.experts: grouped convolutions).
+matmuls follow the same switch (finemoe.kernels.expert_mm.ConvMM: grouped convolutions).
 """
 
 from __future__ import annotations
