@@ -262,3 +262,16 @@ def test_fit_reads_several_tables_and_holds_out_the_largest_budget(tmp_path, cap
     assert res["holdout"]["rmse"] < 0.05
     assert main(["fit", str(tmp_path / "old.csv"), "--holdout-budget"]) == 2
     assert "needs an iso-FLOP sweep" in capsys.readouterr().err
+
+
+def test_the_report_flags_the_mini_fit_and_draws_no_plan_from_it(tmp_path, capsys):
+    from pathlib import Path
+
+    mini = Path(__file__).resolve().parents[1] / "experiments" / "mini" / "results.csv"
+    out = run_json(capsys, "report", str(mini), "--out", str(tmp_path), "--bootstrap", "0")
+    assert out["degenerate"] and "c=" in out["flags"]["moe"][0] and "sits at 0" in out["flags"]["moe"][0]
+    md = (tmp_path / "report.md").read_text()
+    assert "No plan is drawn from the fitted law: the fit is degenerate" in md and "fitted here" not in md
+    assert "fixed at the paper's (`fit --prior paper`)" in md  # held-out RMSE with and without the prior
+    coeffs = json.loads((tmp_path / "coefficients.json").read_text())
+    assert coeffs["fit"]["moe"]["degenerate"] and coeffs["fit"]["moe"]["flags"] == out["flags"]["moe"]

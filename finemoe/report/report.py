@@ -548,11 +548,20 @@ def fitted_coefficients(moe_res, dense_res, E: int, source: str):
 
 
 def _plan_section(fitted, o: ReportOptions) -> str:
+    """The planner under the fitted law beside the paper's; a degenerate fit gets no plan, only why."""
     from finemoe.scaling import plan as P
     from finemoe.scaling.laws import load_coefficients
+    from finemoe.scaling.trust import coefficient_flags, plan_extrapolation
 
-    sets = []
-    if fitted is not None:
+    sets, withheld = [], ""
+    flags = coefficient_flags(fitted) if fitted is not None else {}
+    if fitted is not None and any(flags.values()):
+        why = "; ".join(f"{law}: {'; '.join(f)}" for law, f in flags.items() if f)
+        withheld = (
+            f"No plan is drawn from the fitted law: the fit is degenerate ({why}). Borrow the exponents "
+            "(`finemoe fit --prior paper`) or add runs at more sizes and token counts.\n\n"
+        )
+    elif fitted is not None:
         E = fitted.expansion_rate
         sets.append((f"fitted here (E={E})", fitted, P.Settings(expansion_rate=E)))
     paper = load_coefficients(o.paper_coefficients)
@@ -576,19 +585,23 @@ def _plan_section(fitted, o: ReportOptions) -> str:
                     _num(c.moe.loss, ".3f"),
                     _num(c.dense_flops_multiple, ".2f") + "×" if c.dense_flops_multiple else "–",
                 ]
+                if coeffs is fitted:
+                    ext = plan_extrapolation(coeffs, F, c.moe.total_params, c.moe.tokens)
+                    row.append(f"{ext['factor']:.3g}×" if ext else "–")
             except (FinemoeError, ValueError, ArithmeticError) as e:
-                row += ["–", "–", "–", f"({str(e)[:40]})", "–"]
+                row += ["–", "–", "–", f"({str(e)[:40]})", "–"] + (["–"] if coeffs is fitted else [])
         rows.append(row)
     header = ["FLOPs"]
-    for name, _, _ in sets:
-        header += [f"G ({name})", "N_act", "D", "loss", "dense ×"]
+    for name, coeffs, _ in sets:
+        header += [f"G ({name})", "N_act", "D", "loss", "dense ×"] + (
+            ["× largest run"] if coeffs is fitted else []
+        )
     note = (
         "Compute-optimal (N, D, G) per budget (d_model = 64·n_blocks, G over powers of two). "
-        "'dense ×' is the dense compute needed to reach the MoE optimum's loss. A law fitted on a few "
-        "small runs is extrapolated far outside its data here: read its column as what the fit implies, "
-        "not as a prediction."
+        "'dense ×' is the dense compute needed to reach the MoE optimum's loss. '× largest run' is the "
+        "budget over the largest fitted run's FLOPs: past 100× a law fitted on small runs is a guess."
     )
-    return note + "\n\n" + _table(header, rows)
+    return withheld + note + "\n\n" + _table(header, rows)
 
 
 # -- assembly ------------------------------------------------------------------------------------

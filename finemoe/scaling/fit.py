@@ -522,8 +522,11 @@ def _bootstrap(spec, law, pts, fixed, obj, theta, n, frac, percentiles, seed, de
     """Refits on resamples of whole groups with replacement (the paper's code resamples runs; a group is
     a run unless branches share a stable run), each resample `frac` of the groups."""
     rng = np.random.default_rng(seed)
-    labels, members = np.unique(pts.group, return_inverse=True)
-    by_group = [np.flatnonzero(members == i) for i in range(len(labels))]
+    # groups in order of first appearance: with one run per group this resamples exactly as the
+    # paper's code does (the same draws from the same seed)
+    labels, first, members = np.unique(pts.group, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    by_group = [np.flatnonzero(members == i) for i in order]
     size = max(1, int(round(frac * len(labels))))
     rows: list[dict[str, float]] = []
     draws: list[dict[str, float]] = []
