@@ -1,8 +1,9 @@
-"""WSD runs (and cooldown branches) against the mini grid's cosine runs of the same size, G and D.
+"""WSD runs (and cooldown branches) against the mini grid's cosine runs of the same size, G and D,
+and against the same cosine runs with twice the peak LR (lr_check.csv).
 
-    python experiments/isoflop/compare_wsd.py      # reads wsd_check.csv and ../mini/results.csv
+    python experiments/isoflop/compare_wsd.py      # reads wsd_check.csv, lr_check.csv, ../mini/results.csv
 
-Prints a Markdown table; the check is |WSD - cosine| <= 0.02 nats in validation loss.
+Prints Markdown tables; the check is |WSD - cosine| <= 0.02 nats in validation loss.
 """
 
 from __future__ import annotations
@@ -54,7 +55,28 @@ def main() -> int:
         f"\nbranches started from snapshots: {saved / 1e6:.2f}M of {trained / 1e6:.2f}M tokens not trained "
         "again"
     )
+    lr2 = HERE / "lr_check.csv"
+    if lr2.is_file():
+        fast = load_runs(lr2)
+        fast = fast[fast.status == "done"]
+        print("\n| run | D | cosine, lr 1e-3 (mini) | cosine, lr 2e-3 | WSD, lr 1e-3 |")
+        print("|---|---|---|---|---|")
+        for r in fast.itertuples():
+            same = [_match(t, r, key) for t in (cos, wsd)]
+            if any(m is None for m in same):
+                continue
+            kind = "dense" if r.ffn == "dense" else f"G={int(r.granularity)}"
+            print(
+                f"| {int(r.d_model)}x{int(r.n_blocks)} {kind} | {r.tokens / 1e6:.2f}M | "
+                f"{same[0].val_loss:.4f} | {r.val_loss:.4f} | {same[1].val_loss:.4f} |"
+            )
     return 0
+
+
+def _match(table, row, key):
+    for k in key:
+        table = table[table[k] == getattr(row, k)]
+    return None if table.empty else table.iloc[0]
 
 
 if __name__ == "__main__":
