@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -41,6 +42,12 @@ def ensure_dir(path: str | os.PathLike, what: str = "folder", probe: bool = Fals
                 f"cannot write in {what} {path} ({e.strerror or e}); choose another location"
             ) from None
     return path
+
+
+def finite_or_none(x: Any) -> Any:
+    """JSON and SQLite have no NaN or infinity: a non-finite float (a diverged loss) becomes None;
+    anything else is returned as it is."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def read_text(path: str | os.PathLike, what: str = "file") -> str:

@@ -8,6 +8,8 @@ import math
 import sys
 from typing import Any, Callable
 
+from finemoe.io import finite_or_none
+
 
 def add_json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -33,7 +35,7 @@ def strict_json(x: Any) -> Any:
     if isinstance(x, (str, bool, int)) or x is None:
         return x
     if isinstance(x, float):
-        return x if math.isfinite(x) else None
+        return finite_or_none(x)
     if hasattr(x, "tolist"):  # numpy / torch arrays and scalars
         return strict_json(x.tolist())
     if hasattr(x, "item"):

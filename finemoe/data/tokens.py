@@ -101,7 +101,3 @@ class TokenFile:
         starts = windows * (seq_len + 1)
         rows = np.stack([np.asarray(self.tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
         return rows[:, :-1], rows[:, 1:]
-
-    def epochs_for(self, total_tokens: int, seq_len: int) -> float:
-        """How many passes over the file a run of total_tokens makes (> 1 means data repeats)."""
-        return total_tokens / max(1, self.n_windows(seq_len) * seq_len)

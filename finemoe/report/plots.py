@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Sequence
 
 import matplotlib
@@ -17,10 +18,12 @@ from finemoe.io import atomic_path  # noqa: E402
 from finemoe.scaling import plan as P  # noqa: E402
 
 
-def _save(fig, path) -> None:
+def save_figure(fig, path) -> Path:
+    """A figure as PNG, written atomically, and closed (pyplot keeps every open figure alive)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return Path(path)
 
 
 def _budget_grid(marks: Sequence[float], lo=1e18, hi=1e26, n=41) -> np.ndarray:
@@ -166,7 +169,7 @@ def plan_figure(coeffs, s: P.Settings, marks: Sequence[float], path) -> None:
     loss_vs_flops(a, coeffs, s, _budget_grid(marks), marks)
     iso = list(marks) if len(marks) > 1 else [marks[0] / 100, marks[0], marks[0] * 100]
     isoflop_over_g(b, coeffs.require("moe"), s, iso)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def savings_figure(coeffs, s: P.Settings, marks: Sequence[float], path) -> None:
@@ -174,13 +177,13 @@ def savings_figure(coeffs, s: P.Settings, marks: Sequence[float], path) -> None:
     grid = _budget_grid(marks)
     loss_vs_flops(a, coeffs, s, grid)
     compute_multiples(b, coeffs, s, grid, marks)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def fit_figure(res, path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     pred_vs_obs(ax, res)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def fan_figure(coeffs, s: P.Settings, flops: float, path, span: float = 1e4, n: int = 9) -> None:
@@ -217,4 +220,4 @@ def fan_figure(coeffs, s: P.Settings, flops: float, path, span: float = 1e4, n: 
         f"compute-optimal plan over {bands[len(bands) // 2]['n_draws'] if bands[len(bands) // 2] else 0} "
         f"bootstrap draws of {coeffs.name}"
     )
-    _save(fig, path)
+    save_figure(fig, path)

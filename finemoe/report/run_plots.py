@@ -15,15 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from finemoe.io import atomic_path  # noqa: E402
+from finemoe.report.plots import save_figure  # noqa: E402
 from finemoe.units import count  # noqa: E402
-
-
-def _save(fig, path: str | Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
 
 
 def loss_vs_granularity(df, groups: list[dict], path: str | Path, loss: str = "train_loss") -> Path:
@@ -71,7 +64,7 @@ def loss_vs_granularity(df, groups: list[dict], path: str | Path, loss: str = "t
         ax.set_title(f"d={d}, {n} blocks, N_act {count(nact)}\n(dashed: dense at the same D)", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def loss_vs_flops(df, path: str | Path, loss: str = "train_loss") -> Path:
@@ -96,7 +89,7 @@ def loss_vs_flops(df, path: str | Path, loss: str = "train_loss") -> Path:
     ax.set_title("observed loss vs compute")
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def isoflop_curves(runs, res: dict, path: str | Path, loss: str = "train_loss") -> Path:
@@ -150,4 +143,4 @@ def isoflop_curves(runs, res: dict, path: str | Path, loss: str = "train_loss") 
     ax.set_title("does the best G grow with compute?", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from finemoe.errors import DataError
-from finemoe.io import ensure_dir
+from finemoe.io import ensure_dir, finite_or_none
 
 STATUSES = ("pending", "running", "done", "diverged", "failed")
 FINAL = ("done", "diverged")  # a re-run skips these; failed runs are retried
@@ -121,12 +121,6 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):
         return False
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 class Store:
@@ -276,7 +270,7 @@ class Store:
         status = record.get("status", "done")
         if status not in FINAL:
             raise DataError(f"run {run_id}: trainer returned status {status!r}, expected one of {FINAL}")
-        flat = {k: _finite(record.get(k)) for k in RECORD_COLUMNS}
+        flat = {k: finite_or_none(record.get(k)) for k in RECORD_COLUMNS}
         error = record.get("error")
         if status == "diverged" and not error:
             error = f"diverged: non-finite loss or gradient after {record.get('steps')} steps"

@@ -8,14 +8,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from finemoe.io import write_text_atomic
+from finemoe.io import finite_or_none, write_text_atomic
 
 METRICS_NAME = "metrics.jsonl"
-
-
-def finite_or_none(x: float | None) -> float | None:
-    """JSON has no NaN/inf: a diverged value is recorded as null."""
-    return x if x is not None and math.isfinite(x) else None
 
 
 class MetricsLog:

@@ -25,12 +25,12 @@ from torch import nn
 from finemoe.accounting import exact_params, paper_counts
 from finemoe.data.tokens import TokenFile
 from finemoe.errors import ConfigError, DataError
-from finemoe.io import ensure_dir, write_json_atomic
+from finemoe.io import ensure_dir, finite_or_none, write_json_atomic
 from finemoe.kernels.cpu_matmul import cpu_matmul
 from finemoe.nn.model import Transformer, save_pretrained
 from finemoe.train import checkpoint, distributed
 from finemoe.train.config import TrainConfig
-from finemoe.train.metrics import METRICS_NAME, MetricsLog, Smoother, finite_or_none, imbalance
+from finemoe.train.metrics import METRICS_NAME, MetricsLog, Smoother, imbalance
 
 FINAL_NAME = "final.json"
 # Settings that may change between a run and its resumption without changing what it computes (the
