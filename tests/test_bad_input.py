@@ -251,8 +251,8 @@ CASES = [
     ("fit results.csv --plot folder", "is a folder"),
     ("fit results.csv --law dense", "pass --holdout-best 0"),
     ("fit results.csv --holdout-budget", "needs an iso-FLOP sweep"),
-    ("fit nonutf8.txt", "not a CSV with a header row"),
-    ("fit foreign.sqlite", "cannot read table 'runs'"),
+    ("fit nonutf8.txt", "neither a SQLite store nor a readable CSV"),
+    ("fit foreign.sqlite", "has no readable 'runs' table"),
     ("fit results.csv --bootstrap -1", "--bootstrap must be >= 0"),
     # report and quickstart: checked before anything is written
     ("report results.csv --out rep --coefficients bogus", "not a published set"),

@@ -8,9 +8,7 @@ stable run and its cooldown branches are one group to the bootstrap).
 
 from __future__ import annotations
 
-import csv
 import math
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -21,28 +19,11 @@ from finemoe.scaling.fit import Points
 LOSS_COLUMNS = ("train_loss", "val_loss")
 
 
-def read_table(path: str | Path) -> list[dict[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"results {path}: no such file; pass a runs CSV or the sweep's SQLite store")
-    with open(path, "rb") as f:
-        magic = f.read(16)
-    if magic == b"SQLite format 3\x00":
-        try:
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-            con.row_factory = sqlite3.Row
-            try:
-                rows = [dict(r) for r in con.execute("SELECT * FROM runs")]
-            finally:
-                con.close()
-        except sqlite3.Error as e:
-            raise DataError(f"results {path}: cannot read table 'runs' from the SQLite store ({e})") from None
-        return rows
-    try:
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"results {path}: not a CSV with a header row nor a SQLite store ({e})") from None
+def read_table(path: str | Path) -> list[dict]:
+    """The rows of a results store or CSV, through the store's reader (finemoe.sweep.store.load_runs)."""
+    from finemoe.sweep.store import load_runs
+
+    return load_runs(path, require_status=False).to_dict("records")
 
 
 def _column(path, rows: list[dict], col: str) -> np.ndarray:
@@ -127,10 +108,12 @@ def _unique_runs(path, rows: list[dict], loss_column: str) -> list[dict]:
 
 
 def _as_number(v):
+    """For comparing two rows' results: numbers as floats, a missing one (NaN, empty) as None."""
     try:
-        return float(v)
+        v = float(v)
     except (TypeError, ValueError):
         return v
+    return None if math.isnan(v) else v
 
 
 def run_groups(rows: list[dict]) -> np.ndarray:

@@ -408,8 +408,9 @@ def _is_sqlite(path: Path) -> bool:
         return f.read(16) == b"SQLite format 3\x00"
 
 
-def load_runs(path: str | os.PathLike):
-    """The runs of a store (.sqlite/.db) or of an exported CSV as a pandas DataFrame."""
+def load_runs(path: str | os.PathLike, require_status: bool = True):
+    """The runs of a store (.sqlite/.db) or of an exported CSV as a pandas DataFrame: the one reader
+    behind fit, report and export. A hand-made CSV for `fit` may leave out `status` (require_status=False)."""
     import pandas as pd
 
     p = Path(path)
@@ -434,6 +435,6 @@ def load_runs(path: str | os.PathLike):
         raise DataError(
             f"{p} is neither a SQLite store nor a readable CSV ({e.__class__.__name__})"
         ) from None
-    if "status" not in df.columns:
+    if require_status and "status" not in df.columns:
         raise DataError(f"{p} has no 'status' column; export it with `finemoe sweep export` or add one")
     return df
