@@ -239,6 +239,7 @@ CASES = [
     ("plan --flops 1e20 --plot folder", "is a folder"),
     ("savings --flops 1e20 --plot folder", "is a folder"),
     ("plan --flops 1e20 --write-config folder", "is a folder"),
+    ("plan --paper-table --write-config x.yaml", "does not apply to --paper-table"),
     ("plan --flops 1e20 --coefficients nonutf8.txt", "cannot read JSON"),
     ("plan --flops 1e20 --coefficients missing.json", "not a published set"),
     ("plan --flops 1e20 --coefficients coeffs_bad.json", "must be finite and non-negative"),
@@ -254,6 +255,7 @@ CASES = [
     ("fit nonutf8.txt", "neither a SQLite store nor a readable CSV"),
     ("fit foreign.sqlite", "has no readable 'runs' table"),
     ("fit results.csv --bootstrap -1", "--bootstrap must be >= 0"),
+    ("fit results.csv --law granularity --prior paper", "apply to the moe and dense laws"),
     # report and quickstart: checked before anything is written
     ("report results.csv --out rep --coefficients bogus", "not a published set"),
     ("report results.csv --out rep --discussion nonutf8.txt", "is not UTF-8 text"),

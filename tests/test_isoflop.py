@@ -55,7 +55,28 @@ def test_on_the_paper_law_the_best_g_grows_and_moe_beats_dense():
     assert band["p10"] <= band["p50"] <= band["p90"]
 
 
-def test_noise_widens_the_bands_and_the_bootstrap_keeps_groups():
+def test_the_bootstrap_draws_whole_groups(monkeypatch):
+    runs = synthetic()
+    sizes = {g: int((runs.group == g).sum()) for g in set(runs.group)}
+    assert set(sizes.values()) == {
+        3
+    }  # a (size, FFN) at each of three budgets: one stable run and two branches
+    drawn = []
+    take = I.IsoRuns.take
+
+    def spy(self, idx):
+        drawn.append(self.group[idx])
+        return take(self, idx)
+
+    monkeypatch.setattr(I.IsoRuns, "take", spy)
+    I.analyse(runs, bootstrap=4)
+    assert len(drawn) == 4
+    for groups in drawn:
+        labels, counts = np.unique(groups, return_counts=True)
+        assert np.all(counts % 3 == 0) and len(groups) == len(runs.group)
+
+
+def test_noise_widens_the_bands():
     quiet = I.analyse(synthetic(noise=0.0), bootstrap=30)["bootstrap"]["curves"]["1e+13/G0"]["loss"]
     noisy = I.analyse(synthetic(noise=0.02), bootstrap=30)["bootstrap"]["curves"]["1e+13/G0"]["loss"]
     assert noisy["p90"] - noisy["p10"] > quiet["p90"] - quiet["p10"]
@@ -131,3 +152,5 @@ def test_report_draws_iso_flop_curves_and_answers_the_question(tmp_path):
         "**Does the best G grow with compute?** Yes in these runs: G=8 at 1e+12 FLOPs, G=16 at 1e+14." in md
     )
     assert (out / "isoflop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # its content: tests/test_plots.py
+    assert main(["report", str(path), "--out", str(tmp_path / "nb"), "--bootstrap", "0"]) == 0
+    assert "(no bootstrap: no interval)" in (tmp_path / "nb" / "report.md").read_text()

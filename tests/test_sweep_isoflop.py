@@ -79,12 +79,34 @@ def test_branches_make_the_longest_run_the_parent_of_each_group(tmp_path):
 
 def test_snapshot_settings_do_not_change_run_ids(tmp_path):
     branched = specmod.expand(_raw(tmp_path))
-    plain = specmod.expand(_raw(tmp_path, branches=False, train={**_raw(tmp_path)["train"]}))
-    # ids differ only through the shared warmup that branching fixes; the snapshot paths are not identity
     assert len({r.run_id for r in branched.runs}) == len(branched.runs)
     moved = specmod.expand(_raw(tmp_path, runs_dir=str(tmp_path / "elsewhere")))
-    assert [r.run_id for r in moved.runs] == [r.run_id for r in branched.runs]
-    assert len(plain.runs) == len(branched.runs)
+    assert [r.run_id for r in moved.runs] == [r.run_id for r in branched.runs]  # init_from paths moved
+    for r in branched.runs:
+        changed = {**r.config, "snapshot_steps": [7, 9], "init_from": "x.pt", "out_dir": "y"}
+        assert specmod.config_hash(changed) == r.run_id
+        assert specmod.config_hash({**r.config, "lr": 0.5}) != r.run_id  # what it computes is its id
+
+
+def test_the_same_run_listed_twice_is_one_run_with_every_snapshot(tmp_path):
+    sizes = [
+        {"d_model": 64, "n_blocks": 1, "tokens": [64 * 1000, 64 * 250]},
+        {"d_model": 64, "n_blocks": 1, "tokens": [64 * 1000, 64 * 500]},
+    ]
+    s = specmod.expand(_raw(tmp_path, sizes=sizes, granularities=[], dense=True))
+    assert len(s.runs) == 3
+    parent, *branches = s.runs
+    steps = sorted(TrainConfig.from_dict(b.config).decay_start for b in branches)
+    assert parent.config["snapshot_steps"] == steps and all(b.parent == parent.run_id for b in branches)
+
+
+def test_an_explicit_null_warmup_still_gets_the_shared_one(tmp_path):
+    train = {**_raw(tmp_path)["train"], "warmup_tokens": None}
+    s = specmod.expand(_raw(tmp_path, train=train))
+    for r in s.runs:
+        if r.parent:
+            parent = next(p for p in s.runs if p.run_id == r.parent)
+            assert r.config["warmup_tokens"] == parent.config["warmup_tokens"] is not None
 
 
 @pytest.mark.parametrize(

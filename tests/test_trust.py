@@ -275,3 +275,9 @@ def test_the_report_flags_the_mini_fit_and_draws_no_plan_from_it(tmp_path, capsy
     assert "fixed at the paper's (`fit --prior paper`)" in md  # held-out RMSE with and without the prior
     coeffs = json.loads((tmp_path / "coefficients.json").read_text())
     assert coeffs["fit"]["moe"]["degenerate"] and coeffs["fit"]["moe"]["flags"] == out["flags"]["moe"]
+
+
+def test_without_flops_the_factor_is_the_plans_n_times_d_over_the_largest_runs():
+    data = trust.data_range(np.array([1e7, 1e6]), np.array([1e7, 1e8]))
+    ext = trust.extrapolation(0, 1e7, 1e8, data)  # 10x the largest run's N·D (1e14), though N and D are seen
+    assert ext["factor"] == pytest.approx(10) and ext["warning"].startswith("beyond the fitted runs")

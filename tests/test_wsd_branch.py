@@ -111,3 +111,28 @@ def test_a_branch_refuses_a_snapshot_of_another_config(tmp_path):
     snap = str(tmp_path / "parent" / "snapshots" / "step_30.pt")
     with pytest.raises(ConfigError, match="lr differ"):
         _train(tiny_config(data, tmp_path / "b", steps=40, init_from=snap, **{**wsd, "lr": 1e-3}))
+
+
+def test_init_from_a_foreign_file_or_a_later_step_is_one_line(tmp_path):
+    data = make_data(tmp_path / "data")
+    foreign = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(ConfigError, match="is not a finemoe snapshot"):
+        _train(tiny_config(data, tmp_path / "a", steps=20, init_from=str(foreign), threads=1))
+    wsd = {"schedule": "wsd", "cooldown_fraction": 0.25, "warmup_tokens": 4 * 16 * 3, "threads": 1}
+    _train(tiny_config(data, tmp_path / "parent", steps=80, snapshot_steps=[50], **wsd))
+    with pytest.raises(ConfigError, match="past this run's 40 steps"):
+        _train(
+            tiny_config(
+                data,
+                tmp_path / "b",
+                steps=40,
+                **wsd,
+                init_from=str(tmp_path / "parent" / "snapshots" / "step_50.pt"),
+            )
+        )
+
+
+def test_a_warmup_longer_than_the_run_is_refused():
+    with pytest.raises(ConfigError, match="longer than the run"):
+        TrainConfig(tokens=4096 * 10, warmup_tokens=4096 * 100)

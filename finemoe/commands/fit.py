@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--holdout-best must be in [0, 1), got {args.holdout_best}")
     check_outputs(args.out, args.plot)
     fixed = fixed_coefficients(args.law, args.fix, args.prior, args.fix_c)
-    if args.law == "granularity" and (args.bootstrap or fixed):
+    if args.law == "granularity" and (args.bootstrap or fixed or args.prior):
         raise ConfigError(
             "--bootstrap, --fix, --fix-c and --prior apply to the moe and dense laws, not to --law "
             "granularity"
@@ -239,12 +239,11 @@ def fixed_coefficients(
     import math
 
     from finemoe.errors import ConfigError
-    from finemoe.scaling.laws import load_coefficients
+    from finemoe.scaling.laws import prior_exponents
 
     fixed: dict[str, float] = {}
     if prior is not None and law in ("moe", "dense"):
-        published = getattr(load_coefficients(prior), law)
-        fixed.update({k: getattr(published, k) for k in ("gamma", "alpha", "beta") if hasattr(published, k)})
+        fixed.update(prior_exponents(prior, law))
     for item in pairs:
         name, sep, text = item.partition("=")
         try:

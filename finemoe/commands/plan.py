@@ -135,6 +135,12 @@ def _plan_dict(P) -> dict:
 def run(args: argparse.Namespace) -> int:
     from finemoe.scaling import plan as P
 
+    if args.paper_table and args.write_config:
+        from finemoe.errors import ConfigError
+
+        raise ConfigError(
+            "--write-config writes the plan for one --flops budget; it does not apply to --paper-table"
+        )
     check_outputs(args.plot, args.write_config)
     coeffs, s = load_law_args(args)
     if args.paper_table:

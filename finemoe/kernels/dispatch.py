@@ -153,9 +153,7 @@ class Buckets:
 def pad_buckets(slots: Slots, max_buckets: int = 4) -> Buckets:
     """Sorted (dropless) slots -> a few fixed-capacity problems with little padding.
 
-    (A fixed loop of at most `max_buckets` batched problems, each over many experts.)
-
-    Padding every expert to the largest count wastes a third of the expert matmuls at a typical load
+    Padding every expert to the largest count wastes much of the expert matmuls under load
     imbalance, so the experts, ordered by load, are cut into buckets each padded to its heaviest
     expert (far less padding than one bucket for all). Padding slots point at token 0
     with gate 0, so they add nothing.

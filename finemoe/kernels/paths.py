@@ -128,7 +128,7 @@ def buckets_one_by_one(
 def grouped_ok(experts, x: torch.Tensor, dtype: torch.dtype) -> bool:
     """grouped_mm needs 16-byte aligned row strides. On CPU it runs one mm per expert and its
     backward is slower than bmm (docs/performance.md), so the padded bmm path is the default there."""
-    if experts.use_grouped_mm is False:
+    if experts.use_grouped_mm is False or not hasattr(F, "grouped_mm"):  # torch without it (before 2.10)
         return False
     size = torch.empty((), dtype=dtype).element_size()
     d, w = experts.w1.shape[1], experts.w1.shape[2]

@@ -246,12 +246,11 @@ def degenerate(res) -> str | None:
 def _prior_comparison(pts, law: str, res, o: ReportOptions) -> str:
     """Held-out RMSE of the free fit against one that borrows the paper's exponents (Choshen et al. 2024)."""
     from finemoe.scaling.fit import fit
-    from finemoe.scaling.laws import load_coefficients
+    from finemoe.scaling.laws import prior_exponents
 
     if not res.holdout:
         return ""
-    published = getattr(load_coefficients("paper"), law)
-    fixed = {k: getattr(published, k) for k in ("gamma", "alpha", "beta") if hasattr(published, k)}
+    fixed = prior_exponents("paper", law)
     if o.fix_c is not None:
         fixed["c"] = o.fix_c
     try:
@@ -519,8 +518,12 @@ def _isoflop_section(done, out: Path, o: ReportOptions, E: int) -> str | None:
             f"**Does the best G grow with compute?** {verdict.capitalize()} in these runs: "
             f"G={gr['best_at_smallest']} "
             f"at {gr['smallest_budget']:.3g} FLOPs, G={gr['best_at_largest']} at {gr['largest_budget']:.3g}. "
-            f"It grows in {gr['share_of_draws_growing']:.0%} of the bootstrap draws and shrinks in "
-            f"{gr['share_of_draws_shrinking']:.0%}."
+            + (
+                f"It grows in {gr['share_of_draws_growing']:.0%} of the bootstrap draws and shrinks in "
+                f"{gr['share_of_draws_shrinking']:.0%}."
+                if gr["share_of_draws_growing"] is not None
+                else "(no bootstrap: no interval)"
+            )
         )
     text.append(
         "'dense FLOPs to match' is the compute the dense optimum needs to reach the best MoE's optimal loss "

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from finemoe.report.plots import save_figure  # noqa: E402
+from finemoe.scaling.isoflop import parabola  # noqa: E402
 from finemoe.units import count  # noqa: E402
 
 
@@ -110,8 +111,9 @@ def isoflop_curves(runs, res: dict, path: str | Path, loss: str = "train_loss") 
             order = np.argsort(x)
             name = "dense" if G == 0 else f"G={G}"
             ax.plot(x[order], y[order], "o", color=color, label=name, ms=4)
-            if len(np.unique(x)) >= 3:
-                a, b, c = np.polyfit(np.log(x), y, 2)
+            coef = parabola(x, y)
+            if coef is not None:
+                a, b, c = coef
                 xs = np.geomspace(x.min(), x.max(), 40)
                 ax.plot(
                     xs, a * np.log(xs) ** 2 + b * np.log(xs) + c, "--" if G == 0 else "-", color=color, lw=1

@@ -50,12 +50,22 @@ class Optimum:
     n_sizes: int
 
 
-def parabola_optimum(active_params: Sequence[float], loss: Sequence[float]) -> Optimum | None:
-    """Least-squares loss = a·x² + b·x + c with x = ln N_act; None unless 3+ sizes and a > 0 (a minimum)."""
+def parabola(active_params: Sequence[float], loss: Sequence[float]) -> tuple[float, float, float] | None:
+    """Least-squares loss = a·x² + b·x + c with x = ln N_act; None with fewer than 3 sizes."""
     x, y = np.log(np.asarray(active_params, float)), np.asarray(loss, float)
     if len(np.unique(x)) < 3:
         return None
     a, b, c = np.polyfit(x, y, 2)
+    return float(a), float(b), float(c)
+
+
+def parabola_optimum(active_params: Sequence[float], loss: Sequence[float]) -> Optimum | None:
+    """The minimum of `parabola`; None unless it has one (3+ sizes and a > 0)."""
+    coef = parabola(active_params, loss)
+    if coef is None:
+        return None
+    a, b, c = coef
+    x = np.log(np.asarray(active_params, float))
     if not a > 0:
         return None
     x0 = -b / (2 * a)

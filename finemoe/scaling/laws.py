@@ -133,6 +133,12 @@ def coefficients_from_dict(data: Any, where: str = "coefficients") -> Coefficien
     )
 
 
+def prior_exponents(name: str, law: str) -> dict[str, float]:
+    """The exponents a published set gives `law` (`fit --prior`): what small runs cannot identify."""
+    published = getattr(load_coefficients(name), law)
+    return {k: getattr(published, k) for k in ("gamma", "alpha", "beta") if hasattr(published, k)}
+
+
 def load_coefficients(spec: str) -> CoefficientSet:
     """A published set by name (`paper`, `paper-precise`, ...) or a JSON file path."""
     if spec in PUBLISHED:

@@ -69,6 +69,7 @@ def data_range(N, D, flops=None) -> dict[str, float]:
         "max_tokens": float(np.max(D)),
         "min_tokens": float(np.min(D)),
     }
+    out["max_params_tokens"] = float(np.max(np.asarray(N, float) * np.asarray(D, float)))
     if flops is not None and np.isfinite(flops).any():
         out["max_flops"] = float(np.nanmax(flops))
     return out
@@ -77,12 +78,20 @@ def data_range(N, D, flops=None) -> dict[str, float]:
 def extrapolation(flops: float, total_params: float, tokens: float, data: dict[str, float]) -> dict[str, Any]:
     """How far a plan reaches past the data: budget, N and D over the largest fitted run's.
 
-    `factor` is the budget's; without the runs' FLOPs it is N's times D's, an upper bound of the same
-    idea. The warning is None within the data, and `loud` past WARN_FACTOR on any of the three.
+    `factor` is the budget's; without the runs' FLOPs, the plan's N·D over the largest N·D of a run
+    (FLOPs are proportional to it for a given E and G). The warning is None within the data, and `loud`
+    past WARN_FACTOR on any of the three.
     """
     n_factor = total_params / data["max_total_params"]
     d_factor = tokens / data["max_tokens"]
-    factor = flops / data["max_flops"] if data.get("max_flops") else n_factor * d_factor
+    if data.get("max_flops"):
+        factor = flops / data["max_flops"]
+    else:
+        factor = (
+            total_params
+            * tokens
+            / data.get("max_params_tokens", data["max_total_params"] * data["max_tokens"])
+        )
     beyond = [
         f"{what} {x:.3g}x the largest fitted run's"
         for what, x in (("the budget is", factor), ("N is", n_factor), ("D is", d_factor))

@@ -252,9 +252,7 @@ def expand(raw: dict[str, Any], source: str = "<spec>") -> Spec:
                         "tokens": d,
                         "seed": seed,
                     }
-                    drafts.append(
-                        {"config": config, "budget": f, "group": (i, json.dumps(var), seed), "parent": None}
-                    )
+                    drafts.append({"config": config, "budget": f, "parent": None})
     if branches:
         _branch(drafts, runs_dir)
 
@@ -289,22 +287,32 @@ def _branch(drafts: list[dict[str, Any]], runs_dir: str) -> None:
     All runs of a group share the parent's warmup (a fixed number of tokens), so each shorter run's
     schedule equals the parent's up to its own decay start, where the parent saves a snapshot for it.
     """
-    groups: dict[Any, list[dict[str, Any]]] = {}
-    for dr in drafts:
-        groups.setdefault(dr["group"], []).append(dr)
+    groups: dict[str, dict[int, dict[str, Any]]] = {}
+    for dr in drafts:  # a group: the same model and seed; one member per length (a repeat is one run)
+        key = json.dumps(
+            {k: v for k, v in dr["config"].items() if k != "tokens"}, sort_keys=True, default=str
+        )
+        groups.setdefault(key, {}).setdefault(dr["config"]["tokens"], dr)
     ordered = []
-    for members in groups.values():
-        members.sort(key=lambda dr: -dr["config"]["tokens"])
+    for by_length in groups.values():
+        members = [by_length[t] for t in sorted(by_length, reverse=True)]
         head = members[0]["config"]
-        if "warmup_tokens" not in head:
+        if head.get("warmup_tokens") is None:
             longest = TrainConfig.from_dict(copy.deepcopy(head))
             warmup = longest.warmup_steps * longest.tokens_per_step
             for dr in members:
                 dr["config"]["warmup_tokens"] = warmup
         parent_dir = Path(runs_dir) / config_hash(head)
+        stable = TrainConfig.from_dict(copy.deepcopy(head)).lr_multiplier()
         starts = []
         for dr in members[1:]:
-            start = TrainConfig.from_dict(copy.deepcopy(dr["config"])).decay_start
+            cfg = TrainConfig.from_dict(copy.deepcopy(dr["config"]))
+            start, ours = cfg.decay_start, cfg.lr_multiplier()
+            if any(ours(s) != stable(s) for s in range(start)):
+                raise ConfigError(
+                    f"the {cfg.tokens}-token run cannot branch from the {head['tokens']}-token run: "
+                    "their LR schedules differ before its decay; give them one warmup_tokens"
+                )
             starts.append(start)
             dr["config"]["init_from"] = str(parent_dir / "snapshots" / f"step_{start}.pt")
             dr["parent"] = members[0]

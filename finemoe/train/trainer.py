@@ -182,10 +182,20 @@ class _Run:
         if not path.is_file():
             return None
         snap = checkpoint.load(path)
+        needed = ("step", "config", "model", "optimizer", "scheduler", "rng", "losses")
+        if not isinstance(snap, dict) or any(k not in snap for k in needed):
+            raise ConfigError(
+                f"init_from {path} is not a finemoe snapshot; point at a stable run's snapshots/step_N.pt"
+            )
         step, parent = snap["step"], TrainConfig.from_dict(snap["config"])
         diff = config_diff(snap["config"], self.cfg, BRANCH_CHANGES)
         ours, theirs = self.cfg.lr_multiplier(), parent.lr_multiplier()
-        if diff or step >= self.cfg.steps or any(ours(s) != theirs(s) for s in range(step)):
+        if step >= self.cfg.steps:
+            raise ConfigError(
+                f"init_from {path} is at step {step}, past this run's {self.cfg.steps} steps; "
+                "branch from a snapshot before this run's decay start"
+            )
+        if diff or any(ours(s) != theirs(s) for s in range(step)):
             why = f"{', '.join(diff)} differ" if diff else "its LR schedule differs before the snapshot"
             raise ConfigError(
                 f"init_from {path} cannot start this run ({why}); branch only from a stable run of "

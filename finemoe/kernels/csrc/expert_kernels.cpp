@@ -1,4 +1,4 @@
-// Fused Expert Choice expert kernels for fp32 CPU (see finemoe/nn/cpu_kernels.py).
+// Fused Expert Choice expert kernels for fp32 CPU (see finemoe/kernels/cpu_fused.py).
 //
 // The unfused path materialises [n_experts, C, d] copies of the tokens (x gathered, the output
 // gradient gathered, the input gradient per slot): G times the token tensor, each written once and
