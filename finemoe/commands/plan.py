@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict
 
 from finemoe.commands.common import (
     add_json_flag,
@@ -118,22 +117,9 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _plan_dict(P) -> dict:
-    return {
-        "granularity": P.granularity,
-        "active_params": P.active_params,
-        "total_params": P.total_params,
-        "tokens": P.tokens,
-        "loss": P.loss,
-        "flops": P.flops,
-        "d_model": P.d_model,
-        "n_blocks": P.n_blocks,
-        "at_cap": P.at_cap,
-    }
-
-
 def run(args: argparse.Namespace) -> int:
-    from finemoe.scaling import plan as P
+    from finemoe.scaling.budget import budget_plan
+    from finemoe.train.config import write_planned_config
 
     if args.paper_table and args.write_config:
         from finemoe.errors import ConfigError
@@ -147,24 +133,9 @@ def run(args: argparse.Namespace) -> int:
         out = paper_table(coeffs, s)
         emit(args, out, _human_table)
     else:
-        cmp = P.compare(coeffs, args.flops, s)
-        arch = P.architecture(coeffs.moe, cmp.moe, s)
-        out = {
-            "coefficients": coeffs.name,
-            "budget": args.flops,
-            **_plan_dict(cmp.moe),
-            "architecture": asdict(arch),
-            "dense": None
-            if cmp.dense is None
-            else {**_plan_dict(cmp.dense), "flops_multiple": cmp.dense_flops_multiple},
-            "g1": {**_plan_dict(cmp.g1), "flops_multiple": cmp.g1_flops_multiple},
-            "settings": asdict(s),
-        }
-        if out["dense"] is not None:
-            out["dense"].pop("granularity")
-        out.update(assess(coeffs, args.flops, s, cmp))
+        out, arch = budget_plan(coeffs, args.flops, s)
         if args.write_config:
-            out["config"] = write_training_config(args.write_config, arch, s)
+            out["config"] = write_planned_config(args.write_config, arch, s.expansion_rate)
         if args.json:
             warn_loudly(out)
         emit(args, out, _human_plan)
@@ -182,19 +153,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def assess(coeffs, flops: float, s, cmp) -> dict:
-    """What the plan rests on: the fit's flags, how far it extrapolates, its bootstrap band."""
-    from finemoe.scaling.trust import coefficient_flags, plan_extrapolation, plan_uncertainty
-
-    flags = coefficient_flags(coeffs)
-    return {
-        "flags": flags,
-        "degenerate": any(flags.values()),
-        "extrapolation": plan_extrapolation(coeffs, flops, cmp.moe.total_params, cmp.moe.tokens),
-        "uncertainty": plan_uncertainty(coeffs, flops, s),
-    }
-
-
 def warn_loudly(out: dict) -> None:
     """With --json, degenerate fits and far extrapolation also go to stderr, where a pipeline still shows
     them."""
@@ -206,35 +164,6 @@ def warn_loudly(out: dict) -> None:
         lines.append(f"WARNING: {ext['warning']}")
     for line in lines:
         print(line, file=sys.stderr)
-
-
-def write_training_config(path: str, arch, s) -> str:
-    """A `finemoe train` config for the planned model and token budget (data and batch left at defaults)."""
-    from pathlib import Path
-
-    import yaml
-
-    from finemoe.io import ensure_dir, write_text_atomic
-    from finemoe.train.config import TrainConfig
-
-    model = {
-        "d_model": arch.d_model,
-        "n_blocks": arch.n_blocks,
-        "head_dim": arch.d_model // arch.n_heads,
-        "ffn": "moe",
-        "expansion_rate": int(round(s.expansion_rate)),
-        "granularity": arch.granularity,
-    }
-    cfg = TrainConfig.from_dict(
-        {"model": model, "tokens": int(arch.tokens), "out_dir": f"runs/plan-{Path(path).stem}"}
-    )  # validated before it is written
-    ensure_dir(Path(path).parent, "config folder")
-    text = (
-        "# written by `finemoe plan`: the planned architecture and tokens; set data_dir, batch_size and lr\n"
-        "# for your corpus and hardware before training\n"
-    )
-    write_text_atomic(path, text + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return path
 
 
 def paper_table(coeffs, s) -> dict:

@@ -182,4 +182,4 @@ def load_pretrained(directory: str | Path, map_location: str = "cpu") -> Transfo
             )
     model = Transformer(ModelConfig.from_dict(json.loads(cfg_path.read_text())))
     model.load_state_dict(load_file(str(weights), device=map_location))
-    return model
+    return model.eval()  # a loaded model is for use; call .train() to train it further

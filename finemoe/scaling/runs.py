@@ -52,6 +52,11 @@ def load_points(path: str | Path | list, law: str = "moe", loss_column: str = "t
         path = ", ".join(str(p) for p in path)
     else:
         rows = read_table(path)
+    return points_from_rows(rows, law, loss_column, path)
+
+
+def points_from_rows(rows: list[dict], law: str, loss_column: str, path) -> Points:
+    """`load_points` on rows already read (a DataFrame's records); `path` names them in errors."""
     if not rows:
         raise DataError(f"results {path}: the table has no rows")
     cols = set().union(*rows)

@@ -242,6 +242,33 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+def write_planned_config(path: str | Path, arch: Any, expansion_rate: float) -> str:
+    """A `finemoe train` config for a planned architecture (finemoe.scaling.plan.Architecture) and its
+    tokens; data, batch and LR stay at the defaults, to set for one's corpus and hardware."""
+    import yaml
+
+    from finemoe.io import ensure_dir, write_text_atomic
+
+    model = {
+        "d_model": arch.d_model,
+        "n_blocks": arch.n_blocks,
+        "head_dim": arch.d_model // arch.n_heads,
+        "ffn": "moe",
+        "expansion_rate": int(round(expansion_rate)),
+        "granularity": arch.granularity,
+    }
+    cfg = TrainConfig.from_dict(
+        {"model": model, "tokens": int(arch.tokens), "out_dir": f"runs/plan-{Path(path).stem}"}
+    )
+    ensure_dir(Path(path).parent, "config folder")
+    text = (
+        "# written by `finemoe plan`: the planned architecture and tokens; set data_dir, batch_size and lr\n"
+        "# for your corpus and hardware before training\n"
+    )
+    write_text_atomic(path, text + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return str(path)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key=value` / `model.key=value` strings; values are parsed as YAML scalars."""
     import yaml
@@ -265,4 +292,4 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-__all__ = ["TrainConfig", "apply_overrides"]
+__all__ = ["TrainConfig", "apply_overrides", "write_planned_config"]
