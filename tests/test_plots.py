@@ -105,3 +105,17 @@ def test_fan_chart(tmp_path, drawn):
     ((axes, _),) = drawn
     assert [a[1] for a in axes] == ["optimal G", "optimal N_act", "optimal D", "loss at the optimum"]
     assert _legend(axes[0][3]) == ["p10-p90", "p50", "this budget"]
+
+
+def test_importing_the_report_sets_no_backend():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import finemoe.report.report, finemoe.report.plots, finemoe.report.run_plots, matplotlib; "
+        "print(matplotlib.get_backend())"
+    )
+    env = {**os.environ, "MPLBACKEND": "svg"}  # a notebook's or a user's choice stays theirs
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "svg"

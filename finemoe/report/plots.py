@@ -8,21 +8,18 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator  # noqa: E402
-
-from finemoe.io import atomic_path  # noqa: E402
-from finemoe.scaling import plan as P  # noqa: E402
+from finemoe.io import atomic_path
+from finemoe.scaling import plan as P
 
 
 def save_figure(fig, path) -> Path:
     """A figure as PNG, written atomically, and closed (pyplot keeps every open figure alive)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return Path(path)
 
 
@@ -33,7 +30,7 @@ def _budget_grid(marks: Sequence[float], lo=1e18, hi=1e26, n=41) -> np.ndarray:
 
 
 def _g_colors(gs):
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
     uniq = sorted(set(gs))
     return {g: cmap(i / max(1, len(uniq) - 1)) for i, g in enumerate(uniq)}
 
@@ -119,7 +116,7 @@ def isoflop_over_g(ax, law, s: P.Settings, budgets: Sequence[float]) -> None:
     """Loss of the best model at each G for fixed budgets; dots mark the optimum over the G grid."""
     gmax = max(512.0, max(s.granularities))
     G = np.logspace(0, math.log10(gmax), 37)
-    cmap = plt.get_cmap("plasma")
+    cmap = matplotlib.colormaps["plasma"]
     for i, F in enumerate(budgets):
         col = cmap(i / max(1, len(budgets)))
         ax.plot(G, [P.optimum_for_g(law, F, g, s).loss for g in G], color=col, label=f"{F:.2g} FLOPs")
@@ -165,7 +162,8 @@ def pred_vs_obs(ax, res) -> None:
 
 
 def plan_figure(coeffs, s: P.Settings, marks: Sequence[float], path) -> None:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig = Figure(figsize=(12, 4.8))
+    (a, b) = fig.subplots(1, 2)
     loss_vs_flops(a, coeffs, s, _budget_grid(marks), marks)
     iso = list(marks) if len(marks) > 1 else [marks[0] / 100, marks[0], marks[0] * 100]
     isoflop_over_g(b, coeffs.require("moe"), s, iso)
@@ -173,7 +171,8 @@ def plan_figure(coeffs, s: P.Settings, marks: Sequence[float], path) -> None:
 
 
 def savings_figure(coeffs, s: P.Settings, marks: Sequence[float], path) -> None:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig = Figure(figsize=(12, 4.8))
+    (a, b) = fig.subplots(1, 2)
     grid = _budget_grid(marks)
     loss_vs_flops(a, coeffs, s, grid)
     compute_multiples(b, coeffs, s, grid, marks)
@@ -181,7 +180,8 @@ def savings_figure(coeffs, s: P.Settings, marks: Sequence[float], path) -> None:
 
 
 def fit_figure(res, path) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    fig = Figure(figsize=(5.5, 5.5))
+    ax = fig.subplots()
     pred_vs_obs(ax, res)
     save_figure(fig, path)
 
@@ -192,7 +192,8 @@ def fan_figure(coeffs, s: P.Settings, flops: float, path, span: float = 1e4, n: 
 
     budgets = np.geomspace(flops / math.sqrt(span), flops * math.sqrt(span), n)
     bands = [plan_uncertainty(coeffs, float(F), s) for F in budgets]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    fig = Figure(figsize=(18, 4.2))
+    axes = fig.subplots(1, 4)
     for ax, (key, label) in zip(
         axes,
         (

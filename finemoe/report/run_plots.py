@@ -10,14 +10,12 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from finemoe.report.plots import save_figure  # noqa: E402
-from finemoe.scaling.isoflop import parabola  # noqa: E402
-from finemoe.units import count  # noqa: E402
+from finemoe.report.plots import save_figure
+from finemoe.scaling.isoflop import parabola
+from finemoe.units import count
 
 
 def loss_vs_granularity(df, groups: list[dict], path: str | Path, loss: str = "train_loss") -> Path:
@@ -25,8 +23,9 @@ def loss_vs_granularity(df, groups: list[dict], path: str | Path, loss: str = "t
     g/G^γ + h through it, and the dense model at the same (size, D) as a dashed line."""
     moe = df[df.ffn == "moe"]
     sizes = sorted({(int(r.d_model), int(r.n_blocks)) for r in moe.itertuples()})
-    fig, axes = plt.subplots(1, max(1, len(sizes)), figsize=(4.6 * max(1, len(sizes)), 4.2), squeeze=False)
-    cmap = plt.get_cmap("viridis")
+    fig = Figure(figsize=(4.6 * max(1, len(sizes)), 4.2))
+    axes = fig.subplots(1, max(1, len(sizes)), squeeze=False)
+    cmap = matplotlib.colormaps["viridis"]
     for ax, (d, n) in zip(axes[0], sizes):
         at = df[(df.d_model == d) & (df.n_blocks == n)]
         budgets = sorted(at.tokens.unique())
@@ -71,11 +70,12 @@ def loss_vs_granularity(df, groups: list[dict], path: str | Path, loss: str = "t
 def loss_vs_flops(df, path: str | Path, loss: str = "train_loss") -> Path:
     """Every finished run at its training FLOPs (paper model), dense and each G apart: at equal FLOPs,
     is a lower curve there for some G than for dense?"""
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig = Figure(figsize=(6.4, 4.6))
+    ax = fig.subplots()
     dense = df[df.ffn == "dense"].sort_values("flops")
     moe = df[df.ffn == "moe"]
     gs = sorted(moe.granularity.unique())
-    cmap = plt.get_cmap("plasma")
+    cmap = matplotlib.colormaps["plasma"]
     for i, g in enumerate(gs):
         m = moe[moe.granularity == g].sort_values("flops")
         ax.plot(m.flops, m[loss], "o", ms=5, color=cmap(i / max(1, len(gs)) * 0.85), label=f"MoE G={int(g)}")
@@ -97,9 +97,10 @@ def isoflop_curves(runs, res: dict, path: str | Path, loss: str = "train_loss") 
     """One panel per budget: loss vs N_act for dense and each G, the approach-2 parabola through each
     curve, its minimum marked; a last panel: the best G per budget with its bootstrap p10-p90."""
     budgets = res["budgets"]
-    fig, axes = plt.subplots(1, len(budgets) + 1, figsize=(4.6 * (len(budgets) + 1), 4.2), squeeze=False)
+    fig = Figure(figsize=(4.6 * (len(budgets) + 1), 4.2))
+    axes = fig.subplots(1, len(budgets) + 1, squeeze=False)
     gs = sorted({int(g) for g in runs.granularity})
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
     opt = {(o["budget"], o["granularity"]): o for o in res["optima"]}
     for ax, F in zip(axes[0], budgets):
         for i, G in enumerate(gs):
