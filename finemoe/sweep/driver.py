@@ -13,6 +13,7 @@ from typing import Any
 from finemoe.sweep.executors import make_executor
 from finemoe.sweep.spec import Spec
 from finemoe.sweep.store import FINAL, Store, owner_alive
+from finemoe.train.progress import duration
 
 
 def todo(store: Store, spec: Spec) -> list[str]:
@@ -75,9 +76,11 @@ def run_sweep(
         loss = row.get("train_loss")
         err = (row.get("error") or "").strip().splitlines()
         what = f"loss {loss:.4f}" if isinstance(loss, float) else (err[-1] if err else "")
+        elapsed = time.time() - t0
+        eta = f", ETA {duration(elapsed / k * (len(pending) - k))}" if k < len(pending) else ""
         log(
             f"[{k}/{len(pending)}] {row.get('status', '?'):8s} {labels[rid]}  {what}  "
-            f"({row.get('wall_time_s') or 0:.0f} s; sweep {time.time() - t0:.0f} s)"
+            f"({row.get('wall_time_s') or 0:.0f} s; sweep {elapsed:.0f} s{eta})"
         )
         if spec.csv:
             store.export_csv(spec.csv)

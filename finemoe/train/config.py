@@ -55,6 +55,7 @@ class TrainConfig:
     eval_every: int = 200  # steps; also at the end
     eval_batches: int = 8
     ckpt_every: int = 200  # steps; also at the end
+    log_every: int | None = None  # progress lines off a terminal, in steps; None: about 20 per run
     smooth_window: int | None = None  # steps in the final train loss; None: max(1, 10% of steps)
     smooth_fraction: float = 0.1
     # WSD branches: a stable run saves snapshots/step_<s>.pt at these steps, and a shorter run whose
@@ -138,6 +139,10 @@ class TrainConfig:
         )
         require(
             self.eval_every >= 1 and self.ckpt_every >= 1, "eval_every and ckpt_every must be >= 1 (steps)"
+        )
+        require(
+            self.log_every is None or self.log_every >= 1,
+            f"log_every must be >= 1 or null, got {self.log_every}",
         )
         require(self.eval_batches >= 1, f"eval_batches must be >= 1, got {self.eval_batches}")
         require(

@@ -31,6 +31,7 @@ from finemoe.nn.model import Transformer, save_pretrained
 from finemoe.train import checkpoint, distributed
 from finemoe.train.config import TrainConfig
 from finemoe.train.metrics import METRICS_NAME, MetricsLog, Smoother, imbalance
+from finemoe.train.progress import BarProgress, LineProgress
 
 FINAL_NAME = "final.json"
 # Settings that may change between a run and its resumption without changing what it computes (the
@@ -47,6 +48,7 @@ RESUMABLE_CHANGES = {
     "deterministic",
     "snapshot_steps",
     "init_from",
+    "log_every",
 }
 # What a WSD branch may change against the stable run it starts from (the schedules are compared apart).
 BRANCH_CHANGES = RESUMABLE_CHANGES | {"tokens", "smooth_window"}
@@ -281,10 +283,7 @@ class _Run:
                 if main:
                     log.write(rec)
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{rec['loss_smooth']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False
-                    )
+                    bar.step(done, rec)
                 if done % cfg.ckpt_every == 0 or done == cfg.steps:
                     self._save(
                         done, list(smoother.losses), elapsed + time.perf_counter() - t_start, train_time
@@ -403,13 +402,15 @@ class _Run:
         distributed.barrier(self.dist)
 
     def _progress(self, start: int):
+        """A bar on a terminal, lines every `log_every` steps elsewhere; nothing when quiet or not rank 0."""
         import sys
 
-        if self.quiet or not self.dist.main or not sys.stderr.isatty():
+        if self.quiet or not self.dist.main:
             return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.cfg.steps, initial=start, unit="step", dynamic_ncols=True, desc=self.out.name)
+        if sys.stderr.isatty():
+            return BarProgress(self.cfg.steps, start, self.out.name)
+        every = self.cfg.log_every or max(1, self.cfg.steps // 20)
+        return LineProgress(self.cfg.steps, start, every, self.out.name)
 
     def _record(
         self,
