@@ -23,6 +23,7 @@ COMMANDS = (
     "bench",
     "sweep",
     "report",
+    "plot-run",
     "quickstart",
 )
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"finemoe {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"finemoe.commands.{name}").register(sub)
+        importlib.import_module(f"finemoe.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 

@@ -273,6 +273,8 @@ CASES = [
     ("params --d-model 64 --n-blocks 2 --granularity 3", "must divide"),
     ("data prepare --out afile", "is not a finemoe data folder"),
     ("bench moe-layer --d-model 0", "expected a positive integer"),
+    ("plot-run folder", "metrics.jsonl not found"),
+    ("plot-run runs/done --out folder", "is a folder"),
 ]
 
 

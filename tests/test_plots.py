@@ -119,3 +119,31 @@ def test_importing_the_report_sets_no_backend():
     env = {**os.environ, "MPLBACKEND": "svg"}  # a notebook's or a user's choice stays theirs
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "svg"
+
+
+def test_plot_run_draws_a_runs_curves(tmp_path, drawn, capsys):
+    import json
+
+    from finemoe.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    steps = [
+        {
+            "step": s,
+            "tokens": 64 * s,
+            "loss": 5 - s / 10,
+            "loss_smooth": 5 - s / 12,
+            "lr": 1e-3,
+            "tokens_per_s": 900.0,
+            **({"val_loss": 4.9 - s / 10} if s % 5 == 0 else {}),
+        }
+        for s in range(1, 11)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    assert main(["plot-run", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"figure": str(run / "curves.png"), "steps": 10}
+    ((axes, path),) = drawn
+    assert [a[1] for a in axes] == ["loss (nats)", "learning rate", "tokens/s"]
+    assert all(a[0] == "tokens seen" for a in axes) and axes[0][2] == "" and path == str(run / "curves.png")
+    assert _legend(axes[0][3]) == ["train loss", "train loss, smoothed", "validation loss"]

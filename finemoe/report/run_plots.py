@@ -147,3 +147,31 @@ def isoflop_curves(runs, res: dict, path: str | Path, loss: str = "train_loss") 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def training_curves(metrics: list[dict], path: str | Path, title: str = "") -> Path:
+    """A run's metrics.jsonl as three panels: train loss (raw and smoothed) with validation loss, the
+    learning rate, and tokens/s, each against tokens seen."""
+    steps = [m for m in metrics if "loss" in m]
+    if not steps:
+        raise ValueError("no training steps in the metrics")
+    tokens = [m["tokens"] for m in steps]
+    fig = Figure(figsize=(15, 4.2))
+    loss_ax, lr_ax, speed_ax = fig.subplots(1, 3)
+    loss_ax.plot(tokens, [m["loss"] for m in steps], color="lightgray", lw=0.8, label="train loss")
+    loss_ax.plot(tokens, [m["loss_smooth"] for m in steps], color="tab:blue", label="train loss, smoothed")
+    val = [(m["tokens"], m["val_loss"]) for m in steps if m.get("val_loss") is not None]
+    if val:
+        loss_ax.plot(*zip(*val), "o-", color="tab:red", label="validation loss")
+    loss_ax.set_ylabel("loss (nats)")
+    loss_ax.legend(fontsize=8)
+    lr_ax.plot(tokens, [m["lr"] for m in steps], color="tab:green")
+    lr_ax.set_ylabel("learning rate")
+    speed_ax.plot(tokens, [m["tokens_per_s"] for m in steps], color="tab:purple", lw=0.8)
+    speed_ax.set_ylabel("tokens/s")
+    for ax in (loss_ax, lr_ax, speed_ax):
+        ax.set_xlabel("tokens seen")
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
