@@ -156,7 +156,7 @@ def training_curves(metrics: list[dict], path: str | Path, title: str = "") -> P
     if not steps:
         raise ValueError("no training steps in the metrics")
     tokens = [m["tokens"] for m in steps]
-    fig = Figure(figsize=(15, 4.2))
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
     loss_ax, lr_ax, speed_ax = fig.subplots(1, 3)
     loss_ax.plot(tokens, [m["loss"] for m in steps], color="lightgray", lw=0.8, label="train loss")
     loss_ax.plot(tokens, [m["loss_smooth"] for m in steps], color="tab:blue", label="train loss, smoothed")
