@@ -20,6 +20,22 @@ def _user_data(d: Path) -> None:
     write_tokens(d / "val.bin", rng.integers(0, 64, 512), 64)
 
 
+def _fake_sweep(tmp_path, monkeypatch, **grid) -> dict:
+    """A quickstart spec on the test double of the trainer, run in tmp_path with tiny prepared tokens."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(TESTS))
+    _user_data(tmp_path / "data")
+    return {
+        "name": "qs",
+        "data_dir": "data",
+        "runs_dir": "runs/qs",
+        "trainer": "sweep_fake_trainer:fake_train",
+        "model": {"vocab_size": 64, "seq_len": 8, "expansion_rate": 4},
+        "executor": {"kind": "inprocess"},
+        **grid,
+    }
+
+
 def test_user_prepared_tokens_are_used_as_they_are(tmp_path, monkeypatch):
     from finemoe.commands.quickstart import prepare_data
 
@@ -33,21 +49,14 @@ def test_user_prepared_tokens_are_used_as_they_are(tmp_path, monkeypatch):
 
 
 def test_quickstart_runs_everything_then_reuses_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(TESTS))
-    _user_data(tmp_path / "data")
-    spec = {
-        "name": "qs",
-        "data_dir": "data",
-        "runs_dir": "runs/qs",
-        "trainer": "sweep_fake_trainer:fake_train",
-        "model": {"vocab_size": 64, "seq_len": 8, "expansion_rate": 4},
-        "sizes": [{"d_model": 64, "n_blocks": 1}, {"d_model": 128, "n_blocks": 1}],
-        "granularities": [1, 2, 4],
-        "tokens": [1000, 4000],
-        "dense": True,
-        "executor": {"kind": "inprocess"},
-    }
+    spec = _fake_sweep(
+        tmp_path,
+        monkeypatch,
+        sizes=[{"d_model": 64, "n_blocks": 1}, {"d_model": 128, "n_blocks": 1}],
+        granularities=[1, 2, 4],
+        tokens=[1000, 4000],
+        dense=True,
+    )
     (tmp_path / "qs.yaml").write_text(yaml.safe_dump(spec))
     assert main(["quickstart", "--spec", "qs.yaml", "--bootstrap", "0"]) == 0
     out = capsys.readouterr().out
@@ -84,20 +93,9 @@ def test_real_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
 def test_quickstart_recommends_a_plan_only_from_an_unflagged_fit(tmp_path, monkeypatch, capsys, flags):
     from finemoe.report import report as R
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(TESTS))
-    _user_data(tmp_path / "data")
-    spec = {
-        "name": "qs",
-        "data_dir": "data",
-        "runs_dir": "runs/qs",
-        "trainer": "sweep_fake_trainer:fake_train",
-        "model": {"vocab_size": 64, "seq_len": 8, "expansion_rate": 4},
-        "sizes": [{"d_model": 64, "n_blocks": 1}],
-        "granularities": [1, 2],
-        "tokens": [1000],
-        "executor": {"kind": "inprocess"},
-    }
+    spec = _fake_sweep(
+        tmp_path, monkeypatch, sizes=[{"d_model": 64, "n_blocks": 1}], granularities=[1, 2], tokens=[1000]
+    )
     (tmp_path / "qs.yaml").write_text(yaml.safe_dump(spec))
     monkeypatch.setattr(R, "build_report", lambda *a, **k: R.Report(Path("r.md"), Path("c.json"), flags))
     assert main(["quickstart", "--spec", "qs.yaml", "--bootstrap", "0"]) == 0
