@@ -10,9 +10,18 @@ e.g. batch size 1 at evaluation) the layer routes each token to its top-k' exper
 (token choice, k' = max(1, round(capacity_factor * G))): the same expected compute per token and
 the same softmax gates, rather than a layer that silently outputs zeros. Training in that regime
 warns once.
+
+Grouping across the batch makes a sequence's output depend on its batch-mates, which inference must
+not. So in training each expert keeps a threshold, the running mean of its k-th pick's score, and in
+eval mode an Expert Choice layer with thresholds routes each token to the experts whose threshold its
+score reaches (`threshold_choice`), whatever the batch. `batch_routing = True` evaluates as training
+routes, and `calibrate` sets thresholds for a model trained before they existed.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -24,10 +33,43 @@ from finemoe.nn.routing import (
     ec_tokens_per_expert,
     expert_choice,
     switch_lb_loss,
+    threshold_choice,
     token_choice,
     warn_small_group_once,
     z_loss,
 )
+
+
+@contextlib.contextmanager
+def batch_routing(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """Evaluate Expert Choice layers as training routes them (groups across the batch), or not."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    before = [m.batch_routing for m in layers]
+    for m in layers:
+        m.batch_routing = on
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m.batch_routing = b
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches) -> int:
+    """Set the Expert Choice thresholds of a trained model from training batches (token ids [B, T]),
+    for a model trained before it kept them; returns the number of batches used."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for m in layers:
+        m.ec_threshold.fill_(float("nan"))
+        m.ec_batches.zero_()
+    was_training = model.training
+    model.train()
+    n = 0
+    for x in batches:
+        model(x)
+        n += 1
+    model.train(was_training)
+    return n
 
 
 class MoE(nn.Module):
@@ -37,6 +79,30 @@ class MoE(nn.Module):
         self.router = Router(cfg.d_model, cfg.n_experts, cfg.init_scale)
         self.experts = Experts(cfg)
         self.ln = nn.LayerNorm(cfg.d_model) if cfg.moe_out_norm else nn.Identity()
+        # Expert Choice at inference: per-expert score thresholds (NaN until calibrated) and how many
+        # training batches went into them; buffers, so checkpoints and exports carry them
+        self.register_buffer("ec_threshold", torch.full((cfg.n_experts,), float("nan")))
+        self.register_buffer("ec_batches", torch.zeros((), dtype=torch.long))
+        self.batch_routing = False
+
+    @property
+    def calibrated(self) -> bool:
+        return self.cfg.routing == "ec" and not bool(torch.isnan(self.ec_threshold).any())
+
+    @torch.no_grad()
+    def _calibrate(self, gates: torch.Tensor, k: int) -> None:
+        """Fold this batch's k-th pick score per expert (mean over positions) into the thresholds: a
+        running mean over the first 100 batches, then an exponential one that follows training."""
+        kth = gates.detach().float().view(self.cfg.n_experts, -1, k).amin(-1).mean(-1)
+        weight = max(0.01, 1.0 / (int(self.ec_batches) + 1))
+        first = torch.isnan(self.ec_threshold)
+        self.ec_threshold.copy_(torch.where(first, kth, (1 - weight) * self.ec_threshold + weight * kth))
+        self.ec_batches += 1
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("ec_threshold", "ec_batches"):  # a checkpoint from before the thresholds: uncalibrated
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def small_group_top_k(self) -> int:
         """Experts per token when an Expert Choice group is too small (see module docstring)."""
@@ -53,8 +119,15 @@ class MoE(nn.Module):
         aux = {"z_loss": z_loss(logits, probs), "lb_loss": logits.new_zeros(())}
 
         k = ec_tokens_per_expert(B, cfg.expansion_rate, cfg.capacity_factor) if cfg.routing == "ec" else None
-        if k is not None:
-            y = self.experts(xf, expert_choice(probs, k))
+        if not self.training and not self.batch_routing and self.calibrated:
+            slots = threshold_choice(probs.view(B * T, n), self.ec_threshold)
+            y = self.experts(xf, slots)
+            aux["load"] = (slots.counts.float() / slots.counts.sum().clamp_min(1)).detach()
+        elif k is not None:
+            slots = expert_choice(probs, k)
+            if self.training:
+                self._calibrate(slots.gates, k)
+            y = self.experts(xf, slots)
             aux["load"] = torch.full((n,), 1.0 / n, device=x.device)  # every expert fills T*k slots
         else:
             if cfg.routing == "ec":

@@ -139,6 +139,19 @@ def expert_choice(probs: torch.Tensor, k: int) -> Slots:
     return Slots(idx, gates.view(n, T * k), by_token=(perm, torch.cumsum(counts, 0) - counts))
 
 
+def threshold_choice(probs: torch.Tensor, threshold: torch.Tensor) -> Slots:
+    """probs [N, n_experts]; each expert takes every token whose score reaches its threshold.
+
+    A decision per token, so a sequence is routed the same whatever its batch-mates and whether it
+    runs alone: Expert Choice for inference, with thresholds calibrated on training batches (the
+    score an expert's k-th pick had there). Slots come expert-major with per-expert counts.
+    """
+    n = probs.shape[-1]
+    expert, token = (probs.detach() >= threshold).t().nonzero(as_tuple=True)
+    counts = torch.bincount(expert, minlength=n)
+    return Slots(token, probs[token, expert], counts=counts)
+
+
 def token_choice(probs: torch.Tensor, k: int) -> tuple[Slots, torch.Tensor]:
     """probs [N, n_experts]; each token takes its top-k experts, none dropped.
 

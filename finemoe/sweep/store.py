@@ -44,6 +44,7 @@ RECORD_COLUMNS = {
     "wall_time_s": "REAL",
     "device": "TEXT",
     "schedule": "TEXT",
+    "val_loss_independent": "REAL",
     "branched_at": "INTEGER",
 }
 COLUMNS = {

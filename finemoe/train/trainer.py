@@ -28,6 +28,8 @@ from finemoe.errors import ConfigError, DataError
 from finemoe.io import ensure_dir, finite_or_none, write_json_atomic
 from finemoe.kernels.cpu_matmul import cpu_matmul
 from finemoe.nn.model import Transformer, save_pretrained
+from finemoe.nn.moe import MoE
+from finemoe.nn.moe import batch_routing as moe_batch_routing
 from finemoe.train import checkpoint, distributed
 from finemoe.train.config import TrainConfig
 from finemoe.train.metrics import METRICS_NAME, MetricsLog, Smoother, imbalance
@@ -314,6 +316,9 @@ class _Run:
             train_time,
             completed,
         )
+        if status == "done" and any(isinstance(m, MoE) and m.calibrated for m in self.model.modules()):
+            # the same validation batches, each sequence routed alone as inference routes it
+            record["val_loss_independent"] = self.evaluate(batch_routing=False)
         if main:
             if status == "done":
                 save_pretrained(self.model, out / "model")
@@ -362,10 +367,17 @@ class _Run:
         return rec
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean loss over the same fixed validation batches every time (no window used twice)."""
+    def evaluate(self, batch_routing: bool = True) -> float | None:
+        """Mean loss over the same fixed validation batches every time (no window used twice).
+
+        Expert Choice layers route as in training (groups across the batch) unless batch_routing is
+        False: then each sequence is routed alone, by the calibrated thresholds, as inference does."""
         if self.val_data is None:
             return None
+        with moe_batch_routing(self.model, batch_routing):
+            return self._evaluate()
+
+    def _evaluate(self) -> float | None:
         cfg, d = self.cfg, self.dist
         n_win = self.val_data.n_windows(cfg.seq_len)
         bs = min(cfg.batch_size, n_win - n_win % d.world_size)
