@@ -21,7 +21,9 @@ def _imports() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                # `from pkg import sub` needs the submodule; `from mod import name` needs the module
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods]
+                names = subs if len(subs) == len(node.names) else [node.module, *subs]
             for name in names:
                 while name and name not in mods:
                     name = name.rpartition(".")[0]

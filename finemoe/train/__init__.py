@@ -5,11 +5,11 @@ import types as _types
 
 
 class _CallablePackage(_types.ModuleType):
-    """`finemoe.train(config)` is the public API's train (finemoe.api.train); the subpackage of the
+    """`finemoe.train(config)` is the public API's train (finemoe.train.entry); the subpackage of the
     same name is made callable so that the name means one thing however it was imported."""
 
     def __call__(self, *args, **kwargs):
-        from finemoe.api import train
+        from finemoe.train.entry import train
 
         return train(*args, **kwargs)
 
