@@ -82,3 +82,16 @@ def test_generate_errors_are_one_line(run_dir, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["generate", str(run_dir), "--prompt", "x", "--tokenizer", str(tmp_path / "none.json")]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_generate_from_the_model_folder(run_dir, capsys):
+    """The safetensors export alone (model/), as a user would point at it, gives the same greedy text."""
+    from finemoe.cli import main
+
+    assert main(["generate", str(run_dir), "--prompt", "the cat sat", "--temperature", "0", "--json"]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert (
+        main(["generate", str(run_dir / "model"), "--prompt", "the cat sat", "--temperature", "0", "--json"])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["text"] == from_run["text"]

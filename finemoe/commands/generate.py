@@ -18,8 +18,14 @@ def _temperature(text: str) -> float:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="sample text from a trained model (a run folder or its ckpt.pt)")
-    p.add_argument("checkpoint", help="run folder (out_dir of `finemoe train`) or its ckpt.pt")
+    p = sub.add_parser(
+        "generate", help="sample text from a trained model (a run folder, its model/ folder, or its ckpt.pt)"
+    )
+    p.add_argument(
+        "checkpoint",
+        metavar="RUN_OR_MODEL",
+        help="a run folder (out_dir of `finemoe train`), its model/ folder, or its ckpt.pt",
+    )
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to sample (default 100)")
     p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy (default 0.8)")
@@ -38,8 +44,9 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
+    from finemoe.api import load
     from finemoe.errors import ConfigError
-    from finemoe.train.generate import find_tokenizer, load_model, sample
+    from finemoe.train.generate import find_tokenizer, sample, training_config
 
     try:
         args.prompt.encode("utf-8")
@@ -50,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda requested but CUDA is not available; use --device cpu")
-    model, cfg = load_model(args.checkpoint, args.device)
-    tok_path = find_tokenizer(args.checkpoint, cfg, args.tokenizer)
+    model = load(args.checkpoint, args.device)
+    tok_path = find_tokenizer(args.checkpoint, training_config(args.checkpoint), args.tokenizer)
     try:
         tok = Tokenizer.from_file(str(tok_path))
     except Exception as e:

@@ -21,15 +21,35 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, dict
     return model.to(device).eval(), cfg
 
 
-def find_tokenizer(path: str | Path, train_cfg: dict, explicit: str | None = None) -> Path:
-    """The tokenizer a run used: --tokenizer, else the copy in the run folder, else its data_dir's."""
+def training_config(path: str | Path) -> dict | None:
+    """The training config beside a model: a run folder's config.json (or the one above a model
+    folder), else a checkpoint's own; None for a bare model folder."""
+    import json
+
+    path = Path(path)
+    for f in (path / "config.json", path.parent / "config.json"):
+        if f.is_file() and f.parent != path / "model":
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and "data_dir" in data:
+                return data
+    if path.is_file() or (path / "ckpt.pt").is_file():
+        return checkpoint.load(path)["config"]
+    return None
+
+
+def find_tokenizer(path: str | Path, train_cfg: dict | None, explicit: str | None = None) -> Path:
+    """The tokenizer a run used: --tokenizer, else the copy in the run folder (or in the folder above a
+    model folder), else the run's data_dir's."""
     path = Path(path)
     run_dir = path if path.is_dir() else path.parent
     candidates = (
-        [Path(explicit)]
-        if explicit
-        else [run_dir / "tokenizer.json", Path(train_cfg["data_dir"]) / "tokenizer.json"]
+        [Path(explicit)] if explicit else [run_dir / "tokenizer.json", run_dir.parent / "tokenizer.json"]
     )
+    if not explicit and train_cfg:
+        candidates.append(Path(train_cfg["data_dir"]) / "tokenizer.json")
     for c in candidates:
         if c.is_file():
             return c
