@@ -56,8 +56,9 @@ def batch_routing(model: nn.Module, on: bool = True) -> Iterator[None]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches) -> int:
-    """Set the Expert Choice thresholds of a trained model from training batches (token ids [B, T]),
-    for a model trained before it kept them; returns the number of batches used."""
+    """Set the Expert Choice thresholds of a trained model from training batches (token ids [B, T], B
+    large enough for Expert Choice: at least E / capacity_factor), for a model trained before it kept
+    them; returns the number of batches used."""
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     for m in layers:
         m.ec_threshold.fill_(float("nan"))
@@ -94,7 +95,7 @@ class MoE(nn.Module):
         """Fold this batch's k-th pick score per expert (mean over positions) into the thresholds: a
         running mean over the first 100 batches, then an exponential one that follows training."""
         kth = gates.detach().float().view(self.cfg.n_experts, -1, k).amin(-1).mean(-1)
-        weight = max(0.01, 1.0 / (int(self.ec_batches) + 1))
+        weight = (1.0 / (self.ec_batches + 1).float()).clamp(min=0.01)  # on the device: no sync per step
         first = torch.isnan(self.ec_threshold)
         self.ec_threshold.copy_(torch.where(first, kth, (1 - weight) * self.ec_threshold + weight * kth))
         self.ec_batches += 1
