@@ -105,3 +105,25 @@ def test_the_record_has_both_validation_losses_for_expert_choice(tmp_path, ffn):
         assert record["val_loss_independent"] != record["val_loss"]
     else:
         assert "val_loss_independent" not in record
+
+
+def test_the_report_shows_the_loss_alone_where_runs_recorded_it(tmp_path):
+    from pathlib import Path
+
+    import pandas as pd
+
+    from finemoe.report.report import ReportOptions, build_report
+
+    mini = pd.read_csv(Path(__file__).resolve().parents[1] / "experiments" / "mini" / "results.csv")
+    plain = build_report_md(build_report, ReportOptions, mini, tmp_path / "a")
+    assert "val loss, alone" not in plain
+    mini["val_loss_independent"] = mini.val_loss + 0.001
+    md = build_report_md(build_report, ReportOptions, mini, tmp_path / "b")
+    head = next(line for line in md.splitlines() if line.startswith("| run |"))
+    assert head.split(" | ")[8:10] == ["val loss", "val loss, alone"]
+
+
+def build_report_md(build_report, options, df, folder):
+    folder.mkdir()
+    df.to_csv(folder / "runs.csv", index=False)
+    return build_report(folder / "runs.csv", folder, options(bootstrap=0)).path.read_text()

@@ -143,6 +143,8 @@ def _runs_table(df, loss: str) -> str:
     d = df.copy()
     d["_g"] = d.granularity.where(d.ffn == "moe", 0)
     d = d.sort_values(["d_model", "n_blocks", "tokens", "_g"])
+    # runs that recorded it: the validation loss with each sequence routed alone (Expert Choice inference)
+    alone = "val_loss_independent" in d.columns and d.val_loss_independent.notna().any()
     rows = []
     for r in d.itertuples():
         kind = "dense" if r.ffn == "dense" else f"E{int(r.expansion_rate)} G{int(r.granularity)}"
@@ -159,14 +161,13 @@ def _runs_table(df, loss: str) -> str:
                 count(r.flops),
                 _num(r.train_loss),
                 _num(r.val_loss),
+                *([_num(r.val_loss_independent)] if alone else []),
                 _num(r.wall_time_s, ".0f"),
                 r.status + (f": {err}" if err else ""),
             ]
         )
-    return _table(
-        ["run", "d×blocks", "FFN", "N", "N_act", "D", "FLOPs", "train loss", "val loss", "wall s", "status"],
-        rows,
-    )
+    header = ["run", "d×blocks", "FFN", "N", "N_act", "D", "FLOPs", "train loss", "val loss"]
+    return _table(header + (["val loss, alone"] if alone else []) + ["wall s", "status"], rows)
 
 
 def _granularity_section(done, out: Path, o: ReportOptions) -> tuple[str, list[dict]]:
