@@ -64,7 +64,13 @@ def fit(
         from finemoe.scaling.runs import load_points
 
         pts = load_points(results_or_dataframe, law, loss_column)
-    held = {**(prior_exponents(prior, law) if prior and law != "granularity" else {}), **(fixed or {})}
+    if law == "granularity" and (prior or fixed or bootstrap):
+        from finemoe.errors import ConfigError
+
+        raise ConfigError(
+            "prior, fixed and bootstrap apply to the moe and dense laws, not to law='granularity'"
+        )
+    held = {**(prior_exponents(prior, law) if prior else {}), **(fixed or {})}
     return fit_law(
         pts,
         law,

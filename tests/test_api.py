@@ -50,6 +50,8 @@ def test_train_then_load_in_eval_mode(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert record["status"] == "done" and record["n_blocks"] == 1
+    again = finemoe.train(cfg, val_file=None, out_dir=str(tmp_path / "noval"), model__n_blocks=1)
+    assert again["val_loss"] is None  # a value given as it is, not read back as text
     for where in (tmp_path / "run", tmp_path / "run" / "model", tmp_path / "run" / "ckpt.pt"):
         model = finemoe.load(where)
         assert not model.training and model.cfg.n_blocks == 1

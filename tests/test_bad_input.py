@@ -124,6 +124,9 @@ def ready(tmp_path_factory):
     }.items():
         (root / f"spec_{name}.yaml").write_text(yaml.safe_dump(_spec(**over)))
     (root / "spec_ok.yaml").write_text(yaml.safe_dump(_spec()))
+    (root / "broken_model").mkdir()
+    (root / "broken_model" / "config.json").write_text('{"d_model": ')
+    (root / "broken_model" / "model.safetensors").write_bytes(b"not weights")
     (root / "coeffs.json").write_text(
         json.dumps(
             {
@@ -267,6 +270,7 @@ CASES = [
     ("quickstart --bootstrap -1", "--bootstrap must be >= 0"),
     # the rest
     ("generate runs/missing --prompt hi", "not found"),
+    ("generate broken_model --prompt hi", "is not a readable finemoe model folder"),
     ("generate runs/done --prompt \udcff", "not UTF-8"),
     ("generate runs/done --prompt hi --temperature inf", "expected a finite number >= 0"),
     ("params --d-model 0 --n-blocks 2", "expected a positive integer"),

@@ -127,3 +127,21 @@ def build_report_md(build_report, options, df, folder):
     folder.mkdir()
     df.to_csv(folder / "runs.csv", index=False)
     return build_report(folder / "runs.csv", folder, options(bootstrap=0)).path.read_text()
+
+
+def test_a_threshold_is_the_mean_over_positions_of_the_kth_pick_then_a_running_mean():
+    m = MoE(ModelConfig(d_model=16, expansion_rate=2, granularity=1, seq_len=4))  # 2 experts
+    k = 2
+    first = torch.tensor([[0.9, 0.5, 0.8, 0.7], [0.6, 0.2, 0.4, 0.3]])  # [n, T*k]: T=2 positions, k=2 picks
+    m._calibrate(first, k)
+    torch.testing.assert_close(m.ec_threshold, torch.tensor([(0.5 + 0.7) / 2, (0.2 + 0.3) / 2]))
+    m._calibrate(first + 0.1, k)  # second batch: the mean of the two
+    torch.testing.assert_close(m.ec_threshold, torch.tensor([0.65, 0.30]))
+    assert int(m.ec_batches) == 2
+
+
+def test_calibrating_on_batches_too_small_for_expert_choice_is_refused():
+    from finemoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="thresholds unset"):
+        calibrate(_model(), [torch.randint(0, 64, (1, 12)) for _ in range(2)])

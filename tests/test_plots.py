@@ -140,7 +140,7 @@ def test_plot_run_draws_a_runs_curves(tmp_path, drawn, capsys):
         }
         for s in range(1, 11)
     ]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps) + '{"step": 11, "tok')
     assert main(["plot-run", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"figure": str(run / "curves.png"), "steps": 10}
     ((axes, path),) = drawn

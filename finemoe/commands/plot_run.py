@@ -16,13 +16,11 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from finemoe.errors import DataError
-    from finemoe.io import read_text
     from finemoe.report.run_plots import training_curves
-    from finemoe.train.metrics import METRICS_NAME
+    from finemoe.train.metrics import METRICS_NAME, read_metrics
 
     run_dir = Path(args.run_dir)
     metrics = run_dir / METRICS_NAME
@@ -30,14 +28,9 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{metrics} not found; give a run folder that `finemoe train` wrote")
     out = args.out or str(run_dir / "curves.png")
     check_outputs(out)
-    rows = []
-    for i, line in enumerate(read_text(metrics, "metrics log").splitlines()):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise DataError(f"{metrics}:{i + 1} is not a JSON line; is it a finemoe metrics log?") from None
-    if not any(isinstance(r, dict) and "loss" in r and "tokens" in r for r in rows):
+    rows = [r for r in read_metrics(metrics) if "loss" in r and "tokens" in r]
+    if not rows:
         raise DataError(f"{metrics} holds no training steps yet; plot it once the run has taken a step")
-    training_curves([r for r in rows if isinstance(r, dict)], out, title=run_dir.name)
+    training_curves(rows, out, title=run_dir.name)
     emit(args, {"figure": out, "steps": sum("loss" in r for r in rows)}, lambda o: f"wrote {o['figure']}")
     return 0

@@ -170,6 +170,7 @@ def save_pretrained(model: Transformer, directory: str | Path) -> None:
 
 
 def load_pretrained(directory: str | Path, map_location: str = "cpu") -> Transformer:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -180,6 +181,11 @@ def load_pretrained(directory: str | Path, map_location: str = "cpu") -> Transfo
                 f"{p} not found; point at a folder written by save_pretrained (config.json + "
                 "model.safetensors)"
             )
-    model = Transformer(ModelConfig.from_dict(json.loads(cfg_path.read_text())))
-    model.load_state_dict(load_file(str(weights), device=map_location))
+    try:
+        model = Transformer(ModelConfig.from_dict(json.loads(cfg_path.read_text())))
+        model.load_state_dict(load_file(str(weights), device=map_location))
+    except (ValueError, RuntimeError, OSError, SafetensorError) as e:  # a cut or foreign file
+        raise ConfigError(
+            f"{directory} is not a readable finemoe model folder ({type(e).__name__})"
+        ) from None
     return model.eval()  # a loaded model is for use; call .train() to train it further

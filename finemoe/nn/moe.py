@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from finemoe.config import ModelConfig
+from finemoe.errors import ConfigError
 from finemoe.nn.experts import Experts
 from finemoe.nn.routing import (
     Router,
@@ -59,7 +60,7 @@ def calibrate(model: nn.Module, batches) -> int:
     """Set the Expert Choice thresholds of a trained model from training batches (token ids [B, T], B
     large enough for Expert Choice: at least E / capacity_factor), for a model trained before it kept
     them; returns the number of batches used."""
-    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    layers = [m for m in model.modules() if isinstance(m, MoE) and m.cfg.routing == "ec"]
     for m in layers:
         m.ec_threshold.fill_(float("nan"))
         m.ec_batches.zero_()
@@ -70,6 +71,11 @@ def calibrate(model: nn.Module, batches) -> int:
         model(x)
         n += 1
     model.train(was_training)
+    if not all(m.calibrated for m in layers):
+        raise ConfigError(
+            f"{n} batches left Expert Choice thresholds unset: each batch needs at least E/capacity_factor "
+            "sequences for Expert Choice to route it"
+        )
     return n
 
 
@@ -82,8 +88,9 @@ class MoE(nn.Module):
         self.ln = nn.LayerNorm(cfg.d_model) if cfg.moe_out_norm else nn.Identity()
         # Expert Choice at inference: per-expert score thresholds (NaN until calibrated) and how many
         # training batches went into them; buffers, so checkpoints and exports carry them
-        self.register_buffer("ec_threshold", torch.full((cfg.n_experts,), float("nan")))
-        self.register_buffer("ec_batches", torch.zeros((), dtype=torch.long))
+        if cfg.routing == "ec":
+            self.register_buffer("ec_threshold", torch.full((cfg.n_experts,), float("nan")))
+            self.register_buffer("ec_batches", torch.zeros((), dtype=torch.long))
         self.batch_routing = False
 
     @property
@@ -101,8 +108,9 @@ class MoE(nn.Module):
         self.ec_batches += 1
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("ec_threshold", "ec_batches"):  # a checkpoint from before the thresholds: uncalibrated
-            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        if self.cfg.routing == "ec":  # weights from before the thresholds existed load uncalibrated
+            state_dict.setdefault(prefix + "ec_threshold", torch.full_like(self.ec_threshold, float("nan")))
+            state_dict.setdefault(prefix + "ec_batches", torch.zeros_like(self.ec_batches))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def small_group_top_k(self) -> int:

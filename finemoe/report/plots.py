@@ -17,7 +17,7 @@ from finemoe.scaling import plan as P
 
 
 def save_figure(fig, path) -> Path:
-    """A figure as PNG, written atomically, and closed (pyplot keeps every open figure alive)."""
+    """A figure as PNG, written atomically."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return Path(path)

@@ -190,11 +190,6 @@ class TrainConfig:
 
     def lr_multiplier(self) -> WarmupCosine | WarmupStableDecay:
         """The LR schedule as a multiplier of the peak for each step (torch's LambdaLR takes it)."""
-        require(
-            self.warmup_steps <= self.steps,
-            f"the warmup ({self.warmup_steps} steps) is longer than the run ({self.steps} steps); "
-            "lower warmup_tokens or warmup_fraction",
-        )
         if self.schedule == "wsd":
             cooldown = max(1, round(self.cooldown_fraction * self.steps))
             return WarmupStableDecay(

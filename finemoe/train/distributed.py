@@ -69,6 +69,13 @@ def mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t / d.world_size
 
 
+def broadcast_buffers(model: torch.nn.Module, d: Dist) -> None:
+    """Every rank takes rank 0's buffers (what rank 0 saves)."""
+    if d.enabled:
+        for b in model.buffers():
+            torch.distributed.broadcast(b, src=0)
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

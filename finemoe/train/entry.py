@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 
 def train(config: str | Path | dict, resume: bool = False, quiet: bool = True, **overrides: Any) -> dict:
-    """Train a config (a YAML path or a dict of TrainConfig fields; `overrides` as key=value, model
-    fields as `model__d_model=...`) to its token budget; returns the final record."""
-    from finemoe.train.config import TrainConfig, apply_overrides
+    """Train a config (a YAML path or a dict of TrainConfig fields) to its token budget; `overrides`
+    replace fields with the values as given (model fields as `model__d_model=...`). Returns the record."""
+    from finemoe.train.config import TrainConfig
     from finemoe.train.trainer import train as run
 
-    pairs = [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
-    if isinstance(config, dict):
-        cfg = TrainConfig.from_dict(apply_overrides(config, pairs))
-    else:
-        cfg = TrainConfig.from_yaml(config, pairs)
-    return run(cfg, resume=resume, quiet=quiet)
+    data = copy.deepcopy(config) if isinstance(config, dict) else TrainConfig.from_yaml(config).to_dict()
+    for key, value in overrides.items():
+        head, _, field = key.partition("__")
+        if field:
+            if head != "model":
+                from finemoe.errors import ConfigError
+
+                raise ConfigError(f"override {key!r}: only model fields nest (model__<field>)")
+            data["model"] = {**dict(data.get("model") or {}), field: value}
+        else:
+            data[key] = value
+    return run(TrainConfig.from_dict(data), resume=resume, quiet=quiet)

@@ -28,7 +28,7 @@ def training_config(path: str | Path) -> dict | None:
 
     path = Path(path)
     for f in (path / "config.json", path.parent / "config.json"):
-        if f.is_file() and f.parent != path / "model":
+        if f.is_file():  # a model folder's own config.json is a ModelConfig, without data_dir
             try:
                 data = json.loads(f.read_text())
             except (OSError, ValueError):

@@ -13,6 +13,19 @@ from finemoe.io import finite_or_none, write_text_atomic
 METRICS_NAME = "metrics.jsonl"
 
 
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics log, skipping a line a kill cut short (and anything not a record)."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 class MetricsLog:
     """Append-only JSONL, one object per line, flushed each write so a kill loses at most one line."""
 

@@ -317,7 +317,9 @@ class _Run:
             completed,
         )
         if status == "done" and any(isinstance(m, MoE) and m.calibrated for m in self.model.modules()):
-            # the same validation batches, each sequence routed alone as inference routes it
+            # the same validation batches, each sequence routed alone as inference routes it, with the
+            # thresholds the saved model carries (rank 0's)
+            distributed.broadcast_buffers(self.model, self.dist)
             record["val_loss_independent"] = self.evaluate(batch_routing=False)
         if main:
             if status == "done":
