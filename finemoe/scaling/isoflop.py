@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from finemoe.errors import DataError
-from finemoe.scaling.trust import QUANTILES
+from finemoe.scaling.trust import percentiles
 
 DENSE = 0  # the granularity label of dense runs
 
@@ -151,21 +151,14 @@ def analyse(runs: IsoRuns, bootstrap: int = 200, seed: int = 0) -> dict[str, Any
     return point
 
 
-def _q(vals: list[float]) -> dict[str, float] | None:
-    vals = [v for v in vals if v is not None and math.isfinite(v)]
-    if not vals:
-        return None
-    return {f"p{q}": float(np.percentile(vals, q)) for q in QUANTILES} | {"n": len(vals)}
-
-
 def _bands(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]:
     curves = {}
     for o in point["optima"]:
         key = (o["budget"], o["granularity"])
         mine = [p for d in draws for p in d["optima"] if (p["budget"], p["granularity"]) == key]
         curves[f"{o['budget']:.4g}/G{o['granularity']}"] = {
-            "active_params": _q([p["active_params"] for p in mine]),
-            "loss": _q([p["loss"] for p in mine]),
+            "active_params": percentiles([p["active_params"] for p in mine]),
+            "loss": percentiles([p["loss"] for p in mine]),
             "n_draws": len(mine),
         }
     best = {}
@@ -174,14 +167,14 @@ def _bands(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]
         picks = [g for g in picks if g is not None]
         best[F] = {
             "share": {int(g): picks.count(g) / len(picks) for g in sorted(set(picks))} if picks else {},
-            **(_q([math.log2(g) for g in picks]) or {}),
+            **(percentiles([math.log2(g) for g in picks]) or {}),
         }
     return {
         "n": len(draws),
         "curves": curves,
         "best_granularity_log2": best,
         "dense_flops_multiple": {
-            F: _q([d["dense_flops_multiple"].get(F) for d in draws]) for F in point["budgets"]
+            F: percentiles([d["dense_flops_multiple"].get(F) for d in draws]) for F in point["budgets"]
         },
     }
 

@@ -115,13 +115,21 @@ def extrapolation(flops: float, total_params: float, tokens: float, data: dict[s
     }
 
 
+def percentiles(values) -> dict[str, float] | None:
+    """p10/p50/p90 of the finite values, with how many there were; None when there are none."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None
+    return {f"p{q}": float(np.percentile(vals, q)) for q in QUANTILES} | {"n": len(vals)}
+
+
 def quantiles(rows: list[dict[str, float | None]]) -> dict[str, Any]:
     """p10/p50/p90 of each quantity over the draws that gave one."""
     out: dict[str, Any] = {f"p{q}": {} for q in QUANTILES}
     for k in rows[0] if rows else []:
-        vals = np.array([r[k] for r in rows if r.get(k) is not None and math.isfinite(r[k])], float)
+        band = percentiles(r.get(k) for r in rows)
         for q in QUANTILES:
-            out[f"p{q}"][k] = float(np.percentile(vals, q)) if len(vals) else None
+            out[f"p{q}"][k] = band[f"p{q}"] if band else None
     out["n_draws"] = len(rows)
     return out
 
