@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list):  # KEY=VALUE given after a flag
+        args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
+        extra = [x for x in extra if "=" not in x or x.startswith("-")]
     if extra:  # as parse_args would, but naming the subcommand whose options these are not
         args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

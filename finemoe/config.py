@@ -65,6 +65,10 @@ class ModelConfig:
     routing: str = "ec"  # expert choice (paper) or token choice top-k
     capacity_factor: float = 1.0
     top_k: int | None = None  # token choice; default G
+    # Expert Choice groups: the tokens at one position across this many consecutive sequences of the
+    # global batch. None: the whole batch a forward sees (the paper). A fixed size makes a run the same
+    # for any world size and micro-batch that it divides.
+    ec_group_size: int | None = None
     moe_every: int = 1  # 1: every block MoE (paper); 2: every other block
     activation: str = "relu"
     pos_emb: str = "learned"
@@ -119,6 +123,11 @@ class ModelConfig:
                 "an integer)",
             )
             require(self.capacity_factor > 0, f"capacity_factor must be > 0, got {self.capacity_factor}")
+            require(
+                self.ec_group_size is None or (self.routing == "ec" and self.ec_group_size >= 1),
+                f"ec_group_size must be a whole number of sequences >= 1, and only with routing: ec; got "
+                f"{self.ec_group_size} with routing {self.routing!r}",
+            )
             require(
                 self.k_tokens_choice >= 1 and self.k_tokens_choice <= self.n_experts,
                 f"top_k={self.k_tokens_choice} must be between 1 and n_experts={self.n_experts}",

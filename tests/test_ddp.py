@@ -27,10 +27,17 @@ def torchrun_two(*args: str) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+EC_GROUPS = {"ffn": "moe", "expansion_rate": 2, "granularity": 2, "routing": "ec", "ec_group_size": 2}
+
+
 @needs_distributed
-def test_two_process_ddp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("model", [{}, EC_GROUPS], ids=["dense", "ec-groups"])
+def test_two_process_ddp_matches_one_process(tmp_path, model):
+    """Expert Choice too, in groups of 2 sequences: each rank's 4 hold whole groups."""
     data = make_data(tmp_path / "data")
-    base = tiny_config(data, tmp_path / "one", steps=STEPS, batch_size=8, eval_every=6, threads=1)
+    base = tiny_config(
+        data, tmp_path / "one", steps=STEPS, batch_size=8, eval_every=6, threads=1, model=model
+    )
     two = write_config(tmp_path / "two.yaml", {**base, "out_dir": str(tmp_path / "two")})
     torchrun_two("-m", "finemoe", "train", str(two), "--quiet", "--json")
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from finemoe.config import ModelConfig
 from finemoe.nn.model import DenseFFN
-from finemoe.nn.moe import MoE
+from finemoe.nn.moe import MoE, batch_routing
 from finemoe.nn.routing import ec_tokens_per_expert, expert_choice, token_choice
 
 ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -428,3 +428,26 @@ def test_z_loss_from_probs_matches_logsumexp_value_and_gradient():
     torch.testing.assert_close(fast, ref)
     torch.testing.assert_close(g_fast, g_ref)
     torch.testing.assert_close(z_loss(logits), ref)
+
+
+def test_expert_choice_groups_of_fixed_size_route_each_group_alone():
+    """ec_group_size=g: a batch routes as its blocks of g sequences would, one forward each, in
+    outputs and gradients; so the result cannot depend on how ranks or micro-batches split the batch."""
+    torch.manual_seed(0)
+    grouped = MoE(_cfg(expansion_rate=2, granularity=2, ec_group_size=2))
+    whole = MoE(_cfg(expansion_rate=2, granularity=2))
+    whole.load_state_dict(grouped.state_dict())
+    x = torch.randn(6, 5, 16, requires_grad=True)
+    y, aux = grouped(x)
+    parts = [whole(x[i : i + 2])[0] for i in range(0, 6, 2)]
+    torch.testing.assert_close(y, torch.cat(parts))
+    # the whole batch as one group routes differently: the grouping is real
+    assert not torch.allclose(y, whole(x)[0])
+    g1 = torch.autograd.grad(y.square().sum(), grouped.router.weight)[0]
+    g2 = torch.autograd.grad(torch.cat(parts).square().sum(), whole.router.weight)[0]
+    torch.testing.assert_close(g1, g2)
+    with pytest.raises(ValueError, match="groups of 2"):
+        grouped(torch.randn(3, 5, 16))
+    grouped.eval(), whole.eval()
+    with batch_routing(grouped), batch_routing(whole):  # evaluation of a batch of 3: one group of 3
+        torch.testing.assert_close(grouped(x[:3])[0], whole(x[:3])[0])

@@ -25,10 +25,12 @@ def test_no_window_repeats_within_an_epoch(tf):
     assert len(np.unique(seen)) == n  # first token of each window is distinct by construction
 
 
-def test_ranks_partition_the_global_batch(tf):
-    full = tf.batch(2, 4, 9, seed=0)[0]
-    parts = [tf.batch(2, 4, 9, seed=0, rank=r, world_size=2)[0] for r in range(2)]
-    assert np.array_equal(full[0::2], parts[0]) and np.array_equal(full[1::2], parts[1])
+def test_ranks_take_contiguous_blocks_of_the_global_batch(tf):
+    """Blocks, not strides: Expert Choice groups of consecutive sequences stay on one rank."""
+    full = tf.batch(2, 8, 9, seed=0)[0]
+    for world in (2, 4):
+        parts = [tf.batch(2, 8, 9, seed=0, rank=r, world_size=world)[0] for r in range(world)]
+        assert np.array_equal(np.concatenate(parts), full)
 
 
 def test_clear_errors(tmp_path, tf):

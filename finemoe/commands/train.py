@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     record = {k: v for k, v in record.items() if k != "config"}
     if is_main_process():  # under torchrun every rank returns the record; one summary is enough
         emit(args, record, _human)
-    return 0 if record["status"] == "done" else 1
+    return 0 if record["status"] in ("done", "stopped") else 1
 
 
 def is_main_process() -> bool:
@@ -45,6 +45,9 @@ def is_main_process() -> bool:
 
 
 def _human(r: dict) -> str:
+    if r["status"] == "stopped":
+        return f"stopped at step {r['steps']} with a checkpoint in {r['out_dir']}; --resume goes on"
+
     def f(x, spec):
         return "n/a" if x is None else format(x, spec)
 

@@ -86,13 +86,15 @@ class TokenFile:
     def batch(self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1):
         """Inputs and targets [batch_size/world_size, seq_len] (int64) for this rank at this step.
 
-        The global batch is the same for any world_size; rank r takes rows r::world_size.
+        The global batch is the same for any world_size; rank r takes the r-th contiguous block of its
+        rows, so blocks of consecutive sequences (Expert Choice groups, micro-batches) stay on one rank.
         """
         self.check_fits(batch_size, seq_len)
         if batch_size % world_size:
             raise DataError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
         n = self.n_windows(seq_len)
-        flat = np.arange(step * batch_size, (step + 1) * batch_size)[rank::world_size]
+        local = batch_size // world_size
+        flat = np.arange(step * batch_size + rank * local, step * batch_size + (rank + 1) * local)
         epochs, pos = np.divmod(flat, n)
         windows = np.empty_like(flat)
         for e in np.unique(epochs):

@@ -157,13 +157,17 @@ def build_model(cfg: ModelConfig) -> Transformer:
     return Transformer(cfg)
 
 
-def save_pretrained(model: Transformer, directory: str | Path) -> None:
-    """Write config.json + model.safetensors, each atomically."""
+def save_pretrained(
+    model: Transformer, directory: str | Path, state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write config.json + model.safetensors, each atomically; `state` in place of the model's own
+    (the gathered weights of a sharded model)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     ensure_dir(directory, "model folder")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state is None else state
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(state, str(tmp))
     write_json_atomic(directory / "config.json", model.cfg.to_dict())

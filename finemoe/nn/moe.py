@@ -4,12 +4,12 @@ Contract (see model.py): x[B, T, d] -> (y[B, T, d], aux) with differentiable unw
 `lb_loss` (Switch balance loss; zero under Expert Choice, which is balanced by construction) and
 `z_loss` (router z-loss), and a detached per-expert `load` (fraction of routed slots, sums to 1).
 
-Expert Choice groups are the B tokens at one position across the batch; each expert takes
-k = round(capacity_factor * B / E) of them. When that is below 1 token (capacity_factor * B < E,
-e.g. batch size 1 at evaluation) the layer routes each token to its top-k' experts instead
-(token choice, k' = max(1, round(capacity_factor * G))): the same expected compute per token and
-the same softmax gates, rather than a layer that silently outputs zeros. Training in that regime
-warns once.
+Expert Choice groups are the B tokens at one position across the batch (or across each block of
+`ec_group_size` consecutive sequences); each expert takes k = round(capacity_factor * B / E) of
+them. When that is below 1 token (capacity_factor * B < E, e.g. batch size 1 at evaluation) the
+layer routes each token to its top-k' experts instead (token choice, k' = max(1,
+round(capacity_factor * G))): the same expected compute per token and the same softmax gates, rather
+than a layer that silently outputs zeros. Training in that regime warns once.
 
 Grouping across the batch makes a sequence's output depend on its batch-mates, which inference must
 not. So in training each expert keeps a threshold, the running mean of its k-th pick's score, and in
@@ -97,6 +97,11 @@ class MoE(nn.Module):
     def calibrated(self) -> bool:
         return self.cfg.routing == "ec" and not bool(torch.isnan(self.ec_threshold).any())
 
+    @property
+    def thresholds_route(self) -> bool:
+        """Eval mode routes each token by the calibrated thresholds unless asked to route as training."""
+        return not self.training and not self.batch_routing and self.calibrated
+
     @torch.no_grad()
     def _calibrate(self, gates: torch.Tensor, k: int) -> None:
         """Fold this batch's k-th pick score per expert (mean over positions) into the thresholds: a
@@ -119,6 +124,30 @@ class MoE(nn.Module):
         return max(1, min(cfg.n_experts, round(cfg.capacity_factor * cfg.granularity)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        g = self.group_size(x.shape[0])
+        if g == x.shape[0]:
+            return self._forward(x)
+        # Expert Choice in groups of g sequences: fold the groups into the position axis, so that the
+        # tokens at one position of one group are what the router ranks; every other step is per token
+        B, T, d = x.shape
+        y, aux = self._forward(x.view(B // g, g, T, d).transpose(0, 1).reshape(g, B // g * T, d))
+        return y.view(g, B // g, T, d).transpose(0, 1).reshape(B, T, d), aux
+
+    def group_size(self, batch: int) -> int:
+        """Sequences per Expert Choice group in a batch of `batch`: model.ec_group_size where it divides
+        the batch (training requires it: the trainer checks), else the whole batch."""
+        g = self.cfg.ec_group_size
+        if g is None or g >= batch or self.thresholds_route:
+            return batch
+        if batch % g:
+            if self.training:
+                raise ValueError(
+                    f"a batch of {batch} sequences does not split into Expert Choice groups of {g}"
+                )
+            return batch
+        return g
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
         B, T, d = x.shape
         n = cfg.n_experts
@@ -128,7 +157,7 @@ class MoE(nn.Module):
         aux = {"z_loss": z_loss(logits, probs), "lb_loss": logits.new_zeros(())}
 
         k = ec_tokens_per_expert(B, cfg.expansion_rate, cfg.capacity_factor) if cfg.routing == "ec" else None
-        if not self.training and not self.batch_routing and self.calibrated:
+        if self.thresholds_route:
             slots = threshold_choice(probs.view(B * T, n), self.ec_threshold)
             y = self.experts(xf, slots)
             aux["load"] = (slots.counts.float() / slots.counts.sum().clamp_min(1)).detach()

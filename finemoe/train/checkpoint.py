@@ -4,6 +4,10 @@ A checkpoint holds the model, optimizer and LR-scheduler states, every RNG state
 torch, CUDA), the step (batches are a pure function of the step, so it is also the data position),
 the recent losses the smoothed loss needs, and the elapsed time. It is written to a temp file and
 renamed, so a kill mid-write leaves the previous checkpoint intact.
+
+A run with `parallel: {fsdp: true}` writes a sharded checkpoint instead: a folder of
+torch.distributed.checkpoint (DCP) shards, each rank writing its own, plus the same metadata in
+`meta.pt`. DCP reshards on load, so such a run resumes at any world size, one process included.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from finemoe.errors import ConfigError
 from finemoe.io import atomic_path
 
 CKPT_NAME = "ckpt.pt"
+SHARDED_NAME = "ckpt"  # the sharded checkpoint's folder (finemoe.parallel.dcp)
 
 
 def rng_state() -> dict[str, Any]:
@@ -55,3 +60,12 @@ def load(path: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"cannot read checkpoint {path} ({type(e).__name__}); it is not a finemoe checkpoint"
         ) from None
+
+
+def save_sharded(
+    folder: str | Path, model: torch.nn.Module, opt: torch.optim.Optimizer, **state: Any
+) -> None:
+    """A sharded checkpoint: every rank writes its shards, rank 0 the metadata with the RNG states."""
+    from finemoe.parallel import dcp
+
+    dcp.save(folder, model, opt, {**state, "rng": rng_state()})

@@ -23,6 +23,27 @@ from finemoe.train.schedule import COOLDOWN_SHAPES, WarmupCosine, WarmupStableDe
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "wsd")
+NESTED = ("model", "parallel")  # sections of a training config that are mappings of their own
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How a run launched by torchrun spreads over its ranks (docs/distributed.md). Every rank holds a
+    replica under plain data parallelism (DDP); `fsdp` shards parameters, gradients and optimizer
+    states over the ranks instead (FSDP2's fully_shard on a DeviceMesh)."""
+
+    fsdp: bool = False
+
+    def __post_init__(self) -> None:
+        schema.check(self, "parallel")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ParallelConfig":
+        if isinstance(data, ParallelConfig):
+            return data
+        require(isinstance(data, dict), "parallel must be a mapping such as {fsdp: true}")
+        check_known_keys(cls, data, "parallel")
+        return cls(**schema.coerce(cls, data))
 
 
 @dataclass(frozen=True)
@@ -34,6 +55,9 @@ class TrainConfig:
     val_file: str | None = "val.bin"  # None: no validation
     tokens: int = 10_000_000  # D, the token budget; sets the run length and the schedule
     batch_size: int = 16  # global sequences per step, split across DDP ranks
+    # sequences per forward on each rank; the rank's share of the batch accumulates over micro-batches
+    # of this size. None: the whole share in one forward
+    micro_batch_size: int | None = None
     seed: int = 0
     # optimizer and schedule
     lr: float = 2e-4
@@ -69,15 +93,32 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None: torch's default
     cpu_matmul: str = "mkl"  # fp32 CPU matmuls: torch's MKL sgemm, or oneDNN (finemoe.kernels.cpu_matmul)
     deterministic: bool = False  # torch.use_deterministic_algorithms (CPU runs are reproducible anyway)
+    # end this invocation at this step, with a checkpoint there (a job under a time limit); --resume goes on
+    stop_at_step: int | None = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
         require(isinstance(self.model, ModelConfig), "model must be a mapping of ModelConfig fields")
+        object.__setattr__(self, "parallel", ParallelConfig.from_dict(self.parallel))
         schema.check(self, "train")
         require(0 <= self.seed < 2**32, f"seed must be between 0 and 2**32 - 1, got {self.seed}")
         require(self.tokens >= 1, f"tokens (the budget D) must be >= 1, got {self.tokens}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        if self.micro_batch_size is not None:
+            require(
+                1 <= self.micro_batch_size <= self.batch_size
+                and self.batch_size % self.micro_batch_size == 0,
+                f"micro_batch_size must divide batch_size={self.batch_size}, got {self.micro_batch_size}",
+            )
+        group = self.model.ec_group_size if self.model.ffn == "moe" else None
+        if group is not None:
+            require(
+                self.batch_size % group == 0 and (self.micro_batch_size or group) % group == 0,
+                f"model.ec_group_size={group} must divide batch_size={self.batch_size}"
+                + (f" and micro_batch_size={self.micro_batch_size}" if self.micro_batch_size else ""),
+            )
         require(
             self.steps >= 1,
             f"tokens={self.tokens} is less than one step of batch_size*seq_len="
@@ -162,6 +203,15 @@ class TrainConfig:
             f"cpu_matmul must be one of {CPU_MATMULS}, got {self.cpu_matmul!r}",
         )
         require(bool(self.out_dir), "out_dir must be a folder path")
+        require(
+            self.stop_at_step is None or self.stop_at_step >= 1,
+            f"stop_at_step must be >= 1 or null, got {self.stop_at_step}",
+        )
+        require(
+            not (self.parallel.fsdp and (self.snapshot_steps or self.init_from)),
+            "WSD snapshots and branches are written as one-file checkpoints, which a sharded (fsdp) run "
+            "does not write; train stable runs and their branches without parallel.fsdp",
+        )
 
     @property
     def seq_len(self) -> int:
@@ -222,6 +272,8 @@ class TrainConfig:
             m = data["model"]
             require(isinstance(m, (dict, ModelConfig)), "model must be a mapping of ModelConfig fields")
             data["model"] = m if isinstance(m, ModelConfig) else ModelConfig.from_dict(m)
+        if "parallel" in data:
+            data["parallel"] = ParallelConfig.from_dict(data["parallel"])
         return cls(**schema.coerce(cls, data))
 
     @classmethod
@@ -270,7 +322,8 @@ def write_planned_config(path: str | Path, arch: Any, expansion_rate: float) -> 
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key=value` / `model.key=value` strings; values are parsed as YAML scalars."""
+    """Apply `key=value` / `model.key=value` / `parallel.key=value` strings; values are parsed as YAML
+    scalars."""
     import yaml
 
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
@@ -280,16 +333,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         value = yaml.safe_load(text) if text else None
         parts = key.split(".")
         require(
-            len(parts) <= 2 and (len(parts) == 1 or parts[0] == "model"),
-            f"override key {key!r}: only model.<key> nests",
+            len(parts) <= 2 and (len(parts) == 1 or parts[0] in NESTED),
+            f"override key {key!r}: only model.<key> and parallel.<key> nest",
         )
         if len(parts) == 2:
-            data.setdefault("model", {})
-            require(isinstance(data["model"], dict), "model must be a mapping")
-            data["model"][parts[1]] = value
+            data.setdefault(parts[0], {})
+            require(isinstance(data[parts[0]], dict), f"{parts[0]} must be a mapping")
+            data[parts[0]][parts[1]] = value
         else:
             data[key] = value
     return data
 
 
-__all__ = ["TrainConfig", "apply_overrides", "write_planned_config"]
+__all__ = ["ParallelConfig", "TrainConfig", "apply_overrides", "write_planned_config"]

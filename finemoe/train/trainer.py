@@ -30,6 +30,8 @@ from finemoe.kernels.cpu_matmul import cpu_matmul
 from finemoe.nn.model import Transformer, save_pretrained
 from finemoe.nn.moe import MoE
 from finemoe.nn.moe import batch_routing as moe_batch_routing
+from finemoe.parallel import dcp
+from finemoe.parallel import wrap as parallel
 from finemoe.train import checkpoint, distributed
 from finemoe.train.config import TrainConfig
 from finemoe.train.metrics import METRICS_NAME, MetricsLog, Smoother, imbalance
@@ -51,6 +53,8 @@ RESUMABLE_CHANGES = {
     "snapshot_steps",
     "init_from",
     "log_every",
+    "micro_batch_size",
+    "stop_at_step",
 }
 # What a WSD branch may change against the stable run it starts from (the schedules are compared apart).
 BRANCH_CHANGES = RESUMABLE_CHANGES | {"tokens", "smooth_window"}
@@ -131,12 +135,39 @@ class _Run:
             raise ConfigError(
                 f"batch_size {cfg.batch_size} is not divisible by the {self.dist.world_size} processes"
             )
+        self._check_micro_batches()
         if val is not None and val.n_windows(cfg.seq_len) < self.dist.world_size:
             raise DataError(
                 f"{val.path} holds fewer than {self.dist.world_size} sequences of {cfg.seq_len + 1} tokens; "
                 "use more validation text"
             )
         return train, val
+
+    def _check_micro_batches(self) -> None:
+        """Each rank's share of the batch splits into whole micro-batches, and Expert Choice groups do
+        not change with the world size or the micro-batch."""
+        cfg, world = self.cfg, self.dist.world_size
+        local = cfg.batch_size // world
+        micro = cfg.micro_batch_size or local
+        if local % micro:
+            raise ConfigError(
+                f"micro_batch_size {micro} does not divide the {local} sequences each of the {world} "
+                "processes holds; pick a divisor of batch_size / processes"
+            )
+        m = cfg.model
+        if m.ffn != "moe" or m.routing != "ec" or micro == cfg.batch_size:
+            return
+        if m.ec_group_size is None:
+            raise ConfigError(
+                f"Expert Choice would group the {micro} sequences of one forward, not the batch's "
+                f"{cfg.batch_size}, so the run would depend on the process count and micro-batch; set "
+                f"model.ec_group_size to a divisor of {micro}"
+            )
+        if micro % m.ec_group_size:
+            raise ConfigError(
+                f"model.ec_group_size={m.ec_group_size} does not divide the {micro} sequences of one "
+                "forward on each process; pick a divisor of it"
+            )
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -146,13 +177,13 @@ class _Run:
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.seed)
         self.model = Transformer(cfg.model).to(self.device)
+        self.sharded = self.dist.enabled and cfg.parallel.fsdp
+        if self.sharded:
+            parallel.shard(self.model, self.dist.world_size, self.device)
         self.fwd = torch.compile(self.model) if cfg.compile else self.model
         self.step_model = self.fwd
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.step_model = DDP(self.fwd, device_ids=ids)
+        if self.dist.enabled and not self.sharded:
+            self.step_model = parallel.replicate(self.fwd, self.device)
         fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay),
@@ -163,16 +194,26 @@ class _Run:
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cfg.lr_multiplier())
 
-    def _restore(self, ckpt: dict[str, Any]) -> None:
+    def _checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint to resume from and its contents (a sharded one's metadata only), if any."""
+        folder = dcp.find(self.out / checkpoint.SHARDED_NAME)
+        if folder is not None:
+            return folder, dcp.load_meta(folder)
+        path = self.out / checkpoint.CKPT_NAME
+        return (path, checkpoint.load(path)) if path.is_file() else None
+
+    def _restore(self, path: Path, ckpt: dict[str, Any]) -> None:
         diff = config_diff(ckpt["config"], self.cfg, RESUMABLE_CHANGES)
         if diff:
             raise ConfigError(
-                f"{self.out / checkpoint.CKPT_NAME} was written with a different config ({', '.join(diff)} "
-                "differ); "
+                f"{path} was written with a different config ({', '.join(diff)} differ); "
                 "resume with the same config or pick a new out_dir"
             )
-        self.model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
+        if "model" in ckpt:
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+        else:
+            dcp.load(path, self.model, self.opt)
         self.sched.load_state_dict(ckpt["scheduler"])
         checkpoint.set_rng_state(ckpt["rng"])
 
@@ -227,7 +268,8 @@ class _Run:
                     "train it with its own config or pick a new out_dir"
                 )
             return record
-        if not resume and (final_path.exists() or ckpt_path.exists()):
+        found = ckpt_path.exists() or dcp.find(out / checkpoint.SHARDED_NAME)
+        if not resume and (final_path.exists() or found):
             raise ConfigError(
                 f"{out} already holds a run; pass --resume to continue it or choose another out_dir"
             )
@@ -235,9 +277,9 @@ class _Run:
         self._build()
 
         start, history, elapsed, train_time = 0, [], 0.0, 0.0
-        if resume and ckpt_path.is_file():
-            ckpt = checkpoint.load(ckpt_path)
-            self._restore(ckpt)
+        if resume and (saved := self._checkpoint()) is not None:
+            ckpt = saved[1]
+            self._restore(*saved)
             start, history = ckpt["step"], ckpt["losses"]
             elapsed, train_time = ckpt["elapsed"], ckpt["train_time"]
             self.branched_at = ckpt.get("branched_at", 0)
@@ -286,7 +328,8 @@ class _Run:
                     log.write(rec)
                 if bar is not None:
                     bar.step(done, rec)
-                if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                stop = done == cfg.stop_at_step and done < cfg.steps
+                if done % cfg.ckpt_every == 0 or done == cfg.steps or stop:
                     self._save(
                         done, list(smoother.losses), elapsed + time.perf_counter() - t_start, train_time
                     )
@@ -298,12 +341,17 @@ class _Run:
                         train_time,
                         out / SNAPSHOT_DIR / f"step_{done}.pt",
                     )
+                if stop:
+                    status = "stopped"  # a checkpoint is written: resume continues from here
+                    break
         finally:
             if bar is not None:
                 bar.close()
             if log is not None:
                 log.close()
 
+        if status == "stopped":
+            return {"status": status, "steps": completed, "out_dir": str(out)}
         if status == "done" and start == cfg.steps:  # killed after the last checkpoint, before final.json
             val_loss = self.evaluate()
         trained = completed * cfg.tokens_per_step
@@ -321,9 +369,10 @@ class _Run:
             # thresholds the saved model carries (rank 0's)
             distributed.broadcast_buffers(self.model, self.dist)
             record["val_loss_independent"] = self.evaluate(batch_routing=False)
+        weights = parallel.full_state(self.model) if status == "done" else None  # all ranks gather
         if main:
             if status == "done":
-                save_pretrained(self.model, out / "model")
+                save_pretrained(self.model, out / "model", weights)
             write_json_atomic(final_path, record)
         distributed.barrier(self.dist)
         return record
@@ -337,18 +386,26 @@ class _Run:
         x = torch.from_numpy(x).to(self.device, non_blocking=True)
         y = torch.from_numpy(y).to(self.device, non_blocking=True)
         lr = self.opt.param_groups[0]["lr"]
-        with self.autocast():
-            out = self.step_model(x, y)
-        loss, aux = out.loss, out.aux
-        total = loss
-        if "lb_loss" in aux and cfg.lb_loss_weight:
-            total = total + cfg.lb_loss_weight * aux["lb_loss"]
-        if "z_loss" in aux and cfg.z_loss_weight:
-            total = total + cfg.z_loss_weight * aux["z_loss"]
+        micro = cfg.micro_batch_size or x.shape[0]
+        n = x.shape[0] // micro
         self.opt.zero_grad(set_to_none=True)
-        total.backward()
+        loss, aux = 0.0, {}
+        for i in range(n):  # micro-batches of equal size: the mean of their means is the batch's mean
+            part = slice(i * micro, (i + 1) * micro)
+            with parallel.gradient_sync(self.step_model, i == n - 1):
+                with self.autocast():
+                    out = self.step_model(x[part], y[part])
+                total = out.loss
+                if "lb_loss" in out.aux and cfg.lb_loss_weight:
+                    total = total + cfg.lb_loss_weight * out.aux["lb_loss"]
+                if "z_loss" in out.aux and cfg.z_loss_weight:
+                    total = total + cfg.z_loss_weight * out.aux["z_loss"]
+                (total / n).backward()
+            loss = loss + out.loss.detach() / n
+            for key, value in out.aux.items():
+                aux[key] = aux.get(key, 0.0) + value.detach() / n
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = parallel.local_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         loss_val = distributed.mean(loss.detach().float(), self.dist).item()
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):
             return None
@@ -398,6 +455,18 @@ class _Run:
     def _save(
         self, step: int, losses: list[float], elapsed: float, train_time: float, path: Path | None = None
     ) -> None:
+        meta = dict(
+            scheduler=self.sched.state_dict(),
+            step=step,
+            losses=losses,
+            elapsed=elapsed,
+            train_time=train_time,
+            branched_at=self.branched_at,
+            config=self.cfg.to_dict(),
+        )
+        if self.cfg.parallel.fsdp and path is None:  # every rank writes its shards
+            checkpoint.save_sharded(self.out / checkpoint.SHARDED_NAME, self.model, self.opt, **meta)
+            return
         if self.dist.main:
             if path is not None:
                 ensure_dir(path.parent, "snapshot folder")
@@ -405,13 +474,7 @@ class _Run:
                 path or self.out / checkpoint.CKPT_NAME,
                 model=self.model.state_dict(),
                 optimizer=self.opt.state_dict(),
-                scheduler=self.sched.state_dict(),
-                step=step,
-                losses=losses,
-                elapsed=elapsed,
-                train_time=train_time,
-                branched_at=self.branched_at,
-                config=self.cfg.to_dict(),
+                **meta,
             )
         distributed.barrier(self.dist)
 
@@ -468,6 +531,11 @@ class _Run:
             "tokens_trained_here": trained_here,
             "exact_params": exact_params(m)["total"],
             "world_size": self.dist.world_size,
+            # what rank 0 holds: a replica under DDP, 1/world of it under FSDP
+            "param_bytes_per_rank": parallel.local_bytes(self.model.parameters()),
+            "optimizer_bytes_per_rank": parallel.local_bytes(
+                t for state in self.opt.state.values() for t in state.values() if torch.is_tensor(t)
+            ),
             "device": _device_name(self.device),
             "torch": torch.__version__,
             "out_dir": str(self.out),

@@ -1,0 +1,81 @@
+"""DDP replicas or FSDP2 shards on a DeviceMesh, around a model built as for one process.
+ Under `parallel: {fsdp: true}`
+every block, then the whole model, is `fully_shard`ed over the data-parallel ranks, so each rank
+keeps 1/world of the parameters, gradients and AdamW states and gathers a block's weights just for
+its forward and backward (torchtitan applies FSDP2 the same way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def shard(model: nn.Module, world_size: int, device: torch.device) -> None:
+    """FSDP2 in place: each block is one unit of gathering, the rest (embeddings, head) the root's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp_shard",))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def replicate(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP: a full replica per rank, gradients all-reduced."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 holds this model's parameters as shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@contextlib.contextmanager
+def gradient_sync(step_model: nn.Module, on: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all but the last micro-batch of
+    a step: the gradients accumulate locally and are averaged once."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(step_model, DDP):
+        with contextlib.nullcontext() if on else step_model.no_sync():
+            yield
+        return
+    if hasattr(step_model, "set_requires_gradient_sync"):  # an FSDP2 module
+        step_model.set_requires_gradient_sync(on)
+    yield
+
+
+def local_value(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from what a reduction over sharded parameters returns (a replicated DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank stores for these tensors: a sharded one counts only its local shard."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for t in tensors:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded model state on the CPU, on rank 0 (a collective under FSDP2; other ranks get {})."""
+    if not sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,0 +1,116 @@
+"""FSDP2 on CPU (gloo): 2 torchrun processes follow one process's loss curve, each holds half the
+parameters and AdamW states, and a sharded checkpoint resumes at another world size (4 to 2 to 1) where
+a continuous run goes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from _train_fixtures import ROOT, make_data, read_metrics, tiny_config, write_config
+
+from finemoe.train.config import TrainConfig
+from finemoe.train.trainer import train
+
+STEPS = 20
+MODELS = {
+    # the balance loss is a product of per-rank batch means, so it is off where runs are compared
+    "tc": {"ffn": "moe", "expansion_rate": 2, "granularity": 2, "routing": "tc"},
+    "ec": {"ffn": "moe", "expansion_rate": 2, "granularity": 2, "routing": "ec", "ec_group_size": 2},
+}
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+
+
+def torchrun(n: int, config, *extra: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+    cmd += ["-m", "finemoe", "train", str(config), "--quiet", "--json", *extra]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def one_process(cfg: dict, resume: bool = False) -> dict:
+    threads = torch.get_num_threads()
+    try:
+        return train(TrainConfig.from_dict(cfg), resume=resume, quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def config(tmp_path, name: str, model: str, **over) -> dict:
+    return tiny_config(
+        make_data(tmp_path / "data"),
+        tmp_path / name,
+        steps=STEPS,
+        batch_size=8,
+        eval_every=10,
+        ckpt_every=10,
+        threads=1,
+        lb_loss_weight=0.0,
+        parallel={"fsdp": True},
+        model=MODELS[model],
+        **over,
+    )
+
+
+def losses(out) -> list[float]:
+    return [r["loss"] for r in read_metrics(out)]
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_fsdp_two_processes_match_one_and_hold_half_each(tmp_path, model):
+    one = one_process(config(tmp_path, "one", model))
+    two = torchrun(2, write_config(tmp_path / "two.yaml", config(tmp_path, "two", model)))
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == STEPS
+    assert b == pytest.approx(a, rel=1e-5)
+    assert a[0] - a[-1] > 0.3  # the curve moves, so matching it means something
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    for key in ("param_bytes_per_rank", "optimizer_bytes_per_rank"):
+        print(f"{model} {key}: 1 process {one[key]}, 2 processes {two[key]}")
+        # every tensor is cut in two along its first dim; a dim of odd length pads its shard
+        assert one[key] / 2 <= two[key] <= one[key] / 2 * 1.05
+    # the exported model is whole: the same weights as the one-process run's, up to float rounding
+    from safetensors.torch import load_file
+
+    w1, w2 = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("one", "two"))
+    assert w1.keys() == w2.keys()
+    for k in w1:  # Expert Choice thresholds are rank 0's statistics, from its half of each batch
+        if ".ec_" not in k:
+            torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-4)
+
+
+def test_sharded_checkpoint_resumes_at_other_world_sizes(tmp_path):
+    """4 processes stop at step 7, 2 go on to step 14, one process finishes: the curve is the
+    continuous run's, and the model the same."""
+    one = one_process(config(tmp_path, "one", "ec"))
+    cfg = write_config(tmp_path / "cut.yaml", config(tmp_path, "cut", "ec"))
+    four = torchrun(4, cfg, "stop_at_step=7")
+    assert four["status"] == "stopped"
+    assert (tmp_path / "cut" / "ckpt" / ".metadata").is_file()  # a DCP folder, not ckpt.pt
+    assert not (tmp_path / "cut" / "ckpt.pt").exists()
+    torchrun(2, cfg, "--resume", "stop_at_step=14")
+    last = one_process(config(tmp_path, "cut", "ec"), resume=True)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "cut")
+    assert len(b) == STEPS
+    assert b == pytest.approx(a, rel=1e-5)
+    assert last["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    assert last["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+
+
+def test_sharded_checkpoint_refuses_a_different_config(tmp_path):
+    cut = config(tmp_path, "cut", "ec", stop_at_step=5)
+    one_process(cut)
+    r = subprocess.run(
+        [sys.executable, "-m", "finemoe", "train", str(write_config(tmp_path / "c.yaml", cut)), "--resume"]
+        + ["lr=1e-2"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "lr differ" in r.stderr and "Traceback" not in r.stderr
