@@ -3,28 +3,20 @@ and leave no gloo thread running once training is done."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from _distributed import needs_distributed, torchrun
 from _train_fixtures import ROOT, make_data, read_metrics, tiny_config, write_config
 
 from finemoe.train.config import TrainConfig
 from finemoe.train.trainer import train
 
 STEPS = 12
-needs_distributed = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is not built in"
-)
 
 
 def torchrun_two(*args: str) -> None:
-    """Run `args` (a module as "-m name ..." or a script path) in two torchrun processes on CPU."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    torchrun(2, *args)
 
 
 EC_GROUPS = {"ffn": "moe", "expansion_rate": 2, "granularity": 2, "routing": "ec", "ec_group_size": 2}

@@ -2,17 +2,14 @@
 parameters and AdamW states, and a sharded checkpoint resumes at another world size (4 to 2 to 1) where
 a continuous run goes."""
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from _distributed import needs_distributed, torchrun_train, train_here
 from _train_fixtures import ROOT, make_data, read_metrics, tiny_config, write_config
-
-from finemoe.train.config import TrainConfig
-from finemoe.train.trainer import train
 
 STEPS = 20
 MODELS = {
@@ -20,24 +17,7 @@ MODELS = {
     "tc": {"ffn": "moe", "expansion_rate": 2, "granularity": 2, "routing": "tc"},
     "ec": {"ffn": "moe", "expansion_rate": 2, "granularity": 2, "routing": "ec", "ec_group_size": 2},
 }
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
-
-
-def torchrun(n: int, config, *extra: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
-    cmd += ["-m", "finemoe", "train", str(config), "--quiet", "--json", *extra]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def one_process(cfg: dict, resume: bool = False) -> dict:
-    threads = torch.get_num_threads()
-    try:
-        return train(TrainConfig.from_dict(cfg), resume=resume, quiet=True)
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = needs_distributed
 
 
 def config(tmp_path, name: str, model: str, **over) -> dict:
@@ -62,8 +42,8 @@ def losses(out) -> list[float]:
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_fsdp_two_processes_match_one_and_hold_half_each(tmp_path, model):
-    one = one_process(config(tmp_path, "one", model))
-    two = torchrun(2, write_config(tmp_path / "two.yaml", config(tmp_path, "two", model)))
+    one = train_here(config(tmp_path, "one", model))
+    two = torchrun_train(2, write_config(tmp_path / "two.yaml", config(tmp_path, "two", model)))
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == STEPS
     assert b == pytest.approx(a, rel=1e-5)
@@ -86,14 +66,14 @@ def test_fsdp_two_processes_match_one_and_hold_half_each(tmp_path, model):
 def test_sharded_checkpoint_resumes_at_other_world_sizes(tmp_path):
     """4 processes stop at step 7, 2 go on to step 14, one process finishes: the curve is the
     continuous run's, and the model the same."""
-    one = one_process(config(tmp_path, "one", "ec"))
+    one = train_here(config(tmp_path, "one", "ec"))
     cfg = write_config(tmp_path / "cut.yaml", config(tmp_path, "cut", "ec"))
-    four = torchrun(4, cfg, "stop_at_step=7")
+    four = torchrun_train(4, cfg, "stop_at_step=7")
     assert four["status"] == "stopped"
     assert (tmp_path / "cut" / "ckpt" / ".metadata").is_file()  # a DCP folder, not ckpt.pt
     assert not (tmp_path / "cut" / "ckpt.pt").exists()
-    torchrun(2, cfg, "--resume", "stop_at_step=14")
-    last = one_process(config(tmp_path, "cut", "ec"), resume=True)
+    torchrun_train(2, cfg, "--resume", "stop_at_step=14")
+    last = train_here(config(tmp_path, "cut", "ec"), resume=True)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "cut")
     assert len(b) == STEPS
     assert b == pytest.approx(a, rel=1e-5)
@@ -103,7 +83,7 @@ def test_sharded_checkpoint_resumes_at_other_world_sizes(tmp_path):
 
 def test_sharded_checkpoint_refuses_a_different_config(tmp_path):
     cut = config(tmp_path, "cut", "ec", stop_at_step=5)
-    one_process(cut)
+    train_here(cut)
     r = subprocess.run(
         [sys.executable, "-m", "finemoe", "train", str(write_config(tmp_path / "c.yaml", cut)), "--resume"]
         + ["lr=1e-2"],

@@ -65,6 +65,13 @@ def save(
     _barrier()
 
 
+def remove(folder: str | Path) -> None:
+    """Drop a sharded checkpoint and what a kill left of one (rank 0, after a newer checkpoint)."""
+    folder = Path(folder)
+    for f in (folder, folder.with_name(f".{folder.name}.old"), folder.with_name(f".{folder.name}.tmp")):
+        shutil.rmtree(f, ignore_errors=True)
+
+
 def load_meta(folder: Path) -> dict[str, Any]:
     try:
         return torch.load(folder / META_NAME, map_location="cpu", weights_only=False)

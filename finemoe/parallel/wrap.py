@@ -25,15 +25,18 @@ def shard(model: nn.Module, world_size: int, device: torch.device) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def replicate(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP: a full replica per rank, gradients all-reduced."""
+def replicate(model: nn.Module, device: torch.device, ignore: list[str] = ()) -> nn.Module:
+    """DDP: a full replica per rank, gradients all-reduced; `ignore` names parameters it leaves alone
+    (expert-parallel shards, whose gradients are finished apart)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    if ignore:
+        DDP._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def sharded(model: nn.Module) -> bool:
-    """Whether FSDP2 holds this model's parameters as shards (DTensors)."""
+    """Whether some of this model's parameters are held as shards (DTensors: FSDP2 or experts under EP)."""
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())

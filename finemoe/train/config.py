@@ -30,12 +30,24 @@ NESTED = ("model", "parallel")  # sections of a training config that are mapping
 class ParallelConfig:
     """How a run launched by torchrun spreads over its ranks (docs/distributed.md). Every rank holds a
     replica under plain data parallelism (DDP); `fsdp` shards parameters, gradients and optimizer
-    states over the ranks instead (FSDP2's fully_shard on a DeviceMesh)."""
+    states over the ranks instead (FSDP2's fully_shard on a DeviceMesh); `ep` splits every MoE layer's
+    experts over groups of that many ranks (expert parallelism), the rest staying DDP replicas."""
 
     fsdp: bool = False
+    ep: int = 1
 
     def __post_init__(self) -> None:
         schema.check(self, "parallel")
+        require(self.ep >= 1, f"parallel.ep must be >= 1, got {self.ep}")
+        require(
+            not (self.fsdp and self.ep > 1),
+            "parallel.fsdp with parallel.ep > 1 is not supported yet; shard with one or the other",
+        )
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Checkpoints as DCP shards (any world size can resume them) rather than one ckpt.pt."""
+        return self.fsdp or self.ep > 1
 
     @classmethod
     def from_dict(cls, data: Any) -> "ParallelConfig":
@@ -208,10 +220,16 @@ class TrainConfig:
             f"stop_at_step must be >= 1 or null, got {self.stop_at_step}",
         )
         require(
-            not (self.parallel.fsdp and (self.snapshot_steps or self.init_from)),
-            "WSD snapshots and branches are written as one-file checkpoints, which a sharded (fsdp) run "
-            "does not write; train stable runs and their branches without parallel.fsdp",
+            not (self.parallel.sharded_checkpoints and (self.snapshot_steps or self.init_from)),
+            "WSD snapshots and branches are written as one-file checkpoints, which a sharded (fsdp or ep) "
+            "run does not write; train stable runs and their branches without parallel.fsdp or ep",
         )
+        if self.parallel.ep > 1:
+            require(
+                self.model.ffn == "moe" and self.model.n_experts % self.parallel.ep == 0,
+                f"parallel.ep={self.parallel.ep} must divide the {self.model.n_experts} experts of an MoE "
+                "model; pick a divisor of E*G",
+            )
 
     @property
     def seq_len(self) -> int:

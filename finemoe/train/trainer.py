@@ -27,10 +27,11 @@ from finemoe.data.tokens import TokenFile
 from finemoe.errors import ConfigError, DataError
 from finemoe.io import ensure_dir, finite_or_none, write_json_atomic
 from finemoe.kernels.cpu_matmul import cpu_matmul
+from finemoe.nn.experts import Experts
 from finemoe.nn.model import Transformer, save_pretrained
 from finemoe.nn.moe import MoE
 from finemoe.nn.moe import batch_routing as moe_batch_routing
-from finemoe.parallel import dcp
+from finemoe.parallel import dcp, expert_parallel
 from finemoe.parallel import wrap as parallel
 from finemoe.train import checkpoint, distributed
 from finemoe.train.config import TrainConfig
@@ -55,6 +56,7 @@ RESUMABLE_CHANGES = {
     "log_every",
     "micro_batch_size",
     "stop_at_step",
+    "parallel",  # DCP reshards; one-file checkpoints load only unsharded (see _restore)
 }
 # What a WSD branch may change against the stable run it starts from (the schedules are compared apart).
 BRANCH_CHANGES = RESUMABLE_CHANGES | {"tokens", "smooth_window"}
@@ -147,6 +149,11 @@ class _Run:
         """Each rank's share of the batch splits into whole micro-batches, and Expert Choice groups do
         not change with the world size or the micro-batch."""
         cfg, world = self.cfg, self.dist.world_size
+        if world % cfg.parallel.ep:
+            raise ConfigError(
+                f"parallel.ep={cfg.parallel.ep} does not divide the {world} processes; launch a multiple of "
+                "it or lower parallel.ep"
+            )
         local = cfg.batch_size // world
         micro = cfg.micro_batch_size or local
         if local % micro:
@@ -178,12 +185,16 @@ class _Run:
         seed_everything(cfg.seed)
         self.model = Transformer(cfg.model).to(self.device)
         self.sharded = self.dist.enabled and cfg.parallel.fsdp
+        self.ep_mesh, ep_names = None, []
         if self.sharded:
             parallel.shard(self.model, self.dist.world_size, self.device)
+        elif self.dist.enabled and cfg.parallel.ep > 1:
+            self.ep_mesh = expert_parallel.mesh_for(self.dist.world_size, cfg.parallel.ep, self.device)
+            ep_names = expert_parallel.shard_experts(self.model, self.ep_mesh)
         self.fwd = torch.compile(self.model) if cfg.compile else self.model
         self.step_model = self.fwd
         if self.dist.enabled and not self.sharded:
-            self.step_model = parallel.replicate(self.fwd, self.device)
+            self.step_model = parallel.replicate(self.fwd, self.device, ep_names)
         fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay),
@@ -210,6 +221,11 @@ class _Run:
                 "resume with the same config or pick a new out_dir"
             )
         if "model" in ckpt:
+            if parallel.sharded(self.model):
+                raise ConfigError(
+                    f"{path} is a one-file checkpoint, written without parallel.fsdp or ep; resume it "
+                    "with the parallel settings it was written with"
+                )
             self.model.load_state_dict(ckpt["model"])
             self.opt.load_state_dict(ckpt["optimizer"])
         else:
@@ -405,7 +421,13 @@ class _Run:
             for key, value in out.aux.items():
                 aux[key] = aux.get(key, 0.0) + value.detach() / n
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-        grad_norm = parallel.local_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if self.ep_mesh is not None:
+            expert_parallel.finish_expert_grads(self.model, self.ep_mesh, self.dist.world_size)
+            grad_norm = expert_parallel.clip_grad_norm(self.model, max_norm, self.ep_mesh)
+        else:
+            grad_norm = parallel.local_value(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            )
         loss_val = distributed.mean(loss.detach().float(), self.dist).item()
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):
             return None
@@ -464,8 +486,11 @@ class _Run:
             branched_at=self.branched_at,
             config=self.cfg.to_dict(),
         )
-        if self.cfg.parallel.fsdp and path is None:  # every rank writes its shards
+        if self.cfg.parallel.sharded_checkpoints and path is None:  # every rank writes its shards
             checkpoint.save_sharded(self.out / checkpoint.SHARDED_NAME, self.model, self.opt, **meta)
+            if self.dist.main:  # the checkpoint of an unsharded earlier leg, now behind
+                (self.out / checkpoint.CKPT_NAME).unlink(missing_ok=True)
+            distributed.barrier(self.dist)
             return
         if self.dist.main:
             if path is not None:
@@ -476,7 +501,25 @@ class _Run:
                 optimizer=self.opt.state_dict(),
                 **meta,
             )
+            if path is None:  # the sharded checkpoint of an earlier leg, now behind
+                dcp.remove(self.out / checkpoint.SHARDED_NAME)
         distributed.barrier(self.dist)
+
+    def _bytes_per_rank(self) -> dict[str, int]:
+        """What rank 0 holds of the weights and AdamW states, all and the experts' alone: a replica
+        under DDP, 1/world under FSDP, the experts 1/ep under expert parallelism."""
+        experts = [p for m in self.model.modules() if isinstance(m, Experts) for p in (m.w1, m.w2)]
+
+        def states(params):
+            return (t for p in params for t in self.opt.state.get(p, {}).values() if torch.is_tensor(t))
+
+        params = list(self.model.parameters())
+        return {
+            "param_bytes_per_rank": parallel.local_bytes(params),
+            "optimizer_bytes_per_rank": parallel.local_bytes(states(params)),
+            "expert_param_bytes_per_rank": parallel.local_bytes(experts),
+            "expert_optimizer_bytes_per_rank": parallel.local_bytes(states(experts)),
+        }
 
     def _progress(self, start: int):
         """A bar on a terminal, lines every `log_every` steps elsewhere; nothing when quiet or not rank 0."""
@@ -532,10 +575,7 @@ class _Run:
             "exact_params": exact_params(m)["total"],
             "world_size": self.dist.world_size,
             # what rank 0 holds: a replica under DDP, 1/world of it under FSDP
-            "param_bytes_per_rank": parallel.local_bytes(self.model.parameters()),
-            "optimizer_bytes_per_rank": parallel.local_bytes(
-                t for state in self.opt.state.values() for t in state.values() if torch.is_tensor(t)
-            ),
+            **self._bytes_per_rank(),
             "device": _device_name(self.device),
             "torch": torch.__version__,
             "out_dir": str(self.out),

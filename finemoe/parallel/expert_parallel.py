@@ -1,0 +1,117 @@
+"""Expert parallelism: each rank of an `ep` group holds n_experts/ep experts, and routed tokens travel
+to their expert's rank and back with all_to_all_single.
+
+Routing stays local: every rank routes its own tokens over all experts (Expert Choice in its own
+groups), then sends each slot's token to the rank that holds the expert. The experts' weights are
+DTensors sharded along the expert axis of a (dp, ep) DeviceMesh, so a checkpoint (DCP) reshards them
+to another ep and an export gathers them whole. Non-expert weights stay replicated under DDP.
+
+Gradients: an expert's weights see the slots of every rank in its ep group through the all_to_all's
+backward, and the replicas along dp are summed; dividing by the world size then gives the gradient
+of the mean loss over all ranks, as DDP gives for the rest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from finemoe.kernels.expert_mm import compute_dtype
+from finemoe.nn.experts import Experts, padded_slots
+from finemoe.nn.routing import Slots
+
+
+class ExpertParallel:
+    """The Experts kernel under EP: dispatch slots to the experts' ranks, compute, combine."""
+
+    def __init__(self, mesh):
+        self.ep_group = mesh["ep"].get_group()
+        self.ep = mesh["ep"].size()
+
+    def __call__(self, experts: Experts, x: torch.Tensor, slots: Slots) -> torch.Tensor:
+        import torch.distributed as dist
+        from torch.distributed._functional_collectives import all_to_all_single_autograd as a2a
+
+        w1, w2 = experts.w1.to_local(), experts.w2.to_local()
+        local, d = w1.shape[0], x.shape[-1]
+        idx, gates = padded_slots(slots, local * self.ep)  # [n, C]: expert-major, rank by rank
+        capacity = torch.tensor([idx.shape[1]], device=x.device)
+        every = [torch.empty_like(capacity) for _ in range(self.ep)]
+        dist.all_gather(every, capacity, group=self.ep_group)  # slots per expert each rank sends
+        caps = [int(c) for c in every]
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            send = x.to(dtype)[idx.reshape(-1)]  # [n*C, d]: rank j's experts form the j-th block
+            out_rows = [local * c for c in caps]
+            got = a2a(send, out_rows, [local * idx.shape[1]] * self.ep, self.ep_group)
+            # from each source rank a [local, C_s, d] block: line them up per expert
+            h = torch.cat([b.view(local, c, d) for b, c in zip(got.split(out_rows), caps)], dim=1)
+            h = torch.bmm(experts.act(torch.bmm(h, w1.to(dtype))), w2.to(dtype))  # [local, sum C_s, d]
+            back = torch.cat([b.reshape(-1, d) for b in h.split(caps, dim=1)])
+            y = a2a(back, [local * idx.shape[1]] * self.ep, out_rows, self.ep_group)
+            y = y.view(idx.shape[0], idx.shape[1], d) * gates.to(dtype).unsqueeze(-1)
+            return x.new_zeros(x.shape, dtype=dtype).index_add(0, idx.reshape(-1), y.reshape(-1, d))
+
+
+def mesh_for(world_size: int, ep: int, device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world_size // ep, ep), mesh_dim_names=("dp", "ep"))
+
+
+def shard_experts(model: nn.Module, mesh) -> list[str]:
+    """Keep this rank's slice of every Experts' weights, as DTensors on the mesh; returns their names
+    (DDP must leave them alone). The model was initialised alike on every rank, so the slices together
+    are the one-process model."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            for p in ("w1", "w2"):
+                full = getattr(module, p).detach()
+                shard = distribute_tensor(full, mesh, [Replicate(), Shard(0)])
+                setattr(module, p, nn.Parameter(shard))
+                names.append(f"{name}.{p}")
+            module.kernel = ExpertParallel(mesh)
+    return names
+
+
+def expert_params(model: nn.Module) -> list[nn.Parameter]:
+    from torch.distributed.tensor import DTensor
+
+    return [
+        p for m in model.modules() if isinstance(m, Experts) for p in (m.w1, m.w2) if isinstance(p, DTensor)
+    ]
+
+
+def finish_expert_grads(model: nn.Module, mesh, world_size: int) -> None:
+    """Sum each expert's gradient over its dp replicas and divide by the world size (see above)."""
+    import torch.distributed as dist
+
+    dp = mesh["dp"]
+    for p in expert_params(model):
+        if p.grad is None:
+            continue
+        g = p.grad.to_local()
+        if dp.size() > 1:
+            dist.all_reduce(g, group=dp.get_group())
+        g.div_(world_size)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, mesh) -> torch.Tensor:
+    """The global gradient norm (replicated weights once, each expert once) and clipping to it."""
+    import torch.distributed as dist
+
+    experts = {id(p) for p in expert_params(model)}
+    grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in experts]
+    shards = [p.grad.to_local() for p in expert_params(model) if p.grad is not None]
+    replicated = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    sq = torch.nn.utils.get_total_norm(shards).square() if shards else torch.zeros(())
+    dist.all_reduce(sq, group=mesh["ep"].get_group())
+    total = (replicated.square() + sq).sqrt()
+    if math.isfinite(max_norm):  # as clip_grad_norm_ scales, on the local tensors of the shards
+        torch._foreach_mul_(grads + shards, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
