@@ -273,15 +273,6 @@ def test_sigkilled_sweep_restarts_without_redoing_or_losing_runs(tmp_path):
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def test_submitit_local_executor(tmp_path, monkeypatch):
-    pytest.importorskip("submitit")
-    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
-    s = specmod.expand(_raw(tmp_path, tokens=[1000], granularities=[2]))
-    out = run_sweep(s, executor="submitit-local", options={"timeout_min": 5}, log=lambda *_: None)
-    assert out["done"] == 2 and out["to_run"] == 0
-    assert list((tmp_path / "runs" / "submitit").iterdir())
-
-
 # -- CLI ---------------------------------------------------------------------------------------------
 
 

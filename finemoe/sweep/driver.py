@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from finemoe.sweep.executors import make_executor
+from finemoe.sweep.runner import collect, job_alive
 from finemoe.sweep.spec import Spec
 from finemoe.sweep.store import FINAL, Store, owner_alive
 from finemoe.train.progress import duration
@@ -25,8 +26,20 @@ def todo(store: Store, spec: Spec) -> list[str]:
             continue
         if row["status"] == "running" and owner_alive(row["owner"], row["heartbeat_at"]):
             continue  # another live sweep holds it
+        if job_alive(Path(run.config["out_dir"])):
+            continue  # a cluster job trains it, submitted by a driver that has since left
         out.append(run.run_id)
     return out
+
+
+def harvest(store: Store, spec: Spec) -> int:
+    """Record the outcomes cluster jobs left in their run folders since the last driver looked."""
+    rows = {r["run_id"]: r for r in store.rows([r.run_id for r in spec.runs])}
+    return sum(
+        collect(store, run.run_id)
+        for run in spec.runs
+        if rows[run.run_id]["status"] not in FINAL and not job_alive(Path(run.config["out_dir"]))
+    )
 
 
 def run_sweep(
@@ -45,6 +58,9 @@ def run_sweep(
             log(f"sweep {spec.name}: took {n} finished runs from {spec.csv}")
         for why in refused:
             log(f"sweep {spec.name}: not taken from {spec.csv} (it trains again): {why}")
+    harvested = harvest(store, spec)
+    if harvested:
+        log(f"sweep {spec.name}: recorded {harvested} runs that jobs finished in their folders")
     pending = todo(store, spec)
     ids = [r.run_id for r in spec.runs]
     counts = store.counts(ids)

@@ -1,25 +1,29 @@
 """Where runs execute: in this process, in local worker processes, or as Slurm jobs via submitit.
 
-Every executor ends in `runner.execute_run(store, run_id, ...)`, which claims the run in the store, so
-executors only decide where and how many at a time; the store arbitrates. An executor's `run` calls
-`on_done(run_id)` after each run so the sweep can print progress and export the CSV.
+Local executors end in `runner.execute_run(store, run_id, ...)`, which claims the run in the store, so
+they only decide where and how many at a time; the store arbitrates. Slurm jobs run `runner.run_job`
+instead and leave their outcome in the run folder, which the driver records: on a cluster only the
+driver writes the store. An executor's `run` calls `on_done(run_id)` after each run so the sweep can
+print progress and export the CSV.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from finemoe.errors import ConfigError
 from finemoe.io import ensure_dir
-from finemoe.sweep.runner import default_threads, execute_run
-from finemoe.sweep.store import Store
+from finemoe.sweep.runner import HEARTBEAT_S, collect, default_threads, execute_run, run_job
+from finemoe.sweep.store import Store, owner_id
 
 OnDone = Callable[[str], None]
 
@@ -157,8 +161,12 @@ class SlurmExecutor:
     """One Slurm job per run through submitit (an array when possible); waits for them unless wait=False.
 
     `cluster` is passed to submitit.AutoExecutor: 'slurm' on a cluster, 'local' to try a spec locally.
-    Other keys go to `update_parameters` (timeout_min, slurm_partition, gpus_per_node, cpus_per_task,
-    mem_gb, slurm_array_parallelism, ...).
+    `procs_per_run` > 1 launches each run through torchrun inside its job (one process per GPU; ask
+    for as many with gpus_per_node). Other keys go to `update_parameters` (timeout_min,
+    slurm_partition, gpus_per_node, cpus_per_task, mem_gb, slurm_array_parallelism, ...).
+
+    Jobs never write the store (see runner.run_job): this driver claims the runs, heartbeats them while
+    it waits, and records what each job left in its run folder.
     """
 
     def __init__(
@@ -167,9 +175,13 @@ class SlurmExecutor:
         cluster: str | None = "slurm",
         threads: int | None = None,
         wait: bool = True,
+        procs_per_run: int = 1,
         **params: Any,
     ):
+        if not isinstance(procs_per_run, int) or isinstance(procs_per_run, bool) or procs_per_run < 1:
+            raise ConfigError(f"executor procs_per_run must be a whole number >= 1, got {procs_per_run!r}")
         self.folder, self.cluster, self.threads, self.wait = folder, cluster, threads, wait
+        self.procs = procs_per_run
         self.params = {"timeout_min": 60 * 24, **params}
 
     def run(
@@ -204,23 +216,43 @@ class SlurmExecutor:
     def _submit(
         self, ex, store: Store, path: str, run_ids: Sequence[str], trainer: str, on_done: OnDone
     ) -> None:
+        owner = owner_id()
+        rows = {rid: store.claim(rid, owner) for rid in run_ids}
+        run_ids = [rid for rid in run_ids if rows[rid] is not None]  # others are held by a live sweep
         n = len(run_ids)
-        jobs = ex.map_array(execute_run, [path] * n, list(run_ids), [trainer] * n, [self.threads] * n)
+        if not n:
+            return
+        configs = [json.loads(rows[rid]["config"]) for rid in run_ids]
+        jobs = ex.map_array(run_job, configs, [trainer] * n, [self.threads] * n, [self.procs] * n)
         print(f"submitted {n} job(s): {', '.join(j.job_id for j in jobs[:5])}{' ...' if n > 5 else ''}")
         if not self.wait:
             return
-        for rid, job in zip(run_ids, jobs):
+        stop = threading.Event()
+        beat = threading.Thread(target=_beat_rows, args=(store, run_ids, owner, stop), daemon=True)
+        beat.start()
+        try:
+            for rid, job in zip(run_ids, jobs):
+                why = "the job ended without leaving final.json or error.json"
+                try:
+                    job.result()
+                except Exception as e:  # the job itself died (timeout, preemption, node failure)
+                    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    why = f"slurm job {job.job_id} failed: {first}"
+                if not collect(store, rid):
+                    store.fail(rid, why)
+                on_done(rid)
+        finally:
+            stop.set()
+
+
+def _beat_rows(store: Store, run_ids: Sequence[str], owner: str, stop: threading.Event) -> None:
+    """The driver keeps the runs its jobs train marked live, since the jobs do not touch the store."""
+    while not stop.wait(HEARTBEAT_S):
+        for rid in run_ids:
             try:
-                job.result()
-            except Exception as e:  # the job itself died (timeout, preemption, node failure)
-                row = store.get(rid)
-                if row and row["status"] in ("running", "pending"):
-                    store.fail(
-                        rid,
-                        f"slurm job {job.job_id} failed: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                    )
-            on_done(rid)
+                store.heartbeat(rid, owner)
+            except Exception:  # a busy store must not stop the driver
+                pass
 
 
 def make_executor(kind: str, options: dict[str, Any], runs_dir: str):

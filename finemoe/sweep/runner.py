@@ -1,8 +1,13 @@
 """Run one sweep entry end to end (the driver runs whole sweeps through an executor).
 
-`execute_run` is what every executor calls, in whatever process it uses: claim the row, train (resuming
+`execute_run` is what local executors call, in whatever process they use: claim the row, train (resuming
 from the run's checkpoint if one exists), record the final record or the error. A result that reached
 `final.json` but not the store (killed in between) is recorded without training again.
+
+`run_job` is what a cluster job runs. It never opens the store: SQLite's locking does not work on the
+network filesystems where clusters keep their sweeps. The job leaves its outcome in the run's folder
+(`final.json`, or `error.json`) and beats a heartbeat file there; the driver, the store's only writer,
+collects them (`collect`).
 """
 
 from __future__ import annotations
@@ -10,16 +15,23 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import socket
+import subprocess
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from finemoe.errors import ConfigError, FinemoeError
+from finemoe.io import ensure_dir, write_json_atomic
 from finemoe.sweep.store import Store, owner_id
 
 HEARTBEAT_S = 30.0
+STALE_S = 300.0  # a heartbeat older than this belongs to a dead job
+DEFAULT_TRAINER = "finemoe.sweep.runner:train_run"
+FINAL_NAME, ERROR_NAME, JOB_NAME = "final.json", "error.json", "job.json"
 
 
 def train_run(config: dict[str, Any], resume: bool) -> dict[str, Any]:
@@ -65,7 +77,7 @@ def _heartbeat(store: Store, run_id: str, owner: str, stop: threading.Event) -> 
 
 
 def execute_run(
-    store_path: str, run_id: str, trainer: str = "finemoe.sweep.runner:train_run", threads: int | None = None
+    store_path: str, run_id: str, trainer: str = DEFAULT_TRAINER, threads: int | None = None
 ) -> str:
     """Train one run of the store if nobody else holds it; returns the row's final status or 'skipped'."""
     store = Store(store_path)
@@ -85,7 +97,7 @@ def execute_run(
         else:
             set_threads(threads)
             fn = resolve_trainer(trainer)
-            record = fn(config, (out_dir / "ckpt.pt").is_file())
+            record = fn(config, has_checkpoint(out_dir))
         if not isinstance(record, dict):
             raise FinemoeError(f"trainer returned {type(record).__name__}, expected the final-record dict")
         store.finish(run_id, record)
@@ -105,3 +117,104 @@ def default_threads(workers: int) -> int:
     """Split the machine's cores between pool workers (2 cores, 1 worker → 2 threads)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, workers))
+
+
+def has_checkpoint(out_dir: Path) -> bool:
+    """A one-file or a sharded (DCP) checkpoint to resume from."""
+    from finemoe.train.checkpoint import CKPT_NAME, SHARDED_NAME
+
+    sharded = [out_dir / SHARDED_NAME, out_dir / f".{SHARDED_NAME}.old"]
+    return (out_dir / CKPT_NAME).is_file() or any((f / ".metadata").is_file() for f in sharded)
+
+
+def run_job(
+    config: dict[str, Any], trainer: str = DEFAULT_TRAINER, threads: int | None = None, procs: int = 1
+) -> str:
+    """Train one run inside a cluster job and leave the outcome in its folder; returns the status.
+
+    With procs > 1 the run is launched through torchrun on this node (one process per GPU), with its
+    `parallel:` settings; a custom trainer runs in-process only.
+    """
+    out = Path(config["out_dir"])
+    ensure_dir(out, "run folder")
+    final = out / FINAL_NAME
+    if final.is_file():
+        return json.loads(final.read_text()).get("status", "done")
+    (out / ERROR_NAME).unlink(missing_ok=True)
+    stop = threading.Event()
+    beat = threading.Thread(target=_beat_file, args=(out / JOB_NAME, stop), daemon=True)
+    beat.start()
+    try:
+        if procs > 1:
+            if trainer != DEFAULT_TRAINER:
+                raise ConfigError(f"procs_per_run={procs} launches finemoe's trainer; {trainer} runs alone")
+            record = _torchrun(config, procs, threads)
+        else:
+            set_threads(threads)
+            record = resolve_trainer(trainer)(config, has_checkpoint(out))
+        if not isinstance(record, dict):
+            raise FinemoeError(f"trainer returned {type(record).__name__}, expected the final-record dict")
+        if not final.is_file():
+            write_json_atomic(final, record)
+        return record.get("status", "done")
+    except Exception as e:
+        msg = str(e) if isinstance(e, FinemoeError) else traceback.format_exc(limit=8)
+        write_json_atomic(out / ERROR_NAME, {"error": f"{type(e).__name__}: {msg}".strip()})
+        return "failed"
+    finally:
+        stop.set()
+        beat.join()
+        (out / JOB_NAME).unlink(missing_ok=True)
+
+
+def _torchrun(config: dict[str, Any], procs: int, threads: int | None) -> dict[str, Any]:
+    out = Path(config["out_dir"])
+    path = out / "job_config.json"  # YAML reads JSON
+    write_json_atomic(path, config)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    cmd += ["-m", "finemoe", "train", str(path), "--quiet", "--json"]
+    cmd += ["--resume"] if has_checkpoint(out) else []
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise FinemoeError(f"torchrun exited with {r.returncode}: {r.stderr.strip()[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _beat_file(path: Path, stop: threading.Event) -> None:
+    while True:
+        try:
+            write_json_atomic(
+                path, {"host": socket.gethostname(), "pid": os.getpid(), "beat_at": time.time()}
+            )
+        except OSError:
+            pass  # a full or flaky disk must not kill the training
+        if stop.wait(HEARTBEAT_S):
+            return
+
+
+def job_alive(out_dir: Path) -> bool:
+    """A job is training this run now: its heartbeat file is fresh."""
+    try:
+        return time.time() - float(json.loads((out_dir / JOB_NAME).read_text())["beat_at"]) < STALE_S
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def collect(store: Store, run_id: str) -> bool:
+    """Record what a job left in the run's folder (the driver's side of `run_job`); False if nothing."""
+    row = store.get(run_id)
+    if row is None:
+        return False
+    out = Path(json.loads(row["config"])["out_dir"])
+    try:
+        if (out / FINAL_NAME).is_file():
+            store.finish(run_id, json.loads((out / FINAL_NAME).read_text()))
+            return True
+        if (out / ERROR_NAME).is_file():
+            store.fail(run_id, json.loads((out / ERROR_NAME).read_text())["error"])
+            return True
+    except (ValueError, KeyError, TypeError) as e:  # a cut or foreign file: say so rather than stop
+        store.fail(run_id, f"cannot read the job's record in {out} ({type(e).__name__})")
+        return True
+    return False
