@@ -1,5 +1,5 @@
 """WSD runs (and cooldown branches) against the mini grid's cosine runs of the same size, G and D,
-and against the same cosine runs with twice the peak LR (lr_check.csv).
+and each schedule over a grid of peak LRs at 1M tokens (lr_check.csv, lr_grid_*.csv).
 
     python experiments/isoflop/compare_wsd.py      # reads wsd_check.csv, lr_check.csv, ../mini/results.csv
 
@@ -55,22 +55,50 @@ def main() -> int:
         f"\nbranches started from snapshots: {saved / 1e6:.2f}M of {trained / 1e6:.2f}M tokens not trained "
         "again"
     )
-    lr2 = HERE / "lr_check.csv"
-    if lr2.is_file():
-        fast = load_runs(lr2)
-        fast = fast[fast.status == "done"]
-        print("\n| run | D | cosine, lr 1e-3 (mini) | cosine, lr 2e-3 | WSD, lr 1e-3 |")
-        print("|---|---|---|---|---|")
-        for r in fast.itertuples():
-            same = [_match(t, r, key) for t in (cos, wsd)]
-            if any(m is None for m in same):
+    lr_grid(key)
+    return 0
+
+
+def lr_grid(key) -> None:
+    """Each schedule at each peak LR tried (1M tokens), and the two at their best LR: Hagele et al.
+    compare WSD with cosine at tuned LRs, so the check is best against best."""
+    mini = load_runs(HERE.parent / "mini" / "results.csv")
+    tables = [("cosine", 1e-3, mini[mini.tokens == 999424])]
+    for f in sorted(HERE.glob("lr_grid_*.csv")) + [HERE / "lr_check.csv", HERE / "wsd_check.csv"]:
+        if not f.is_file():
+            continue
+        df = load_runs(f)
+        for r in df.itertuples():
+            cfg = json.loads(r.config) if isinstance(r.config, str) else {}
+            tables.append((r.schedule, float(cfg.get("lr", 0)), df[df.run_id == r.run_id]))
+    grid: dict[tuple, dict[tuple, float]] = {}
+    for schedule, lr, df in tables:
+        for r in df[df.status == "done"].itertuples():
+            if int(r.tokens) != 999424 or int(r.d_model) != 128 or int(r.n_blocks) != 2:
                 continue
             kind = "dense" if r.ffn == "dense" else f"G={int(r.granularity)}"
-            print(
-                f"| {int(r.d_model)}x{int(r.n_blocks)} {kind} | {r.tokens / 1e6:.2f}M | "
-                f"{same[0].val_loss:.4f} | {r.val_loss:.4f} | {same[1].val_loss:.4f} |"
-            )
-    return 0
+            grid.setdefault(kind, {})[(schedule, lr)] = float(r.val_loss)
+    grid = {k: row for k, row in grid.items() if {s for s, _ in row} == {"cosine", "wsd"}}
+    cols = sorted({c for row in grid.values() for c in row})
+    print(
+        "\n| 128x2, 1M tokens | " + " | ".join(f"{s} {lr:g}" for s, lr in cols) + " | best cosine | best WSD "
+        "| WSD - cosine | within 0.02 | best LR at the grid's edge |"
+    )
+    print("|---" * (len(cols) + 6) + "|")
+    for kind, row in sorted(grid.items()):
+        best = {}
+        for sched in ("cosine", "wsd"):
+            mine = {lr: v for (s, lr), v in row.items() if s == sched}
+            lr = min(mine, key=mine.get)
+            best[sched] = (mine[lr], lr, lr == max(mine))
+        d = best["wsd"][0] - best["cosine"][0]
+        edge = [s for s in best if best[s][2]]
+        print(
+            f"| {kind} | "
+            + " | ".join(f"{row[c]:.4f}" if c in row else "" for c in cols)
+            + " | ".join(["", *(f"{best[k][0]:.4f} (lr {best[k][1]:g})" for k in ("cosine", "wsd")), ""])
+            + f"{d:+.4f} | {'yes' if abs(d) <= TOLERANCE else 'NO'} | {', '.join(edge) or 'none'} |"
+        )
 
 
 def _match(table, row, key):
