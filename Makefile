@@ -61,6 +61,7 @@ replicate-isoflop: $(STAMP)
 	$(VENV)/bin/finemoe data prepare
 	$(VENV)/bin/finemoe sweep run experiments/isoflop/wsd_check.yaml
 	$(VENV)/bin/finemoe sweep run experiments/isoflop/lr_check.yaml
+	for f in experiments/isoflop/lr_grid_*.yaml; do $(VENV)/bin/finemoe sweep run $$f || exit 1; done
 	$(VENV)/bin/finemoe sweep run experiments/isoflop/spec.yaml
 	$(VENV)/bin/finemoe report experiments/isoflop/results.csv --out experiments/isoflop --name REPORT.md \
 	  --loss val_loss --title "Iso-FLOP replication on 2 CPU cores" --note "make replicate-isoflop on $(shell nproc) CPU cores" \
