@@ -20,6 +20,7 @@ COMMANDS = (
     "data",
     "train",
     "generate",
+    "export",
     "bench",
     "sweep",
     "report",

@@ -13,6 +13,8 @@ from finemoe.commands.common import (
     positive_float,
     positive_int,
 )
+from finemoe.config import ModelConfig
+from finemoe.scaling.memory import PRECISIONS
 from finemoe.units import count
 
 
@@ -113,8 +115,107 @@ def register(sub) -> None:
         metavar="FILE.yaml",
         help="write a training config for the planned architecture and its tokens (`finemoe train FILE`)",
     )
+    add_memory_args(p)
     add_json_flag(p)
     p.set_defaults(func=run)
+
+
+def byte_size(text: str) -> float:
+    """A number of bytes: 80e9, 80GB or 80G (powers of 1000), 80GiB (powers of 1024)."""
+    t = text.strip().replace(" ", "")
+    unit = t.lstrip("0123456789.eE+-")
+    number = t[: len(t) - len(unit)] if unit else t
+    scale = _BYTE_UNITS.get(unit.lower())
+    try:
+        v = float(number) * scale if scale is not None else None
+    except ValueError:
+        v = None
+    if v is None or not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive size in bytes such as 80e9 or 80GB, got {text!r}"
+        )
+    return v
+
+
+_BYTE_UNITS = {"": 1, "b": 1}
+for _i, _p in enumerate("kmgt", start=1):
+    _BYTE_UNITS |= {_p: 1000.0**_i, f"{_p}b": 1000.0**_i, f"{_p}ib": 1024.0**_i}
+
+
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    """Memory planning: the planned model's bytes per device and the smallest layout that fits."""
+    g = p.add_argument_group("memory per device (docs/memory.md)")
+    g.add_argument(
+        "--devices",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="devices to train on: adds the memory plan",
+    )
+    g.add_argument(
+        "--device-memory",
+        type=byte_size,
+        default=None,
+        metavar="BYTES",
+        help="memory of one device, e.g. 80e9, 80GB or 80GiB (with --devices)",
+    )
+    g.add_argument(
+        "--micro-batch",
+        type=positive_int,
+        default=None,
+        metavar="SEQS",
+        help="sequences per forward per device (1)",
+    )
+    g.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=None,
+        help=f"tokens per sequence ({ModelConfig.seq_len}, what --write-config writes)",
+    )
+    g.add_argument(
+        "--vocab-size",
+        type=positive_int,
+        default=None,
+        help=f"vocabulary size ({ModelConfig.vocab_size}, what --write-config writes)",
+    )
+    g.add_argument(
+        "--precision", choices=PRECISIONS, default=None, help="bf16 autocast (default, as on CUDA) or fp32"
+    )
+
+
+MEMORY_OPTIONS = ("device_memory", "micro_batch", "seq_len", "vocab_size", "precision")
+
+
+def check_memory_args(args: argparse.Namespace) -> None:
+    """The memory options go with --devices, and --devices with --device-memory; checked before any
+    work."""
+    from finemoe.errors import ConfigError
+
+    extras = [f"--{k.replace('_', '-')}" for k in MEMORY_OPTIONS if getattr(args, k) is not None]
+    if args.devices is None and extras:
+        raise ConfigError(f"{', '.join(extras)} apply only with --devices N (the memory plan)")
+    if args.devices is not None and args.device_memory is None:
+        raise ConfigError("--devices needs --device-memory BYTES, the memory of one device (e.g. 80e9)")
+    if args.devices is not None and args.paper_table:
+        raise ConfigError(
+            "--devices sizes the memory of the plan for one --flops budget; it does not apply to "
+            "--paper-table"
+        )
+
+
+def memory_layout(args: argparse.Namespace, arch) -> dict:
+    """The `layout` object of the plan: the architecture's memory per device, the layout proposed."""
+    from finemoe.scaling.memory import best_layout
+
+    return best_layout(
+        arch,
+        args.devices,
+        args.device_memory,
+        micro_batch=args.micro_batch or 1,
+        precision=args.precision or "bf16",
+        seq_len=args.seq_len,
+        vocab_size=args.vocab_size,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--write-config writes the plan for one --flops budget; it does not apply to --paper-table"
         )
+    check_memory_args(args)
     check_outputs(args.plot, args.write_config)
     coeffs, s = load_law_args(args)
     if args.paper_table:
@@ -134,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
         emit(args, out, _human_table)
     else:
         out, arch = budget_plan(coeffs, args.flops, s)
+        if args.devices is not None:
+            out["layout"] = memory_layout(args, arch)
         if args.write_config:
             out["config"] = write_planned_config(args.write_config, arch, s.expansion_rate)
         if args.json:
@@ -272,9 +376,42 @@ def _human_plan(o: dict) -> str:
                     else (lambda v: count(v, 3) if v >= 1000 else f"{v:.3g}")
                 )
                 lines.append(f"  {name:<8} {' / '.join(fmt(v) for v in vals)}")
+    if o.get("layout"):
+        lines += _memory_lines(o["layout"])
     if o.get("config"):
         lines.append(f"wrote {o['config']}: train it with `finemoe train {o['config']}`")
     return "\n".join(lines)
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.1f}"
+
+
+def _memory_lines(lay: dict) -> list[str]:
+    """The memory table over the layouts tried and the proposal (or why nothing fits)."""
+    n = lay["devices"]
+    lines = [
+        f"memory per device in GB: {n} device{'s' * (n > 1)} of {_gb(lay['device_memory'])} GB "
+        f"({_gb(lay['usable_memory'])} usable), {lay['precision']}, micro-batch {lay['micro_batch']} x "
+        f"{lay['seq_len']} tokens, vocabulary {lay['vocab_size']}",
+        f"  {'layout':<16}{'weights':>9}{'grads':>9}{'AdamW':>9}{'activ.':>9}{'buffers':>9}{'total':>9}",
+    ]
+    for t in lay["tried"]:
+        m = t["bytes_per_device"]
+        cells = "".join(f"{_gb(m[k]):>9}" for k in ("weights", "gradients", "optimizer", "activations"))
+        mark = " <" if t["name"] == lay["name"] and lay["fits"] else ""
+        lines.append(f"  {t['name']:<16}{cells}{_gb(m['buffers']):>9}{_gb(m['total']):>9}{mark}")
+    notes = [f"  note: {n}" for n in lay["notes"]]
+    if not lay["fits"]:
+        return lines + [lay["reason"], *notes]
+    mapping = ", ".join(f"{k}: {str(v).lower()}" for k, v in lay["parallel"].items())
+    lines += [
+        f"proposed layout (<): {lay['name']}, the first that fits in order of least communication",
+        f"  training config: parallel: {{{mapping}}}, micro_batch_size: {lay['micro_batch']}",
+        f"  launch: {lay['command']}",
+        *notes,
+    ]
+    return lines
 
 
 def _trust_lines(o: dict) -> list[str]:

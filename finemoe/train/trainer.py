@@ -420,6 +420,7 @@ class _Run:
             loss = loss + out.loss.detach() / n
             for key, value in out.aux.items():
                 aux[key] = aux.get(key, 0.0) + value.detach() / n
+            del out, total  # the logits and any unused aux graph go before the next forward
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
         if self.ep_mesh is not None:
             expert_parallel.finish_expert_grads(self.model, self.ep_mesh, self.dist.world_size)

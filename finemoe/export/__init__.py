@@ -1,0 +1,1 @@
+"""Exports of a trained model to other ecosystems (Hugging Face transformers)."""
