@@ -1,4 +1,4 @@
-"""`finemoe bench moe-layer`: MoE layer fwd+bwd time over a dense FFN of equal active FLOPs."""
+"""`finemoe bench moe-layer` (MoE layer over a dense FFN) and `finemoe bench calibrate` (the cost model)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,19 @@ def register(sub) -> None:
     )
     add_json_flag(m)
     m.set_defaults(func=run_moe_layer)
+
+    c = bsub.add_parser(
+        "calibrate",
+        help="time training steps of dense and MoE blocks on this device and fit the planner's cost model",
+    )
+    c.add_argument("--out", required=True, metavar="FILE.json", help="where the calibration goes")
+    c.add_argument("--quick", action="store_true", help="a small grid: a minute or two on a CPU")
+    c.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    c.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    c.add_argument("--routing", choices=["ec", "tc"], default="ec", help="the MoE blocks' routing (ec)")
+    c.add_argument("--repeats", type=positive_int, default=3, help="timed steps per point (median)")
+    add_json_flag(c)
+    c.set_defaults(func=run_calibrate)
 
 
 def _allocator_tuned() -> bool:
@@ -190,3 +203,50 @@ def _breakdown_table(split: dict) -> list[str]:
                 f"{g:>3}  {layer:<6}{sum(b.values()):8.1f}" + "".join(f"  {b[k]:14.1f}" for k in kinds)
             )
     return lines
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from finemoe.commands.common import check_outputs
+
+    check_outputs(args.out)
+    import torch
+
+    from finemoe.benchmarks import calibrate as bench
+    from finemoe.io import write_json_atomic
+    from finemoe.scaling.cost_model import calibrate
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = bench.QUICK if args.quick else bench.FULL
+    quiet = args.json or not sys.stderr.isatty()
+    points = bench.measure(
+        spec,
+        args.device,
+        args.routing,
+        args.repeats,
+        progress=None if quiet else lambda s: print(s, file=sys.stderr),
+    )
+    out = {
+        **calibrate(points),
+        "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "routing": args.routing,
+        "grid": "quick" if args.quick else "full",
+        "points": points,
+    }
+    write_json_atomic(args.out, out)
+    emit(args, {k: v for k, v in out.items() if k != "points"} | {"out": args.out}, _calibration_text)
+    return 0
+
+
+def _calibration_text(o: dict) -> str:
+    theta = ", ".join(f"{k} {v:.3g}" for k, v in o["coefficients"].items())
+    err = o["holdout_error"]
+    return (
+        f"wrote {o['out']}: {o['fit_points'] + o['holdout_points']} blocks timed on {o['device']} "
+        f"({o['threads']} threads)\n{o['model']}\n  {theta}\n"
+        f"held-out error: mean {err:.1%}, max {o['holdout_max_error']:.1%} over {o['holdout_points']} points"
+    )
