@@ -76,7 +76,7 @@ TOP_KEYS = {
 }
 SIZE_KEYS = {"tokens", "budgets", "granularities", "dense", "name"}
 # Train keys that do not change what a run computes, so they stay out of its id.
-NOT_IDENTITY = ("out_dir", "cpu_matmul", "snapshot_steps", "init_from", "log_every", "stop_at_step")
+NOT_IDENTITY = ("out_dir", "cpu_matmul", "snapshot_steps", "init_from", "log_every", "stop_at_step", "log")
 DEFAULT_TRAINER = "finemoe.sweep.runner:train_run"
 _MODEL_DEFAULTS = ModelConfig().to_dict()
 

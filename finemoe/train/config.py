@@ -23,6 +23,7 @@ from finemoe.train.schedule import COOLDOWN_SHAPES, WarmupCosine, WarmupStableDe
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "wsd")
+LOGGERS = ("none", "tensorboard", "wandb")  # experiment trackers beside metrics.jsonl (finemoe.train.loggers)
 NESTED = ("model", "parallel")  # sections of a training config that are mappings of their own
 
 
@@ -92,6 +93,7 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_every: int = 200  # steps; also at the end
     log_every: int | None = None  # progress lines off a terminal, in steps; None: about 20 per run
+    log: str | tuple[str, ...] = "none"  # none, tensorboard, wandb, or a list of them
     smooth_window: int | None = None  # steps in the final train loss; None: max(1, 10% of steps)
     smooth_fraction: float = 0.1
     # WSD branches: a stable run saves snapshots/step_<s>.pt at these steps, and a shorter run whose
@@ -114,6 +116,7 @@ class TrainConfig:
             object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
         require(isinstance(self.model, ModelConfig), "model must be a mapping of ModelConfig fields")
         object.__setattr__(self, "parallel", ParallelConfig.from_dict(self.parallel))
+        object.__setattr__(self, "log", _log_choice(self.log))
         schema.check(self, "train")
         require(0 <= self.seed < 2**32, f"seed must be between 0 and 2**32 - 1, got {self.seed}")
         require(self.tokens >= 1, f"tokens (the budget D) must be >= 1, got {self.tokens}")
@@ -276,6 +279,8 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         d["snapshot_steps"] = list(self.snapshot_steps)
+        if isinstance(self.log, tuple):
+            d["log"] = list(self.log)
         return d
 
     @classmethod
@@ -310,6 +315,17 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _log_choice(value: Any) -> str | tuple[str, ...]:
+    """`log` as one name, or a tuple of two or more without repeats ("none" and [] both mean none)."""
+    names = [value] if isinstance(value, str) else value
+    require(
+        isinstance(names, (list, tuple)) and all(isinstance(n, str) and n in LOGGERS for n in names),
+        f"log must be one of {LOGGERS} or a list of them, got {value!r}",
+    )
+    chosen = tuple(dict.fromkeys(n for n in names if n != "none"))
+    return chosen[0] if len(chosen) == 1 else (chosen or "none")
 
 
 def write_planned_config(path: str | Path, arch: Any, expansion_rate: float) -> str:

@@ -35,6 +35,7 @@ from finemoe.parallel import dcp, expert_parallel
 from finemoe.parallel import wrap as parallel
 from finemoe.train import checkpoint, distributed
 from finemoe.train.config import TrainConfig
+from finemoe.train.loggers import check_installed, open_loggers
 from finemoe.train.metrics import METRICS_NAME, MetricsLog, Smoother, imbalance
 from finemoe.train.progress import BarProgress, LineProgress
 
@@ -54,6 +55,7 @@ RESUMABLE_CHANGES = {
     "snapshot_steps",
     "init_from",
     "log_every",
+    "log",  # a resumed run may add or drop a tracker
     "micro_batch_size",
     "stop_at_step",
     "parallel",  # DCP reshards; one-file checkpoints load only unsharded (see _restore)
@@ -289,6 +291,7 @@ class _Run:
             raise ConfigError(
                 f"{out} already holds a run; pass --resume to continue it or choose another out_dir"
             )
+        check_installed(cfg.log)  # every rank, before any work: no rank waits on one that failed
         self.train_data, self.val_data = self._open_data()
         self._build()
 
@@ -314,6 +317,7 @@ class _Run:
             tok = Path(cfg.data_dir) / "tokenizer.json"
             if tok.is_file() and not (out / "tokenizer.json").is_file():
                 shutil.copyfile(tok, out / "tokenizer.json")  # the run folder can sample text on its own
+        trackers = open_loggers(cfg.log, cfg.to_dict(), out, start if resume else None) if main else None
         log = MetricsLog(out / METRICS_NAME, start if resume else None) if main else None
         smoother = Smoother(cfg.window, history)
         status, val_loss, completed = "done", None, start
@@ -342,6 +346,7 @@ class _Run:
                     rec["val_loss"] = val_loss
                 if main:
                     log.write(rec)
+                    trackers.log(done, rec)
                 if bar is not None:
                     bar.step(done, rec)
                 stop = done == cfg.stop_at_step and done < cfg.steps
@@ -365,6 +370,8 @@ class _Run:
                 bar.close()
             if log is not None:
                 log.close()
+            if trackers is not None:
+                trackers.close()
 
         if status == "stopped":
             return {"status": status, "steps": completed, "out_dir": str(out)}
