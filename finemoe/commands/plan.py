@@ -1,4 +1,5 @@
-"""`finemoe plan`: the compute-optimal fine-grained MoE for a FLOPs budget, or the paper's Table 2."""
+"""`finemoe plan`: the compute-optimal fine-grained MoE for a FLOPs budget, or the paper's Table 2; with
+--search-e or --law joint also the expansion rate E under a memory cap (docs/choosing-e.md)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from finemoe.commands.common import (
     check_outputs,
     emit,
     nonnegative_float,
+    nonnegative_int,
     positive_float,
     positive_int,
 )
@@ -103,7 +105,14 @@ def register(sub) -> None:
     what.add_argument(
         "--paper-table", action="store_true", help="recompute the paper's Table 2 beside the printed values"
     )
+    what.add_argument(
+        "--joint-table",
+        action="store_true",
+        help="recompute the Joint MoE paper's Table 2 (optimal E per budget and memory) and Table 1 "
+        "beside the printed values",
+    )
     add_law_args(p)
+    add_e_args(p)
     p.add_argument(
         "--plot",
         metavar="OUT.png",
@@ -228,14 +237,27 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--write-config writes the plan for one --flops budget; it does not apply to --paper-table"
         )
+    check_e_args(args)
     check_memory_args(args)
+    if args.joint_table:
+        emit(args, joint_table(args), _human_joint_table)
+        return 0
+    if _law(args) == "joint":
+        emit(args, joint_plan(args), _human_joint_plan)
+        return 0
     check_outputs(args.plot, args.write_config)
     coeffs, s = load_law_args(args)
+    coeffs, s, e_search = eq9_choose_e(args, coeffs, s)
     if args.paper_table:
         out = paper_table(coeffs, s)
         emit(args, out, _human_table)
     else:
         out, arch = budget_plan(coeffs, args.flops, s)
+        if e_search is not None:
+            out["expansion_rate"] = s.expansion_rate
+            out["e_search"] = e_search
+        if args.memory is not None:
+            out["memory"] = _memory_cap_dict(args, s.max_total_params)
         if args.devices is not None:
             out["layout"] = memory_layout(args, arch)
         if args.write_config:
@@ -376,6 +398,15 @@ def _human_plan(o: dict) -> str:
                     else (lambda v: count(v, 3) if v >= 1000 else f"{v:.3g}")
                 )
                 lines.append(f"  {name:<8} {' / '.join(fmt(v) for v in vals)}")
+    if o.get("memory"):
+        m = o["memory"]
+        lines.insert(
+            6,
+            f"  memory cap           {_gb(m['memory_bytes'])} GB at {m['bytes_per_param']:g} bytes per "
+            f"param, {m['kv_tokens']:g} KV-cache tokens: N <= {count(m['max_total_params'], 4)}",
+        )
+    if o.get("e_search"):
+        lines += _e_search_lines(o["e_search"], o["expansion_rate"])
     if o.get("layout"):
         lines += _memory_lines(o["layout"])
     if o.get("config"):
@@ -437,5 +468,378 @@ def _human_table(o: dict) -> str:
             f"{count(r['tokens'], 4):>9}/{count(pr['tokens'], 4):<9} {r['tokens_rel_err']:+7.2%} "
             f"{r['flops']:9.3e}/{pr['flops']:<9.3g} {r['flops_rel_err']:+7.2%} "
             f"{r['loss']:.3f}/{pr['loss']:<7.3f} {r['loss_err']:+7.3f}"
+        )
+    return "\n".join(lines)
+
+
+# --- choosing E: --search-e, --law joint, --memory, --joint-table (docs/choosing-e.md) --------------
+
+EQ9_SETS = {64: "paper", 16: "paper-e16"}  # Eq. 9 is fitted at one E: the paper's sets at E=64 and E=16
+DEFAULT_GRANULARITIES = "1,2,4,8,16,32,64,128,256"
+
+
+def add_e_args(p: argparse.ArgumentParser) -> None:
+    """Options for choosing E; plan-only, so `savings` keeps its options."""
+    g = p.add_argument_group("choosing E under a memory cap (docs/choosing-e.md)")
+    g.add_argument(
+        "--law",
+        choices=("eq9", "joint"),
+        default=None,
+        help="eq9: the fine-grained law, one coefficient set per E (default); joint: the Joint MoE law "
+        "L(N_act, D, E) of arXiv 2502.05172, which searches E unless --expansion-rate fixes it",
+    )
+    g.add_argument(
+        "--search-e",
+        action="store_true",
+        help="choose E too: eq9 among its sets fitted at E=16 and E=64, joint among 1,2,4,8,16,32",
+    )
+    g.add_argument(
+        "--expansion-rates",
+        metavar="LIST",
+        default=None,
+        help="the E searched, comma-separated, e.g. 4,8,16,32,64 (implies --search-e)",
+    )
+    g.add_argument(
+        "--memory",
+        type=byte_size,
+        default=None,
+        metavar="BYTES",
+        help="cap on inference memory: weights with embeddings plus the KV cache, e.g. 80GB",
+    )
+    g.add_argument(
+        "--kv-tokens",
+        type=nonnegative_int,
+        default=None,
+        metavar="T",
+        help="tokens held in the KV cache, counted in --memory (default 0)",
+    )
+    g.add_argument(
+        "--bytes-per-param",
+        type=positive_float,
+        default=None,
+        metavar="B",
+        help="bytes per weight and per KV-cache entry in --memory (default 2, bfloat16)",
+    )
+
+
+def _law(args: argparse.Namespace) -> str:
+    return args.law or ("joint" if args.joint_table else "eq9")
+
+
+def _searching(args: argparse.Namespace) -> bool:
+    return args.search_e or args.expansion_rates is not None
+
+
+def _rates(args: argparse.Namespace) -> tuple[int, ...] | None:
+    from finemoe.errors import ConfigError
+
+    if args.expansion_rates is None:
+        return None
+    try:
+        rates = sorted({int(x) for x in args.expansion_rates.split(",") if x.strip()})
+    except ValueError:
+        rates = []
+    if not rates or rates[0] < 1:
+        raise ConfigError(
+            f"--expansion-rates must be comma-separated integers >= 1 such as 4,8,16, got "
+            f"{args.expansion_rates!r}"
+        )
+    return tuple(rates)
+
+
+def check_e_args(args: argparse.Namespace) -> None:
+    """Options that do not go together, refused before any work."""
+    from finemoe.errors import ConfigError
+
+    law = _law(args)
+    if args.joint_table:
+        if args.law == "eq9":
+            raise ConfigError("--joint-table recomputes the Joint MoE law's tables; drop --law eq9")
+        given = [
+            flag
+            for flag, v in (
+                ("--search-e", args.search_e),
+                ("--expansion-rates", args.expansion_rates),
+                ("--expansion-rate", args.expansion_rate),
+                ("--memory", args.memory),
+                ("--kv-tokens", args.kv_tokens),
+                ("--bytes-per-param", args.bytes_per_param),
+                ("--max-total-params", args.max_total_params),
+                ("--max-active-params", args.max_active_params),
+                ("--devices", args.devices),
+                ("--write-config", args.write_config),
+                ("--plot", args.plot),
+            )
+            if v
+        ]
+        if given:
+            raise ConfigError(
+                "--joint-table recomputes the paper's tables at the paper's own settings; drop "
+                + ", ".join(given)
+            )
+    if args.paper_table and (_searching(args) or args.memory is not None or law == "joint"):
+        raise ConfigError(
+            "--paper-table recomputes the fine-grained paper's Table 2 at E=64 without caps; it does not "
+            "apply with --search-e, --expansion-rates, --memory or --law joint"
+        )
+    if args.memory is None and (args.kv_tokens is not None or args.bytes_per_param is not None):
+        raise ConfigError("--kv-tokens and --bytes-per-param describe the --memory cap; give --memory BYTES")
+    if _searching(args) and args.expansion_rate is not None:
+        raise ConfigError("--expansion-rate fixes E and --search-e searches it; give one of them")
+    _rates(args)
+    if law == "joint":
+        bad = [
+            flag
+            for flag, v in (
+                ("--write-config", args.write_config),
+                ("--devices", args.devices),
+                ("--plot", args.plot),
+                ("--continuous-g", args.continuous_g),
+                ("--granularities", args.granularities != DEFAULT_GRANULARITIES),
+                ("--c-f", args.c_f != 6.0),
+                ("--c-r", args.c_r != 14.0),
+                ("--aspect", args.aspect != 64.0),
+            )
+            if v
+        ]
+        if bad:
+            raise ConfigError(
+                f"--law joint is the paper's own model family (Switch top-1 experts of G=1, F = 6 N_act D, "
+                f"n_blocks = d_model/64); {', '.join(bad)} do not apply to it"
+            )
+
+
+def _caps(args: argparse.Namespace, total_params: bool = True):
+    from finemoe.scaling import joint as J
+
+    return J.Caps(
+        memory=args.memory,
+        kv_tokens=float(args.kv_tokens or 0),
+        bytes_per_param=args.bytes_per_param or J.BF16,
+        max_total_params=args.max_total_params if total_params else None,
+        max_active_params=args.max_active_params if total_params else None,
+    )
+
+
+def _memory_cap_dict(args: argparse.Namespace, max_total_params: float | None) -> dict:
+    from finemoe.scaling import joint as J
+
+    return {
+        "memory_bytes": args.memory,
+        "kv_tokens": float(args.kv_tokens or 0),
+        "bytes_per_param": args.bytes_per_param or J.BF16,
+        "vocab": J.VOCAB,
+        "max_total_params": max_total_params,
+    }
+
+
+def eq9_choose_e(args: argparse.Namespace, coeffs, s):
+    """Under Eq. 9: turn --memory into each E's cap on total params and, with --search-e, pick the E
+    whose own coefficient set predicts the lowest capped loss. Returns the chosen set, its Settings
+    and the per-E rows (None without a search)."""
+    from dataclasses import replace
+
+    from finemoe.errors import ConfigError
+    from finemoe.scaling import joint as J
+    from finemoe.scaling import plan as P
+    from finemoe.scaling.laws import load_coefficients
+
+    caps = _caps(args)
+    if not _searching(args):
+        if args.memory is not None:
+            s = replace(s, max_total_params=J.eq9_total_cap(s.expansion_rate, caps, s.aspect))
+        return coeffs, s, None
+    rates = _rates(args) or tuple(sorted(EQ9_SETS))
+    sets = {**{E: name for E, name in EQ9_SETS.items()}, coeffs.expansion_rate: coeffs}
+    missing = [E for E in rates if E not in sets]
+    if missing:
+        raise ConfigError(
+            f"--law eq9 has a coefficient set only at E in {sorted(sets)} (paper-e16 at 16, paper at 64, "
+            f"--coefficients at its own E), not at {missing}; search other E with --law joint"
+        )
+    cands = []
+    for E in rates:
+        c = sets[E] if not isinstance(sets[E], str) else load_coefficients(sets[E])
+        cands.append((c, replace(s, expansion_rate=E, max_total_params=J.eq9_total_cap(E, caps, s.aspect))))
+    best, results = P.optimum_over_e(cands, args.flops)
+    rows = []
+    for (c, sE), r in zip(cands, results):
+        row = {"expansion_rate": sE.expansion_rate, "coefficients": c.name, "feasible": isinstance(r, P.Plan)}
+        if isinstance(r, P.Plan):
+            mem = J.memory_bytes(
+                r.d_model, r.total_params, caps.kv_tokens, caps.bytes_per_param, J.Shape(J.VOCAB, sE.aspect)
+            )
+            row |= {
+                "granularity": r.granularity,
+                "active_params": r.active_params,
+                "total_params": r.total_params,
+                "tokens": r.tokens,
+                "loss": r.loss,
+                "at_cap": r.at_cap,
+                "memory_bytes": mem,
+            }
+        else:
+            row["reason"] = r
+        rows.append(row)
+    return cands[best][0], cands[best][1], rows
+
+
+def _e_search_lines(rows: list[dict], chosen: float) -> list[str]:
+    lines = [f"E searched ({'per-E coefficient set' if 'coefficients' in rows[0] else 'joint law'})"]
+    for r in rows:
+        mark = " <" if r["expansion_rate"] == chosen else ""
+        name = f" {r['coefficients']:<11}" if "coefficients" in r else ""
+        if not r["feasible"]:
+            lines.append(f"  E={r['expansion_rate']:<4g}{name} no model fits: {r['reason']}")
+            continue
+        cap = " (at cap)" if r["at_cap"] else ""
+        lines.append(
+            f"  E={r['expansion_rate']:<4g}{name} N_act {count(r['active_params'], 3):>7}, "
+            f"N {count(r['total_params'], 3):>7}, D {count(r['tokens'], 3):>7}, "
+            f"{_gb(r['memory_bytes'])} GB, loss {r['loss']:.4f}{cap}{mark}"
+        )
+    return lines
+
+
+def _joint_plan_dict(p) -> dict:
+    return {
+        "expansion_rate": p.expansion_rate,
+        "active_params": p.active_params,
+        "total_params": p.total_params,
+        "total_params_nonembedding": p.total_params_nonembedding,
+        "tokens": p.tokens,
+        "loss": p.loss,
+        "d_model": p.d_model,
+        "n_blocks": p.n_blocks,
+        "memory_bytes": p.memory_bytes,
+        "at_cap": p.at_cap,
+        "compute_optimal_active_params": p.compute_optimal_active_params,
+    }
+
+
+def _load_joint(args: argparse.Namespace):
+    from finemoe.scaling import joint as J
+
+    return J.load_joint("joint" if args.coefficients in ("paper", "joint") else args.coefficients)
+
+
+def joint_plan(args: argparse.Namespace) -> dict:
+    """The Joint MoE law's plan for one budget: E (searched unless fixed), N_act and D within the caps."""
+    from finemoe.scaling import joint as J
+
+    jset = _load_joint(args)
+    caps = _caps(args)
+    if args.expansion_rate is not None:
+        best, rows = J.optimum(jset.law, args.flops, args.expansion_rate, caps), None
+    else:
+        best, rows = J.search_e(jset.law, args.flops, _rates(args) or J.PAPER_RATES, caps)
+    out = {
+        "law": "joint",
+        "coefficients": jset.name,
+        "budget": args.flops,
+        **_joint_plan_dict(best),
+        "caps": {
+            "memory_bytes": caps.memory,
+            "kv_tokens": caps.kv_tokens,
+            "bytes_per_param": caps.bytes_per_param,
+            "max_total_params": caps.max_total_params,
+            "max_active_params": caps.max_active_params,
+        },
+        "beyond_fit": J.beyond_fit(best, jset.fitted_range),
+    }
+    if rows is not None:
+        out["e_search"] = [
+            {"expansion_rate": r.expansion_rate, "feasible": r.plan is not None}
+            | (_joint_plan_dict(r.plan) if r.plan is not None else {"reason": r.reason})
+            for r in rows
+        ]
+    return out
+
+
+def _human_joint_plan(o: dict) -> str:
+    c = o["caps"]
+    caps = cap_terms(c["max_total_params"], c["max_active_params"])
+    if c["memory_bytes"] is not None:
+        caps.insert(
+            0,
+            f"memory <= {_gb(c['memory_bytes'])} GB ({c['bytes_per_param']:g} B/param, "
+            f"{c['kv_tokens']:g} KV tokens)",
+        )
+    lines = [
+        f"Joint MoE law for {o['budget']:.3g} FLOPs (coefficients: {o['coefficients']}, arXiv 2502.05172; "
+        "counts include embeddings, F = 6 N_act D)",
+        f"  expansion rate E     {o['expansion_rate']:g}",
+        f"  active params N_act  {count(o['active_params'], 4)}",
+        f"  total params N       {count(o['total_params'], 4)} "
+        f"({count(o['total_params_nonembedding'], 4)} without embeddings)",
+        f"  tokens D             {count(o['tokens'], 4)}",
+        f"  memory               {_gb(o['memory_bytes'])} GB",
+        f"  predicted loss       {o['loss']:.4f}",
+        f"  caps                 {', '.join(caps) or 'none'}" + (" (binding)" if o["at_cap"] else ""),
+    ]
+    lines += [f"  beyond the fitted runs: {w}" for w in o["beyond_fit"]]
+    if o.get("e_search"):
+        lines += _e_search_lines(o["e_search"], o["expansion_rate"])
+    return "\n".join(lines)
+
+
+def joint_table(args: argparse.Namespace) -> dict:
+    """The Joint MoE paper's Table 2 (optimal E per budget and memory) and Table 1, ours beside theirs."""
+    from finemoe.scaling import joint as J
+
+    jset = _load_joint(args)
+    t2 = J.table2(jset.law)
+    return {
+        "coefficients": jset.name,
+        "source": jset.source,
+        "memory_model": {
+            "memory_bytes": list(J.TABLE2_MEMORY),
+            "kv_tokens": J.TABLE2_KV_TOKENS,
+            "bytes_per_param": J.BF16,
+            "vocab": J.VOCAB,
+            "expansion_rates": list(J.PAPER_RATES),
+        },
+        "table2": t2,
+        "table2_matches": sum(r["match"] for r in t2),
+        "table1": J.table1(jset.law),
+    }
+
+
+def _e_cell(E: float, at_least: bool) -> str:
+    return f"{'≥' if at_least else ''}{E:g}"
+
+
+def _human_joint_table(o: dict) -> str:
+    mm = o["memory_model"]
+    mems = mm["memory_bytes"]
+    lines = [
+        f"Joint MoE paper, Table 2 recomputed with coefficients {o['coefficients']}: optimal E, ours / "
+        f"printed ({mm['kv_tokens']} KV-cache tokens, {mm['bytes_per_param']:g} bytes per param, E in "
+        f"{','.join(f'{e:g}' for e in mm['expansion_rates'])})",
+        f"{'FLOPs':<8}" + "".join(f"{f'{m / 1e9:g} GB':>14}" for m in mems),
+    ]
+    t2 = o["table2"]
+    for i in range(0, len(t2), len(mems)):
+        row = t2[i : i + len(mems)]
+        cells = [
+            f"{_e_cell(r['expansion_rate'], r['at_least'])}/{_e_cell(r['printed'], r['printed_at_least'])}"
+            + ("" if r["match"] else " *")
+            for r in row
+        ]
+        lines.append(f"{row[0]['flops']:<8.0e}" + "".join(f"{c:>14}" for c in cells))
+    lines.append(f"{o['table2_matches']} of {len(t2)} cells agree; where they differ (*), this law rates")
+    lines += [
+        f"  {r['flops']:.0e} FLOPs, {r['memory_bytes'] / 1e9:g} GB: the printed E={r['printed']:g} "
+        f"{r['margin']:.4f} above E={r['expansion_rate']:g} in loss"
+        for r in t2
+        if not r["match"]
+    ]
+    lines.append("Table 1 recomputed (Eq. 7): compute-optimal N_act and D, ours / printed")
+    for r in o["table1"]:
+        pr = r["printed"]
+        lines.append(
+            f"  {r['flops']:.0e} E={r['expansion_rate']:<3g} N_act {count(r['active_params'], 3):>6}/"
+            f"{count(pr['active_params'], 3):<6} {r['active_params_rel_err']:+6.1%}   D "
+            f"{count(r['tokens'], 3):>6}/{count(pr['tokens'], 3):<6} {r['tokens_rel_err']:+6.1%}"
         )
     return "\n".join(lines)

@@ -353,3 +353,29 @@ def architecture(
         flops=float(fpt * D),
         loss=loss,
     )
+
+
+# --- choosing E among sets fitted at one E each (`plan --search-e`) --------------------------------
+
+
+def optimum_over_e(candidates, flops: float) -> tuple[int, list[Plan | str]]:
+    """The best of several (CoefficientSet, Settings) pairs, one per E, and each one's own optimum.
+
+    Eq. 9 has no E in it: a set is fitted at one E (the paper's at E=64, its Table 8 at E=16), so
+    choosing E means comparing each set's optimum under its own Settings (its E and its caps). A pair
+    whose caps leave no model is reported by its reason instead of a Plan; ties go to the smaller E.
+    """
+    results: list[Plan | str] = []
+    for coeffs, s in candidates:
+        check_plannable(flops, s)
+        try:
+            s.log_d_max()
+        except ConfigError as e:
+            results.append(str(e))
+            continue
+        results.append(optimum(coeffs.require("moe"), flops, s))
+    ok = [i for i, r in enumerate(results) if isinstance(r, Plan)]
+    if not ok:
+        raise ConfigError(f"no expansion rate searched has a model under the caps: {results[0]}")
+    best = min(ok, key=lambda i: (round(results[i].loss, 12), candidates[i][1].expansion_rate))
+    return best, results
