@@ -41,3 +41,33 @@ def test_bad_budgets_are_refused():
         time_optimum(LAW, FLOP_ONLY, -1.0, SETTINGS)
     with pytest.raises(ConfigError, match="FLOPs budget or a time budget"):
         compare(LAW, FLOP_ONLY, SETTINGS)
+
+
+def test_cli_plans_for_wall_clock_time(tmp_path):
+    import json
+
+    from _train_fixtures import cli
+
+    cal = tmp_path / "calib.json"
+    cal.write_text(
+        json.dumps({"coefficients": FLOP_ONLY | {"slot": 2e-12}, "device": "cpu", "holdout_error": 0.1})
+    )
+    r = cli("plan", "--flops", "1e21", "--calibration", str(cal), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (
+        out["granularity"] < out["flops_optimal_granularity"] and out["calibration"]["holdout_error"] == 0.1
+    )
+    r = cli("plan", "--hours", "1000", "--devices", "8", "--calibration", str(cal), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["seconds"] == pytest.approx(1000 * 3600 * 8)
+    human = cli("plan", "--flops", "1e21", "--calibration", str(cal))
+    assert "time-optimal" in human.stdout and "why:" in human.stdout
+    cal.write_text(json.dumps({"coefficients": {"flop": -1}}))
+    for args, why in [
+        (("--hours", "5"), "give --calibration"),
+        (("--flops", "1e21", "--calibration", str(cal)), "not a calibration"),
+        (("--flops", "1e21", "--calibration", str(tmp_path / "none.json")), "not found"),
+    ]:
+        r = cli("plan", *args)
+        assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1

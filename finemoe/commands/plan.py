@@ -103,6 +103,11 @@ def register(sub) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--flops", type=positive_float, help="training budget in FLOPs, e.g. 1e20")
     what.add_argument(
+        "--hours",
+        type=positive_float,
+        help="training budget in wall-clock hours on --devices devices (with --calibration)",
+    )
+    what.add_argument(
         "--paper-table", action="store_true", help="recompute the paper's Table 2 beside the printed values"
     )
     what.add_argument(
@@ -123,6 +128,12 @@ def register(sub) -> None:
         "--write-config",
         metavar="FILE.yaml",
         help="write a training config for the planned architecture and its tokens (`finemoe train FILE`)",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="FILE.json",
+        help="plan for wall-clock time on a device measured by `finemoe bench calibrate`: the time-optimal "
+        "G beside the FLOPs-optimal one",
     )
     add_memory_args(p)
     add_json_flag(p)
@@ -203,7 +214,7 @@ def check_memory_args(args: argparse.Namespace) -> None:
     extras = [f"--{k.replace('_', '-')}" for k in MEMORY_OPTIONS if getattr(args, k) is not None]
     if args.devices is None and extras:
         raise ConfigError(f"{', '.join(extras)} apply only with --devices N (the memory plan)")
-    if args.devices is not None and args.device_memory is None:
+    if args.devices is not None and args.device_memory is None and not args.calibration:
         raise ConfigError("--devices needs --device-memory BYTES, the memory of one device (e.g. 80e9)")
     if args.devices is not None and args.paper_table:
         raise ConfigError(
@@ -239,6 +250,13 @@ def run(args: argparse.Namespace) -> int:
         )
     check_e_args(args)
     check_memory_args(args)
+    if args.hours is not None and not args.calibration:
+        from finemoe.errors import ConfigError
+
+        raise ConfigError("--hours plans for wall-clock time: give --calibration FILE.json too")
+    if args.calibration:
+        emit(args, time_plan(args), _human_time_plan)
+        return 0
     if args.joint_table:
         emit(args, joint_table(args), _human_joint_table)
         return 0
@@ -842,4 +860,57 @@ def _human_joint_table(o: dict) -> str:
             f"{count(pr['active_params'], 3):<6} {r['active_params_rel_err']:+6.1%}   D "
             f"{count(r['tokens'], 3):>6}/{count(pr['tokens'], 3):<6} {r['tokens_rel_err']:+6.1%}"
         )
+    return "\n".join(lines)
+
+
+def time_plan(args: argparse.Namespace) -> dict:
+    """`--calibration`: the time-optimal plan beside the FLOPs-optimal one (finemoe.scaling.time_plan)."""
+    from finemoe.errors import ConfigError
+    from finemoe.scaling import time_plan as T
+    from finemoe.scaling.cost_model import load_calibration
+
+    if args.paper_table or args.joint_table or _law(args) == "joint" or args.device_memory is not None:
+        raise ConfigError(
+            "--calibration plans one --flops or --hours budget under Eq. 9; drop the other modes"
+        )
+    cal = load_calibration(args.calibration)
+    coeffs, s = load_law_args(args)
+    devices = args.devices or 1
+    seconds = args.hours * 3600 * devices if args.hours is not None else None
+    out = T.compare(coeffs.require("moe"), cal["coefficients"], s, flops=args.flops, seconds=seconds)
+    widths = [p["d_model"] for p in cal.get("points", []) if isinstance(p, dict) and "d_model" in p]
+    d = out["time_optimal"]["d_model"]
+    out["calibration"] = {
+        "file": args.calibration,
+        "device": cal.get("device"),
+        "holdout_error": cal.get("holdout_error"),
+        "largest_width_measured": max(widths) if widths else None,
+        "width_extrapolation": d / max(widths) if widths else None,
+    }
+    out["devices"], out["hours"] = devices, out["seconds"] / 3600 / devices
+    return out
+
+
+def _human_time_plan(o: dict) -> str:
+    t, f, c = o["time_optimal"], o["flops_optimal"], o["calibration"]
+    ts = o["time_saving"]
+    lines = [
+        f"wall-clock budget {o['hours']:.4g} h on {o['devices']} device(s) ({c['device']}, {c['file']})",
+        f"time-optimal   G={t['granularity']:g}  N_act {count(t['active_params'])}  D {count(t['tokens'])}  "
+        f"loss {t['loss']:.4f}",
+        f"FLOPs-optimal  G={f['granularity']:g}  N_act {count(f['active_params'])}  D {count(f['tokens'])}  "
+        f"loss {f['loss']:.4f}",
+        f"time saving {ts:.3g}x: the time-optimal plan reaches the FLOPs-optimal loss in {1 / ts:.0%} of "
+        "its time"
+        if ts
+        else "time saving: n/a (the time-optimal plan does not reach the FLOPs-optimal loss in range)",
+        f"why: {o['why']}",
+    ]
+    if c["width_extrapolation"] and c["width_extrapolation"] > 2:
+        lines.append(
+            f"note: d_model {t['d_model']:.0f} is {c['width_extrapolation']:.0f}x the widest block "
+            f"calibrated ({c['largest_width_measured']}); the cost model extrapolates"
+        )
+    if c["holdout_error"] is not None:
+        lines.append(f"calibration held-out error: {c['holdout_error']:.1%}")
     return "\n".join(lines)

@@ -14,10 +14,15 @@ d the width and B the tokens per step. The θ are non-negative and fitted to mea
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from finemoe.errors import ConfigError
 
 TERMS = ("flop", "slot", "expert", "param", "elem", "step")
 
@@ -87,3 +92,22 @@ def calibrate(points: list[dict[str, Any]]) -> dict[str, Any]:
         "fit_points": len(train),
         "model": "s/token/block = flop*F + slot*S*d + expert*n_e/B + param*P/B + elem*d + step/B",
     }
+
+
+def load_calibration(path: str | Path) -> dict[str, Any]:
+    """A `finemoe bench calibrate` file, checked: every cost a non-negative number, at least one positive."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        theta = {k: float(data["coefficients"][k]) for k in TERMS}
+    except FileNotFoundError:
+        raise ConfigError(
+            f"calibration {path} not found; make one with `finemoe bench calibrate --out {path}`"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{path} is not a calibration ({type(e).__name__}); make one with `finemoe bench calibrate`"
+        ) from None
+    if not all(math.isfinite(v) and v >= 0 for v in theta.values()) or not any(theta.values()):
+        raise ConfigError(f"{path}: the costs must be non-negative numbers, not all zero; calibrate again")
+    return {**data, "coefficients": theta}
