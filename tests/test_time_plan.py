@@ -50,7 +50,7 @@ def test_cli_plans_for_wall_clock_time(tmp_path):
 
     cal = tmp_path / "calib.json"
     cal.write_text(
-        json.dumps({"coefficients": FLOP_ONLY | {"slot": 2e-12}, "device": "cpu", "holdout_error": 0.1})
+        json.dumps({"coefficients": FLOP_ONLY | {"slot": 1e-11}, "device": "cpu", "holdout_error": 0.1})
     )
     r = cli("plan", "--flops", "1e21", "--calibration", str(cal), "--json")
     assert r.returncode == 0, r.stderr
