@@ -6,6 +6,7 @@ calls these modules and prints).
     res = finemoe.fit("experiments/mini/results.csv")        # a FitResult; res.to_dict() is `fit --json`
     df = finemoe.results("runs/mini/results.sqlite")         # the runs as a pandas DataFrame
     model = finemoe.load("runs/tiny")                        # a run folder or a model folder, in eval mode
+    text = finemoe.generate("runs/tiny/model", "Once upon")  # its continuation (a list for a list)
     record = finemoe.train("configs/tiny.yaml", tokens=1e6)  # trains, returns the final record
 """
 
@@ -92,6 +93,54 @@ def load(run_or_model_dir: str | Path, device: str = "cpu"):
         if (folder / "model.safetensors").is_file():
             return load_pretrained(folder, map_location=device).to(device).eval()
     return load_model(path, device)[0]
+
+
+def generate(
+    model_or_dir,
+    prompts: str | list[str],
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    tokenizer=None,
+    device: str = "cpu",
+    stop_at_eos: bool = True,
+) -> str | list[str]:
+    """The continuation of each prompt, as `finemoe generate` samples it: a string for a string, a list
+    for a list. `model_or_dir` is a model folder, a run folder or a checkpoint (loaded with its
+    tokenizer), or a loaded model, which needs `tokenizer` (a tokenizer.json path or a Tokenizer).
+
+    The prompts decode together through a KV cache; each gets the tokens it would get alone, prompt i
+    sampling with seed + i. Temperature 0 is greedy; top_k and top_p (nucleus) filter the sampling.
+    A continuation ends at <|endoftext|> when the tokenizer has it (unless stop_at_eos=False). See
+    finemoe.train.generate.generate_ids for the context past seq_len and uncalibrated Expert Choice."""
+    from finemoe.errors import ConfigError
+    from finemoe.train.generate import (
+        check_sampling,
+        find_tokenizer,
+        generate_text,
+        load_tokenizer,
+        training_config,
+    )
+
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not texts:
+        raise ConfigError("no prompts given; pass a string or a list of strings")
+    if isinstance(model_or_dir, (str, Path)):
+        model = load(model_or_dir, device)
+        if tokenizer is None:
+            tokenizer = find_tokenizer(model_or_dir, training_config(model_or_dir))
+    elif tokenizer is None:
+        raise ConfigError("a loaded model needs tokenizer= (a tokenizer.json path or a Tokenizer)")
+    else:
+        model = model_or_dir
+    results = generate_text(
+        model, load_tokenizer(tokenizer), texts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos
+    )
+    out = [r["completion"] for r in results]
+    return out[0] if isinstance(prompts, str) else out
 
 
 def train(config: str | Path | dict, resume: bool = False, quiet: bool = True, **overrides: Any) -> dict:

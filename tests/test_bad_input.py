@@ -277,6 +277,13 @@ CASES = [
     ("params --d-model 64 --n-blocks 2 --granularity 3", "must divide"),
     ("data prepare --out afile", "is not a finemoe data folder"),
     ("bench moe-layer --d-model 0", "expected a positive integer"),
+    ("export runs/missing --hf out_hf", "holds no finished model"),
+    ("export broken_model --hf out_hf", "is not a readable finemoe model folder"),
+    ("export runs/done --hf afile", "not an empty folder"),
+    ("bench calibrate --out folder", "is a folder"),
+    ("plan --flops 1e20 --calibration folder", "not a calibration"),
+    ("train good.yaml parallel.ep=3", "parallel.ep=3 must divide"),
+    ("train good.yaml micro_batch_size=3", "micro_batch_size must divide"),
     ("plot-run folder", "metrics.jsonl not found"),
     ("plot-run runs/done --out folder", "is a folder"),
 ]

@@ -57,10 +57,74 @@ def rope_cache(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torc
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x[..., T, hd] by the angles of positions 0..T-1 ([seq_len, hd/2] tables), or by angles
+    already gathered per row ([B, 1, T, hd/2], positions offset by a KV cache)."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     T = x.shape[-2]
-    c, s = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
+    c, s = cos[..., :T, :].to(x.dtype), sin[..., :T, :].to(x.dtype)
     return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+
+
+class KVCache:
+    """Keys and values of the tokens a model has seen, so that decoding feeds only the new token.
+
+    Per layer, k and v [B, H, seq_len, hd] are allocated on first use (in the dtype attention
+    computes in) and filled from slot 0; `length` slots are filled. `pad` [B] (optional) says how
+    many leading slots of each row are left padding: those keys are masked out and each row's
+    positions start at its first real token, so a row's logits are those of its tokens alone. A
+    forward may not go past the model's seq_len: the caller starts a new cache on a cropped context.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, pad: torch.Tensor | None = None):
+        self.seq_len, self.batch = cfg.seq_len, batch
+        self.k: list[torch.Tensor | None] = [None] * cfg.n_blocks
+        self.v: list[torch.Tensor | None] = [None] * cfg.n_blocks
+        self.length = 0
+        self.pad = pad if pad is not None and bool(pad.any()) else None
+        self.mask: torch.Tensor | None = None  # of the forward under way (see `begin`)
+
+    def begin(self, T: int, device: torch.device) -> torch.Tensor:
+        """Prepare a forward of T new tokens: the attention mask, and the positions [B or 1, T]."""
+        if self.length + T > self.seq_len:
+            raise ConfigError(
+                f"{self.length} cached + {T} new tokens exceed the model's seq_len={self.seq_len}; "
+                "start a new cache on the last seq_len tokens"
+            )
+        q = torch.arange(self.length, self.length + T, device=device)
+        self.mask = None
+        if self.pad is None:
+            if self.length and T > 1:  # a chunk after a cached prefix: causal, offset
+                self.mask = (torch.arange(self.length + T, device=device) <= q[:, None])[None, None]
+            return q[None]
+        pad = self.pad.to(device)[:, None, None]  # [B, 1, 1]
+        j = torch.arange(self.length + T, device=device)
+        seen = (j <= q[:, None]) & (j >= pad)  # causal, padding masked out
+        self.mask = (seen | (j == q[:, None]))[:, None]  # a pad slot sees itself: no empty row, no NaN
+        return (q[None] - self.pad.to(device)[:, None]).clamp_min(0)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's k, v [B, H, T, hd] of one layer; the keys and values seen so far."""
+        if self.k[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.seq_len, k.shape[3])
+            self.k[layer] = k.new_zeros(shape)
+            self.v[layer] = v.new_zeros(shape)
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def end(self, T: int) -> None:
+        """The forward under way is done: its T tokens are cached."""
+        self.length += T
+        self.mask = None
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (indices into the batch), e.g. when the others have finished."""
+        self.k = [None if t is None else t.index_select(0, rows.to(t.device)) for t in self.k]
+        self.v = [None if t is None else t.index_select(0, rows.to(t.device)) for t in self.v]
+        self.batch = len(rows)
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, rows.to(self.pad.device))
 
 
 class Attention(nn.Module):
@@ -73,12 +137,24 @@ class Attention(nn.Module):
         trunc_normal_(self.proj.weight, cfg.d_model, cfg.init_scale)
         self.rope = cfg.pos_emb == "rope"
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
         if self.rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # causal within a first chunk; a later single token sees every cached key; else the mask
+            causal = cache.mask is None and cache.length == 0 and T > 1
+            k, v = cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -93,8 +169,10 @@ class Block(nn.Module):
         else:
             self.ffn = DenseFFN(cfg)
 
-    def forward(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, dict]:
-        x = x + self.attn(self.ln1(x), rope)
+    def forward(
+        self, x: torch.Tensor, rope, cache: KVCache | None = None, layer: int = 0
+    ) -> tuple[torch.Tensor, dict]:
+        x = x + self.attn(self.ln1(x), rope, cache, layer)
         y, aux = self.ffn(self.ln2(x))
         return x + y, aux
 
@@ -117,26 +195,46 @@ class Transformer(nn.Module):
         self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         trunc_normal_(self.head.weight, cfg.d_model, cfg.init_scale)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> ModelOutput:
+        """Logits of idx [B, T]. With a `cache`, idx continues the tokens cached there (positions offset
+        by them) and its keys and values are added to it, so decoding feeds one new token per step."""
         B, T = idx.shape
         if T > self.cfg.seq_len:
             raise ConfigError(f"sequence of {T} tokens exceeds the model's seq_len={self.cfg.seq_len}")
-        x = self.tok_emb(idx)
-        rope = None
-        if self.cfg.pos_emb == "learned":
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
-        else:
-            rope = (self.rope_cos, self.rope_sin)
+        x, rope = self._embed(idx, cache)
         auxes = []
-        for block in self.blocks:
-            x, aux = block(x, rope)
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x, rope) if cache is None else block(x, rope, cache, i)
             if aux:
                 auxes.append(aux)
+        if cache is not None:
+            cache.end(T)
         logits = self.head(self.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return ModelOutput(logits, loss, _mean_aux(auxes))
+
+    def _embed(self, idx: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, tuple | None]:
+        """Token embeddings plus learned positions, or the RoPE angles for attention; positions from 0,
+        or per row after a cache's tokens (and its left padding)."""
+        x = self.tok_emb(idx)
+        if cache is None:
+            if self.cfg.pos_emb == "learned":
+                return x + self.pos_emb(torch.arange(idx.shape[1], device=idx.device)), None
+            return x, (self.rope_cos, self.rope_sin)
+        if cache.batch != idx.shape[0]:
+            raise ConfigError(f"a KV cache of {cache.batch} rows was given a batch of {idx.shape[0]}")
+        pos = cache.begin(idx.shape[1], idx.device)  # [B or 1, T]
+        if self.cfg.pos_emb == "learned":
+            return x + self.pos_emb(pos), None
+        return x, (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # [B|1, 1, T, hd/2]
+
+    def new_cache(self, batch: int, pad: torch.Tensor | None = None) -> KVCache:
+        """An empty KV cache for `batch` rows; `pad` [B]: leading padding slots of each row."""
+        return KVCache(self.cfg, batch, pad)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
