@@ -37,9 +37,7 @@ def losses(out) -> list[float]:
     return [r["loss"] for r in read_metrics(out)]
 
 
-@pytest.mark.parametrize(
-    "model,procs,ep", [("tc", 2, 2), ("ec", 4, 4), ("tc", 4, 2)], ids=lambda x: str(x)
-)
+@pytest.mark.parametrize("model,procs,ep", [("tc", 2, 2), ("ec", 4, 4), ("tc", 4, 2)], ids=lambda x: str(x))
 def test_expert_parallel_matches_one_process(tmp_path, model, procs, ep):
     """(tc, 4, 2) is 2 data-parallel replicas of 2 expert-parallel ranks: an expert's gradient is also
     summed over its replicas."""
