@@ -62,3 +62,17 @@ def test_stop_at_step_then_resume_equals_one_run(tmp_path):
     assert [r["loss"] for r in read_metrics(tmp_path / "cut")] == [
         r["loss"] for r in read_metrics(tmp_path / "one")
     ]
+
+
+def test_a_checkpoint_from_before_a_model_field_existed_still_resumes():
+    """A model field added since (ec_group_size) counts as its default in an older checkpoint's config."""
+    from finemoe.train.trainer import RESUMABLE_CHANGES, config_diff
+
+    cfg = TrainConfig.from_dict({"model": MOE_EC | {"ec_group_size": None}})
+    old = cfg.to_dict()
+    del old["model"]["ec_group_size"], old["micro_batch_size"]
+    assert config_diff(old, cfg, RESUMABLE_CHANGES) == []
+    assert config_diff(old, cfg.replace(micro_batch_size=2, batch_size=4), RESUMABLE_CHANGES) == [
+        "batch_size",
+        "micro_batch_size",
+    ]

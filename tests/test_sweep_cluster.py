@@ -86,6 +86,23 @@ def test_a_live_job_keeps_its_run_from_being_submitted_twice(tmp_path):
     assert todo(store, s) == []
     (out / "job.json").write_text(json.dumps({**beat, "beat_at": time.time() - runner.STALE_S - 1}))
     assert todo(store, s) == [run.run_id]  # a stale heartbeat: the job died, the run resumes
+    runner.mark_queued(out, "12345")  # submitted, not started: alive for days, not minutes
+    (out / "job.json").write_text(
+        json.dumps({"queued": "12345", "beat_at": time.time() - runner.STALE_S - 1})
+    )
+    assert todo(store, s) == []
+    (out / "error.json").write_text(json.dumps({"error": "boom"}))  # the job ended
+    assert todo(store, s) == [run.run_id]
+
+
+def test_a_second_job_on_a_run_in_training_steps_aside(tmp_path):
+    s = specmod.expand(_raw(tmp_path, tokens=[1000], granularities=[2], dense=False))
+    config = s.runs[0].config
+    out = Path(config["out_dir"])
+    out.mkdir(parents=True)
+    (out / "job.json").write_text(json.dumps({"host": "node7", "pid": 99, "beat_at": time.time()}))
+    assert runner.run_job(config, FAKE) == "skipped"
+    assert not (out / "final.json").exists() and not (out / "starts.log").exists()
 
 
 def test_a_job_launches_several_processes_through_torchrun(tmp_path):

@@ -873,8 +873,17 @@ def time_plan(args: argparse.Namespace) -> dict:
         raise ConfigError(
             "--calibration plans one --flops or --hours budget under Eq. 9; drop the other modes"
         )
+    ignored = [f for f, v in (("--write-config", args.write_config), ("--plot", args.plot)) if v]
+    ignored += [f"--{k.replace('_', '-')}" for k in ("memory", "micro_batch") if getattr(args, k, None)]
+    ignored += ["--search-e"] if getattr(args, "search_e", False) else []
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)}: not with --calibration (a wall-clock plan); drop them")
     cal = load_calibration(args.calibration)
     coeffs, s = load_law_args(args)
+    if args.flops is not None:
+        from finemoe.scaling.plan import check_plannable
+
+        check_plannable(args.flops, s)
     devices = args.devices or 1
     seconds = args.hours * 3600 * devices if args.hours is not None else None
     out = T.compare(coeffs.require("moe"), cal["coefficients"], s, flops=args.flops, seconds=seconds)

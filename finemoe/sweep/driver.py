@@ -58,7 +58,7 @@ def run_sweep(
             log(f"sweep {spec.name}: took {n} finished runs from {spec.csv}")
         for why in refused:
             log(f"sweep {spec.name}: not taken from {spec.csv} (it trains again): {why}")
-    harvested = harvest(store, spec)
+    harvested = 0 if dry_run else harvest(store, spec)
     if harvested:
         log(f"sweep {spec.name}: recorded {harvested} runs that jobs finished in their folders")
     pending = todo(store, spec)

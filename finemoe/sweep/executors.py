@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from finemoe.errors import ConfigError
 from finemoe.io import ensure_dir
-from finemoe.sweep.runner import HEARTBEAT_S, collect, default_threads, execute_run, run_job
+from finemoe.sweep.runner import HEARTBEAT_S, collect, default_threads, execute_run, mark_queued, run_job
 from finemoe.sweep.store import Store, owner_id
 
 OnDone = Callable[[str], None]
@@ -209,13 +209,10 @@ class SlurmExecutor:
             ex.update_parameters(**self.params)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"slurm executor parameters rejected by submitit: {e}") from None
-        path = str(store.path.resolve())
         for wave in waves(run_ids, parents or {}) if self.wait else [list(run_ids)]:
-            self._submit(ex, store, path, wave, trainer, on_done)
+            self._submit(ex, store, wave, trainer, on_done)
 
-    def _submit(
-        self, ex, store: Store, path: str, run_ids: Sequence[str], trainer: str, on_done: OnDone
-    ) -> None:
+    def _submit(self, ex, store: Store, run_ids: Sequence[str], trainer: str, on_done: OnDone) -> None:
         owner = owner_id()
         rows = {rid: store.claim(rid, owner) for rid in run_ids}
         run_ids = [rid for rid in run_ids if rows[rid] is not None]  # others are held by a live sweep
@@ -224,6 +221,8 @@ class SlurmExecutor:
             return
         configs = [json.loads(rows[rid]["config"]) for rid in run_ids]
         jobs = ex.map_array(run_job, configs, [trainer] * n, [self.threads] * n, [self.procs] * n)
+        for config, job in zip(configs, jobs):
+            mark_queued(Path(config["out_dir"]), job.job_id)
         print(f"submitted {n} job(s): {', '.join(j.job_id for j in jobs[:5])}{' ...' if n > 5 else ''}")
         if not self.wait:
             return

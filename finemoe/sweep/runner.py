@@ -26,10 +26,11 @@ from typing import Any, Callable
 
 from finemoe.errors import ConfigError, FinemoeError
 from finemoe.io import ensure_dir, write_json_atomic
-from finemoe.sweep.store import Store, owner_id
+from finemoe.sweep.store import FINAL, Store, owner_id
 
 HEARTBEAT_S = 30.0
 STALE_S = 300.0  # a heartbeat older than this belongs to a dead job
+QUEUED_S = 7 * 24 * 3600.0  # a job submitted but not started counts as alive this long
 DEFAULT_TRAINER = "finemoe.sweep.runner:train_run"
 FINAL_NAME, ERROR_NAME, JOB_NAME = "final.json", "error.json", "job.json"
 
@@ -140,6 +141,8 @@ def run_job(
     final = out / FINAL_NAME
     if final.is_file():
         return json.loads(final.read_text()).get("status", "done")
+    if _beat(out).get("pid") is not None and job_alive(out):  # another job trains this run now
+        return "skipped"
     (out / ERROR_NAME).unlink(missing_ok=True)
     stop = threading.Event()
     beat = threading.Thread(target=_beat_file, args=(out / JOB_NAME, stop), daemon=True)
@@ -154,9 +157,12 @@ def run_job(
             record = resolve_trainer(trainer)(config, has_checkpoint(out))
         if not isinstance(record, dict):
             raise FinemoeError(f"trainer returned {type(record).__name__}, expected the final-record dict")
+        status = record.get("status", "done")
+        if status not in FINAL:  # not an outcome the store takes: the driver fails it with this reason
+            raise FinemoeError(f"trainer returned status {status!r}, expected one of {FINAL}")
         if not final.is_file():
             write_json_atomic(final, record)
-        return record.get("status", "done")
+        return status
     except Exception as e:
         msg = str(e) if isinstance(e, FinemoeError) else traceback.format_exc(limit=8)
         write_json_atomic(out / ERROR_NAME, {"error": f"{type(e).__name__}: {msg}".strip()})
@@ -193,12 +199,32 @@ def _beat_file(path: Path, stop: threading.Event) -> None:
             return
 
 
-def job_alive(out_dir: Path) -> bool:
-    """A job is training this run now: its heartbeat file is fresh."""
+def mark_queued(out_dir: Path, job_id: str) -> None:
+    """The driver's mark on a run whose job waits in the queue, so that no later driver submits it again."""
+    ensure_dir(out_dir, "run folder")
+    (out_dir / ERROR_NAME).unlink(missing_ok=True)  # an earlier attempt's: not this job's outcome
+    write_json_atomic(out_dir / JOB_NAME, {"queued": job_id, "beat_at": time.time()})
+
+
+def _beat(out_dir: Path) -> dict[str, Any]:
     try:
-        return time.time() - float(json.loads((out_dir / JOB_NAME).read_text())["beat_at"]) < STALE_S
-    except (OSError, ValueError, KeyError, TypeError):
+        beat = json.loads((out_dir / JOB_NAME).read_text())
+        return beat if isinstance(beat, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def job_alive(out_dir: Path) -> bool:
+    """A job trains this run now (its heartbeat is fresh) or waits in the queue for it (for up to a week:
+    delete the run folder's job.json to submit it sooner, e.g. after cancelling the job)."""
+    if (out_dir / FINAL_NAME).is_file() or (out_dir / ERROR_NAME).is_file():
+        return False  # the job ended (a queued mark may have been written after it)
+    beat = _beat(out_dir)
+    try:
+        age = time.time() - float(beat["beat_at"])
+    except (KeyError, TypeError, ValueError):
         return False
+    return age < (QUEUED_S if "queued" in beat else STALE_S)
 
 
 def collect(store: Store, run_id: str) -> bool:
@@ -214,7 +240,7 @@ def collect(store: Store, run_id: str) -> bool:
         if (out / ERROR_NAME).is_file():
             store.fail(run_id, json.loads((out / ERROR_NAME).read_text())["error"])
             return True
-    except (ValueError, KeyError, TypeError) as e:  # a cut or foreign file: say so rather than stop
+    except (ValueError, KeyError, TypeError, FinemoeError) as e:  # a cut, foreign or unfinished record
         store.fail(run_id, f"cannot read the job's record in {out} ({type(e).__name__})")
         return True
     return False

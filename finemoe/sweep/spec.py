@@ -76,7 +76,7 @@ TOP_KEYS = {
 }
 SIZE_KEYS = {"tokens", "budgets", "granularities", "dense", "name"}
 # Train keys that do not change what a run computes, so they stay out of its id.
-NOT_IDENTITY = ("out_dir", "cpu_matmul", "snapshot_steps", "init_from", "log_every", "stop_at_step", "log")
+NOT_IDENTITY = ("out_dir", "cpu_matmul", "snapshot_steps", "init_from", "log_every", "log")
 DEFAULT_TRAINER = "finemoe.sweep.runner:train_run"
 _MODEL_DEFAULTS = ModelConfig().to_dict()
 
@@ -174,6 +174,11 @@ def expand(raw: dict[str, Any], source: str = "<spec>") -> Spec:
     store = str(raw.get("store") or f"{runs_dir}/results.sqlite")
     model_base = dict(raw.get("model") or {})
     train_base = dict(raw.get("train") or {})
+    if train_base.get("stop_at_step") is not None:
+        raise ConfigError(
+            f"{source}: train.stop_at_step ends one `finemoe train` invocation; a sweep trains its runs to "
+            "the end (cluster jobs resume from their checkpoints by themselves): remove it"
+        )
     executor = dict(raw.get("executor") or {})
     check_executor(executor.get("kind", "local"), f"{source}: executor.kind")
     for key in ("workers", "threads"):

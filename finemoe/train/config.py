@@ -227,6 +227,10 @@ class TrainConfig:
             "WSD snapshots and branches are written as one-file checkpoints, which a sharded (fsdp or ep) "
             "run does not write; train stable runs and their branches without parallel.fsdp or ep",
         )
+        require(
+            not (self.compile and self.parallel.ep > 1),
+            "compile with parallel.ep > 1 is not supported yet (DDP would take the expert shards); drop one",
+        )
         if self.parallel.ep > 1:
             require(
                 self.model.ffn == "moe" and self.model.n_experts % self.parallel.ep == 0,

@@ -76,6 +76,18 @@ def broadcast_buffers(model: torch.nn.Module, d: Dist) -> None:
             torch.distributed.broadcast(b, src=0)
 
 
+def all_ok(ok: bool, d: Dist) -> bool:
+    """Whether every rank is ok: a failure on one rank stops all, instead of leaving the others waiting in
+    the next collective."""
+    if not d.enabled:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

@@ -56,7 +56,6 @@ RESUMABLE_CHANGES = {
     "init_from",
     "log_every",
     "log",  # a resumed run may add or drop a tracker
-    "micro_batch_size",
     "stop_at_step",
     "parallel",  # DCP reshards; one-file checkpoints load only unsharded (see _restore)
 }
@@ -311,13 +310,25 @@ class _Run:
             for stale in [
                 *out.glob(".*.tmp"),
                 *out.glob("*/.*.tmp"),
-            ]:  # a kill mid-write leaves its temp file
-                stale.unlink(missing_ok=True)
+            ]:  # a kill mid-write leaves its temp file (or a sharded checkpoint's temp folder)
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink(missing_ok=True)
             write_json_atomic(out / "config.json", cfg.to_dict())
             tok = Path(cfg.data_dir) / "tokenizer.json"
             if tok.is_file() and not (out / "tokenizer.json").is_file():
                 shutil.copyfile(tok, out / "tokenizer.json")  # the run folder can sample text on its own
-        trackers = open_loggers(cfg.log, cfg.to_dict(), out, start if resume else None) if main else None
+        trackers, failed = None, None
+        if main:
+            try:
+                trackers = open_loggers(cfg.log, cfg.to_dict(), out, start if resume else None)
+            except Exception as e:  # every rank learns of it below, rather than wait in a collective
+                failed = e
+        if not distributed.all_ok(failed is None, self.dist):
+            if failed is not None:
+                raise failed
+            raise ConfigError("rank 0 could not open the run's loggers (its error says why)")
         log = MetricsLog(out / METRICS_NAME, start if resume else None) if main else None
         smoother = Smoother(cfg.window, history)
         status, val_loss, completed = "done", None, start
@@ -475,10 +486,12 @@ class _Run:
         total = torch.zeros((), device=self.device)
         for i in range(n_batches):
             x, y = self.val_data.batch(i, bs, cfg.seq_len, cfg.seed, d.rank, d.world_size)
-            with self.autocast():
-                total += self.fwd(
-                    torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
-                ).loss.float()
+            x, y = torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+            micro = cfg.micro_batch_size or len(x)
+            parts = len(x) // micro if len(x) % micro == 0 else 1  # as training splits its batches
+            for xs, ys in zip(x.chunk(parts), y.chunk(parts)):
+                with self.autocast():
+                    total += self.fwd(xs, ys).loss.float() / parts
         self.model.train()
         return finite_or_none(distributed.mean(total / n_batches, d).item())
 
@@ -595,7 +608,10 @@ def config_diff(saved: dict[str, Any], cfg: TrainConfig, allowed: set[str]) -> l
     """Keys of a checkpoint's config that differ from `cfg` outside `allowed`; a key the checkpoint's
     version did not know yet counts as its default."""
     now = cfg.to_dict()
-    saved = {**TrainConfig().to_dict(), **saved}
+    defaults = TrainConfig().to_dict()
+    saved = {**defaults, **saved}
+    if isinstance(saved.get("model"), dict):  # a model field added since counts as its default too
+        saved["model"] = {**defaults["model"], **saved["model"]}
     return sorted(k for k in set(saved) | set(now) if k not in allowed and saved.get(k) != now.get(k))
 
 
