@@ -204,6 +204,7 @@ def test_ddp_when_a_replica_fits():
     assert lay["fits"] and lay["parallel"] == {} and not lay["fsdp"] and lay["ep"] == 1 and lay["dp"] == 4
     assert "reason" not in lay and lay["bytes_per_device"]["total"] <= lay["usable_memory"]
     assert "--nproc_per_node 4" in lay["command"] and "micro_batch_size=8" in lay["command"]
+    assert "model.ec_group_size=8" in lay["command"]  # the trainer runs Expert Choice micro-batches so
 
 
 def test_sharding_proposed_when_only_sharding_fits():

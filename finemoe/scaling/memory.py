@@ -368,7 +368,7 @@ def best_layout(
         "device_memory": device_memory,
         "usable_memory": usable,
         "parallel": lay.parallel if fit else None,
-        "command": torchrun_command(lay, micro_batch) if fit else None,
+        "command": torchrun_command(lay, micro_batch, cfg) if fit else None,
         "tried": [
             {"name": t.name, "fsdp": t.fsdp, "ep": t.ep, "fits": m["total"] <= usable, "bytes_per_device": m}
             for t, m in tried
@@ -436,10 +436,14 @@ def _no_fit_reason(
     return f"{head}{tail}; activations take {_gb(mem['activations'])} at {micro_batch} x {cfg.seq_len} tokens"
 
 
-def torchrun_command(layout: Layout, micro_batch: int, config: str = "CONFIG.yaml") -> str:
-    """The launch line for a training config under this layout (the layout's keys as overrides)."""
+def torchrun_command(layout: Layout, micro_batch: int, cfg=None, config: str = "CONFIG.yaml") -> str:
+    """The launch line for a training config under this layout (the layout's keys as overrides). Expert
+    Choice groups the micro-batch's sequences, so the run does not depend on the layout (the trainer
+    requires a group size for micro-batches)."""
     overrides = [f"parallel.{k}={str(v).lower()}" for k, v in layout.parallel.items()]
     overrides.append(f"micro_batch_size={micro_batch}")
+    if cfg is not None and cfg.ffn == "moe" and cfg.routing == "ec":
+        overrides.append(f"model.ec_group_size={micro_batch}")
     if layout.devices == 1:
         return " ".join(["finemoe train", config, *overrides])
     launch = f"python -m torch.distributed.run --standalone --nproc_per_node {layout.devices}"
