@@ -55,6 +55,25 @@ def test_budgets_set_whole_steps_of_tokens_and_are_kept(tmp_path):
     assert at[("moe", 4)] < at[("moe", 1)] < at[("dense", 1)]
 
 
+def test_exact_flops_budgets_count_the_embedding_and_head(tmp_path):
+    """flops: exact charges every matmul FLOP, so the same budget buys fewer tokens, and the smallest
+    model (whose head is most of its cost) the fewest relative to the paper's count."""
+    from finemoe.accounting import exact_flops_per_token
+
+    paper = {
+        r.label.split(" D=")[0] + str(r.budget): r
+        for r in specmod.expand(_raw(tmp_path, branches=False)).runs
+    }
+    exact = specmod.expand(_raw(tmp_path, branches=False, flops="exact")).runs
+    for r in exact:
+        twin = paper[r.label.split(" D=")[0] + str(r.budget)]
+        per_token = exact_flops_per_token(ModelConfig.from_dict(r.config["model"]))["total"]
+        assert r.config["tokens"] <= r.budget / per_token < r.config["tokens"] + 4 * 16
+        assert r.config["tokens"] < twin.config["tokens"] and r.run_id != twin.run_id
+    with pytest.raises(ConfigError, match="'flops' must be one of paper, exact"):
+        specmod.expand(_raw(tmp_path, flops="real"))
+
+
 def test_branches_make_the_longest_run_the_parent_of_each_group(tmp_path):
     s = specmod.expand(_raw(tmp_path))
     by_id = {r.run_id: r for r in s.runs}

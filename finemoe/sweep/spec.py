@@ -23,11 +23,12 @@ for every other command.
     seeds: [0]
     executor: {kind: local, workers: 1}                           # or slurm: {...}
 
-An iso-FLOP spec gives `budgets` (paper FLOPs, c_f·N_act·D plus the router) instead of `tokens`, at the
-top or per size; each run's tokens are then the whole steps its budget buys, and the run keeps its
-budget. With `branches: true` (and `train: {schedule: wsd}`), the longest run of each (size, FFN, seed)
-is a stable run that saves a snapshot at every shorter run's decay start, and each shorter run starts
-from that snapshot: a cooldown branch, recorded with its parent.
+An iso-FLOP spec gives `budgets` (paper FLOPs, c_f·N_act·D plus the router; with `flops: exact`,
+every matmul FLOP, embedding and head included) instead of `tokens`, at the top or per size; each run's
+tokens are then the whole steps its budget buys, and the run keeps its budget. With `branches: true`
+(and `train: {schedule: wsd}`), the longest run of each (size, FFN, seed) is a stable run that saves a
+snapshot at every shorter run's decay start, and each shorter run starts from that snapshot: a cooldown
+branch, recorded with its parent.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from finemoe.accounting import paper_counts
+from finemoe.accounting import exact_flops_per_token, paper_counts
 from finemoe.config import ModelConfig
 from finemoe.errors import ConfigError
 from finemoe.io import read_text
@@ -68,6 +69,7 @@ TOP_KEYS = {
     "granularities",
     "tokens",
     "budgets",
+    "flops",
     "branches",
     "dense",
     "seeds",
@@ -76,6 +78,10 @@ TOP_KEYS = {
 }
 SIZE_KEYS = {"tokens", "budgets", "granularities", "dense", "name"}
 # Train keys that do not change what a run computes, so they stay out of its id.
+# What a compute budget counts: the paper's FLOPs (non-embedding matmuls and the router, c_f = 6), or every
+# matmul FLOP including the embedding and head and attention's scores (accounting.exact_flops_per_token),
+# which tiny models with a large vocabulary need: there the embedding and head are most of the cost.
+FLOPS_MODELS = ("paper", "exact")
 NOT_IDENTITY = ("out_dir", "cpu_matmul", "snapshot_steps", "init_from", "log_every", "log")
 DEFAULT_TRAINER = "finemoe.sweep.runner:train_run"
 _MODEL_DEFAULTS = ModelConfig().to_dict()
@@ -204,6 +210,12 @@ def expand(raw: dict[str, Any], source: str = "<spec>") -> Spec:
             f"{source}: 'branches: true' needs train: {{schedule: wsd}} (a cosine run cannot be branched)"
         )
     batch_size = _whole(train_base.get("batch_size", TrainConfig().batch_size), "train.batch_size")
+    flops_model = raw.get("flops", "paper")
+    if flops_model not in FLOPS_MODELS:
+        raise ConfigError(
+            f"{source}: 'flops' must be one of {', '.join(FLOPS_MODELS)} (what a budget counts), "
+            f"got {flops_model!r}"
+        )
 
     drafts: list[dict[str, Any]] = []  # configs before ids: branches still change them
     for i, size in enumerate(sizes):
@@ -237,7 +249,11 @@ def expand(raw: dict[str, Any], source: str = "<spec>") -> Spec:
             except ConfigError as e:
                 raise ConfigError(f"{source}: sizes[{i}] {var}: {e}") from None
             step = batch_size * mc.seq_len
-            per_token = paper_counts(mc)["flops_per_token"]
+            per_token = (
+                paper_counts(mc)["flops_per_token"]
+                if flops_model == "paper"
+                else exact_flops_per_token(mc)["total"]
+            )
             lengths = [(int(round(_number(d, f"sizes[{i}] tokens"))), None) for d in tokens]
             for f in budgets:
                 f = _number(f, f"sizes[{i}] budgets")
