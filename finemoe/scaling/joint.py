@@ -28,6 +28,7 @@ from scipy.optimize import brentq
 
 from finemoe import accounting as acc
 from finemoe.errors import ConfigError
+from finemoe.scaling.laws import law_from_dict
 from finemoe.scaling.plan import MAX_BUDGET, _check_budget
 
 VOCAB = 50_257  # GPT-2, the paper's tokenizer
@@ -95,24 +96,14 @@ class JointSet:
 
 
 def joint_from_dict(data: Any, where: str = "coefficients") -> JointSet:
-    names = [f.name for f in fields(JointLaw)]
     law = data.get("joint") if isinstance(data, dict) else None
     if not isinstance(law, dict):
+        names = [f.name for f in fields(JointLaw)]
         raise ConfigError(f"{where}: expected a JSON object with a 'joint' law holding {names}")
-    missing = [k for k in names if k not in law]
-    if missing:
-        raise ConfigError(f"{where}: joint law is missing coefficient(s) {missing}; it needs {names}")
-    vals = {}
-    for k in names:
-        try:
-            vals[k] = float(law[k])
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: coefficient {k}={law[k]!r} is not a number") from None
-        if not math.isfinite(vals[k]):
-            raise ConfigError(f"{where}: coefficient {k}={vals[k]} must be finite")
-    if min(vals["a"], vals["b"], vals["c"]) <= 0:
+    law = law_from_dict(JointLaw, law, f"{where}: joint law", signed=True)
+    if min(law.a, law.b, law.c) <= 0:
         raise ConfigError(f"{where}: a, b and c must be positive (the law's terms are losses)")
-    if not 0 < vals["e_start"] < vals["e_max"]:
+    if not 0 < law.e_start < law.e_max:
         raise ConfigError(f"{where}: need 0 < e_start < e_max for the transform Ê (their Eq. 4)")
     try:
         rows = (data.get("reduced") or {}).get("rows", [])
@@ -121,7 +112,7 @@ def joint_from_dict(data: Any, where: str = "coefficients") -> JointSet:
         raise ConfigError(f"{where}: 'reduced' must hold rows of numbers E, m, mu, n, nu") from None
     return JointSet(
         name=str(data.get("name", where)),
-        law=JointLaw(**vals),
+        law=law,
         source=str(data.get("source", "")),
         reduced=reduced,
         fitted_range=data["fitted_range"] if isinstance(data.get("fitted_range"), dict) else {},

@@ -98,7 +98,9 @@ class CoefficientSet:
 PUBLISHED = ("paper", "paper-precise", "paper-holdout", "paper-e16")
 
 
-def _law(cls, data: Any, where: str):
+def law_from_dict(cls, data: Any, where: str, signed: bool = False):
+    """A law dataclass from a JSON object: every coefficient present and a finite number, and
+    non-negative unless the law's form has signed exponents (`signed`)."""
     names = [f.name for f in fields(cls)]
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected an object with keys {names}")
@@ -111,8 +113,10 @@ def _law(cls, data: Any, where: str):
             v = float(data[k])
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: coefficient {k}={data[k]!r} is not a number") from None
-        if not math.isfinite(v) or v < 0:
-            raise ConfigError(f"{where}: coefficient {k}={v} must be finite and non-negative")
+        if not math.isfinite(v) or (v < 0 and not signed):
+            raise ConfigError(
+                f"{where}: coefficient {k}={v} must be finite" + ("" if signed else " and non-negative")
+            )
         vals[k] = v
     return cls(**vals)
 
@@ -125,8 +129,10 @@ def coefficients_from_dict(data: Any, where: str = "coefficients") -> Coefficien
     known = {"name", "source", "expansion_rate", "moe", "dense"}
     return CoefficientSet(
         name=str(data.get("name", where)),
-        moe=_law(MoELaw, data["moe"], f"{where}: moe") if data.get("moe") is not None else None,
-        dense=_law(DenseLaw, data["dense"], f"{where}: dense") if data.get("dense") is not None else None,
+        moe=law_from_dict(MoELaw, data["moe"], f"{where}: moe") if data.get("moe") is not None else None,
+        dense=law_from_dict(DenseLaw, data["dense"], f"{where}: dense")
+        if data.get("dense") is not None
+        else None,
         expansion_rate=int(data.get("expansion_rate", 64)),
         source=str(data.get("source", "")),
         extra={k: v for k, v in data.items() if k not in known},
