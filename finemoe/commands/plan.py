@@ -887,15 +887,7 @@ def time_plan(args: argparse.Namespace) -> dict:
     devices = args.devices or 1
     seconds = args.hours * 3600 * devices if args.hours is not None else None
     out = T.compare(coeffs.require("moe"), cal["coefficients"], s, flops=args.flops, seconds=seconds)
-    widths = [p["d_model"] for p in cal.get("points", []) if isinstance(p, dict) and "d_model" in p]
-    d = out["time_optimal"]["d_model"]
-    out["calibration"] = {
-        "file": args.calibration,
-        "device": cal.get("device"),
-        "holdout_error": cal.get("holdout_error"),
-        "largest_width_measured": max(widths) if widths else None,
-        "width_extrapolation": d / max(widths) if widths else None,
-    }
+    out["calibration"] = T.calibration_summary(cal, args.calibration, out["time_optimal"]["d_model"])
     out["devices"], out["hours"] = devices, out["seconds"] / 3600 / devices
     return out
 

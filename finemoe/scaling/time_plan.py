@@ -112,9 +112,7 @@ def compare(
         raise ConfigError("give a FLOPs budget or a time budget")
     if flops is not None:
         f_plan = optimum(law, flops, s)
-        seconds = f_plan.tokens * seconds_per_token(
-            theta, f_plan.d_model, s.expansion_rate, f_plan.granularity, s.aspect
-        )
+        seconds = _run_seconds(f_plan, theta, s)
     else:
         g = lambda x: _flops_plan_seconds(law, theta, math.exp(x), s) - seconds  # noqa: E731
         f_plan = optimum(law, math.exp(brentq(g, math.log(1e6), math.log(1e40), xtol=1e-9)), s)
@@ -132,8 +130,25 @@ def compare(
     }
 
 
+def calibration_summary(cal: dict[str, Any], path: str, d_model: float) -> dict[str, Any]:
+    """Where a calibration comes from, how well it predicts held-out blocks, and how far a plan of
+    width d_model lies beyond the widest block it measured."""
+    widths = [p["d_model"] for p in cal.get("points", []) if isinstance(p, dict) and "d_model" in p]
+    return {
+        "file": path,
+        "device": cal.get("device"),
+        "holdout_error": cal.get("holdout_error"),
+        "largest_width_measured": max(widths) if widths else None,
+        "width_extrapolation": d_model / max(widths) if widths else None,
+    }
+
+
 def _flops_plan_seconds(law, theta, flops, s) -> float:
-    p = optimum(law, flops, s)
+    return _run_seconds(optimum(law, flops, s), theta, s)
+
+
+def _run_seconds(p, theta, s: Settings) -> float:
+    """How long a plan's training run takes on the calibrated device."""
     return p.tokens * seconds_per_token(theta, p.d_model, s.expansion_rate, p.granularity, s.aspect)
 
 

@@ -121,11 +121,11 @@ def default_threads(workers: int) -> int:
 
 
 def has_checkpoint(out_dir: Path) -> bool:
-    """A one-file or a sharded (DCP) checkpoint to resume from."""
+    """A one-file or a sharded (DCP) checkpoint to resume from (what the trainer resumes)."""
+    from finemoe.parallel import dcp
     from finemoe.train.checkpoint import CKPT_NAME, SHARDED_NAME
 
-    sharded = [out_dir / SHARDED_NAME, out_dir / f".{SHARDED_NAME}.old"]
-    return (out_dir / CKPT_NAME).is_file() or any((f / ".metadata").is_file() for f in sharded)
+    return (out_dir / CKPT_NAME).is_file() or dcp.find(out_dir / SHARDED_NAME) is not None
 
 
 def run_job(
