@@ -17,6 +17,7 @@ Why these choices:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -367,10 +368,23 @@ def _predict(law: _Law, theta: np.ndarray, pts: Points) -> np.ndarray:
     return law.predict(np.exp(theta), pts.features())[0]
 
 
+def _single_threaded(fn):
+    """Thousands of tiny solves: threaded BLAS inside L-BFGS-B only adds contention (much slower on a
+    busy machine), so run single-threaded; bootstrap refits are the unit of parallelism, not BLAS."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with threadpool_limits(1):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _rmse(pred, obs) -> float:
     return float(np.sqrt(np.mean((pred - obs) ** 2)))
 
 
+@_single_threaded
 def fit(
     pts: Points,
     law: str = "moe",
@@ -391,41 +405,6 @@ def fit(
     of the runs to hold out (e.g. `pts.largest_budget()`). `derived(law_object)` maps a fitted law to
     named quantities (e.g. optimal G at a budget) whose bootstrap percentiles are reported beside the
     coefficients'."""
-    # Thousands of tiny solves: threaded BLAS inside L-BFGS-B only adds contention (much slower on a
-    # busy machine), so run single-threaded; bootstrap refits are the unit of parallelism, not BLAS.
-    with threadpool_limits(1):
-        return _fit(
-            pts,
-            law,
-            fixed,
-            huber_delta,
-            space,
-            weight_decay,
-            n_polish,
-            holdout,
-            bootstrap,
-            bootstrap_fraction,
-            percentiles,
-            seed,
-            derived,
-        )
-
-
-def _fit(
-    pts,
-    law,
-    fixed,
-    huber_delta,
-    space,
-    weight_decay,
-    n_polish,
-    holdout,
-    bootstrap,
-    bootstrap_fraction,
-    percentiles,
-    seed,
-    derived,
-) -> FitResult:
     fixed = dict(fixed or {})
     if space not in ("loss", "log"):
         raise DataError(f"space must be 'loss' or 'log', got {space!r}")
