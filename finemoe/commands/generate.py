@@ -5,17 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from finemoe.commands.common import add_json_flag, emit, nonnegative_int, positive_int
-
-
-def _temperature(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (v >= 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return v
+from finemoe.commands.common import add_json_flag, emit, nonnegative_float, nonnegative_int, positive_int
 
 
 def _top_p(text: str) -> float:
@@ -45,7 +35,7 @@ def register(sub) -> None:
         help="text to continue; repeat for several prompts, decoded together as one batch",
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to sample (default 100)")
-    p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument(
         "--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens (default 50)"
     )
