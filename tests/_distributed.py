@@ -9,10 +9,16 @@ import sys
 
 import pytest
 import torch
-from _train_fixtures import ROOT
+from _train_fixtures import ROOT, make_data, read_metrics, tiny_config
 
 from finemoe.train.config import TrainConfig
 from finemoe.train.trainer import train
+
+STEPS = 20
+MODELS = {  # 4 experts; the balance loss, a product of per-rank means, is off where runs are compared
+    "tc": {"ffn": "moe", "expansion_rate": 2, "granularity": 2, "routing": "tc"},
+    "ec": {"ffn": "moe", "expansion_rate": 2, "granularity": 2, "routing": "ec", "ec_group_size": 2},
+}
 
 needs_distributed = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not built in"
@@ -41,3 +47,23 @@ def train_here(cfg: dict, resume: bool = False) -> dict:
         return train(TrainConfig.from_dict(cfg), resume=resume, quiet=True)
     finally:
         torch.set_num_threads(threads)
+
+
+def parallel_config(tmp_path, name: str, model: str, **over) -> dict:
+    """A tiny run of STEPS steps on 8 sequences a step, to compare across process counts and layouts."""
+    return tiny_config(
+        make_data(tmp_path / "data"),
+        tmp_path / name,
+        steps=STEPS,
+        batch_size=8,
+        eval_every=10,
+        ckpt_every=10,
+        threads=1,
+        lb_loss_weight=0.0,
+        model=MODELS[model],
+        **over,
+    )
+
+
+def losses(out) -> list[float]:
+    return [r["loss"] for r in read_metrics(out)]

@@ -4,45 +4,21 @@ fixed groups; each rank holds 1/ep of the experts and their AdamW states; a shar
 at another ep and world size."""
 
 import pytest
-from _distributed import needs_distributed, torchrun_train, train_here
-from _train_fixtures import make_data, read_metrics, tiny_config, write_config
+from _distributed import STEPS, losses, needs_distributed, parallel_config, torchrun_train, train_here
+from _train_fixtures import write_config
 
 from finemoe.errors import ConfigError
 from finemoe.train.config import TrainConfig
 
-STEPS = 20
-MODELS = {  # 4 experts; the balance loss, a product of per-rank means, is off where runs are compared
-    "tc": {"ffn": "moe", "expansion_rate": 2, "granularity": 2, "routing": "tc"},
-    "ec": {"ffn": "moe", "expansion_rate": 2, "granularity": 2, "routing": "ec", "ec_group_size": 2},
-}
 pytestmark = needs_distributed
-
-
-def config(tmp_path, name: str, model: str, **over) -> dict:
-    return tiny_config(
-        make_data(tmp_path / "data"),
-        tmp_path / name,
-        steps=STEPS,
-        batch_size=8,
-        eval_every=10,
-        ckpt_every=10,
-        threads=1,
-        lb_loss_weight=0.0,
-        model=MODELS[model],
-        **over,
-    )
-
-
-def losses(out) -> list[float]:
-    return [r["loss"] for r in read_metrics(out)]
 
 
 @pytest.mark.parametrize("model,procs,ep", [("tc", 2, 2), ("ec", 4, 4), ("tc", 4, 2)], ids=lambda x: str(x))
 def test_expert_parallel_matches_one_process(tmp_path, model, procs, ep):
     """(tc, 4, 2) is 2 data-parallel replicas of 2 expert-parallel ranks: an expert's gradient is also
     summed over its replicas."""
-    one = train_here(config(tmp_path, "one", model))
-    cfg = write_config(tmp_path / "ep.yaml", config(tmp_path, "ep", model, parallel={"ep": ep}))
+    one = train_here(parallel_config(tmp_path, "one", model))
+    cfg = write_config(tmp_path / "ep.yaml", parallel_config(tmp_path, "ep", model, parallel={"ep": ep}))
     rec = torchrun_train(procs, cfg)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "ep")
     assert len(a) == len(b) == STEPS
@@ -62,20 +38,20 @@ def test_expert_parallel_matches_one_process(tmp_path, model, procs, ep):
 
 def test_expert_parallel_checkpoint_resumes_at_another_ep(tmp_path):
     """ep=4 on 4 processes stops at step 7, ep=2 on 2 goes on to 14, one process finishes."""
-    one = train_here(config(tmp_path, "one", "ec"))
-    cfg = write_config(tmp_path / "cut.yaml", config(tmp_path, "cut", "ec", parallel={"ep": 4}))
+    one = train_here(parallel_config(tmp_path, "one", "ec"))
+    cfg = write_config(tmp_path / "cut.yaml", parallel_config(tmp_path, "cut", "ec", parallel={"ep": 4}))
     assert torchrun_train(4, cfg, "stop_at_step=7")["status"] == "stopped"
     torchrun_train(2, cfg, "--resume", "stop_at_step=14", "parallel.ep=2")
-    last = train_here(config(tmp_path, "cut", "ec"), resume=True)
+    last = train_here(parallel_config(tmp_path, "cut", "ec"), resume=True)
     assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     assert last["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
 
 
 def test_expert_parallel_refuses_what_it_cannot_split(tmp_path):
     with pytest.raises(ConfigError, match="must divide the 4 experts"):
-        TrainConfig.from_dict(config(tmp_path, "x", "ec", parallel={"ep": 3}))
+        TrainConfig.from_dict(parallel_config(tmp_path, "x", "ec", parallel={"ep": 3}))
     with pytest.raises(ConfigError, match="not supported yet"):
-        TrainConfig.from_dict(config(tmp_path, "x", "ec", parallel={"ep": 2, "fsdp": True}))
-    dense = {**config(tmp_path, "x", "ec", parallel={"ep": 2}), "model": {"ffn": "dense"}}
+        TrainConfig.from_dict(parallel_config(tmp_path, "x", "ec", parallel={"ep": 2, "fsdp": True}))
+    dense = {**parallel_config(tmp_path, "x", "ec", parallel={"ep": 2}), "model": {"ffn": "dense"}}
     with pytest.raises(ConfigError, match="of an MoE model"):
         TrainConfig.from_dict(dense)

@@ -8,36 +8,14 @@ import sys
 
 import pytest
 import torch
-from _distributed import needs_distributed, torchrun_train, train_here
-from _train_fixtures import ROOT, make_data, read_metrics, tiny_config, write_config
+from _distributed import MODELS, STEPS, losses, needs_distributed, parallel_config, torchrun_train, train_here
+from _train_fixtures import ROOT, write_config
 
-STEPS = 20
-MODELS = {
-    # the balance loss is a product of per-rank batch means, so it is off where runs are compared
-    "tc": {"ffn": "moe", "expansion_rate": 2, "granularity": 2, "routing": "tc"},
-    "ec": {"ffn": "moe", "expansion_rate": 2, "granularity": 2, "routing": "ec", "ec_group_size": 2},
-}
 pytestmark = needs_distributed
 
 
 def config(tmp_path, name: str, model: str, **over) -> dict:
-    return tiny_config(
-        make_data(tmp_path / "data"),
-        tmp_path / name,
-        steps=STEPS,
-        batch_size=8,
-        eval_every=10,
-        ckpt_every=10,
-        threads=1,
-        lb_loss_weight=0.0,
-        parallel={"fsdp": True},
-        model=MODELS[model],
-        **over,
-    )
-
-
-def losses(out) -> list[float]:
-    return [r["loss"] for r in read_metrics(out)]
+    return parallel_config(tmp_path, name, model, parallel={"fsdp": True}, **over)
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
