@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from finemoe.errors import ConfigError
 from finemoe.io import ensure_dir
-from finemoe.sweep.runner import HEARTBEAT_S, collect, default_threads, execute_run, mark_queued, run_job
+from finemoe.sweep.runner import collect, default_threads, execute_run, heartbeat, mark_queued, run_job
 from finemoe.sweep.store import Store, owner_id
 
 OnDone = Callable[[str], None]
@@ -227,7 +227,7 @@ class SlurmExecutor:
         if not self.wait:
             return
         stop = threading.Event()
-        beat = threading.Thread(target=_beat_rows, args=(store, run_ids, owner, stop), daemon=True)
+        beat = threading.Thread(target=heartbeat, args=(store, list(run_ids), owner, stop), daemon=True)
         beat.start()
         try:
             for rid, job in zip(run_ids, jobs):
@@ -242,16 +242,6 @@ class SlurmExecutor:
                 on_done(rid)
         finally:
             stop.set()
-
-
-def _beat_rows(store: Store, run_ids: Sequence[str], owner: str, stop: threading.Event) -> None:
-    """The driver keeps the runs its jobs train marked live, since the jobs do not touch the store."""
-    while not stop.wait(HEARTBEAT_S):
-        for rid in run_ids:
-            try:
-                store.heartbeat(rid, owner)
-            except Exception:  # a busy store must not stop the driver
-                pass
 
 
 def make_executor(kind: str, options: dict[str, Any], runs_dir: str):

@@ -69,12 +69,15 @@ def set_threads(threads: int | None) -> None:
         pass  # only settable before the first parallel op; harmless if already set
 
 
-def _heartbeat(store: Store, run_id: str, owner: str, stop: threading.Event) -> None:
+def heartbeat(store: Store, run_ids: list[str], owner: str, stop: threading.Event) -> None:
+    """Keep `owner`'s runs marked live in the store until `stop` (a worker its run, the Slurm driver the
+    runs its jobs train, since those jobs do not touch the store)."""
     while not stop.wait(HEARTBEAT_S):
-        try:
-            store.heartbeat(run_id, owner)
-        except Exception:  # a busy store must not kill the training
-            pass
+        for run_id in run_ids:
+            try:
+                store.heartbeat(run_id, owner)
+            except Exception:  # a busy store must not kill the training
+                pass
 
 
 def execute_run(
@@ -90,7 +93,7 @@ def execute_run(
     out_dir = Path(config["out_dir"])
     final = out_dir / "final.json"
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(store, run_id, owner, stop), daemon=True)
+    beat = threading.Thread(target=heartbeat, args=(store, [run_id], owner, stop), daemon=True)
     beat.start()
     try:
         if final.is_file():
