@@ -37,10 +37,12 @@ class ExpertParallel:
         w1, w2 = experts.w1.to_local(), experts.w2.to_local()
         local, d = w1.shape[0], x.shape[-1]
         idx, gates = padded_slots(slots, local * self.ep)  # [n, C]: expert-major, rank by rank
-        capacity = torch.tensor([idx.shape[1]], device=x.device)
-        every = [torch.empty_like(capacity) for _ in range(self.ep)]
-        dist.all_gather(every, capacity, group=self.ep_group)  # slots per expert each rank sends
-        caps = [int(c) for c in every]
+        caps = [idx.shape[1]] * self.ep  # fixed capacity (Expert Choice): the same on every rank
+        if slots.counts is not None:  # padded to this rank's busiest expert: ask the others theirs
+            capacity = torch.tensor([idx.shape[1]], device=x.device)
+            every = [torch.empty_like(capacity) for _ in range(self.ep)]
+            dist.all_gather(every, capacity, group=self.ep_group)
+            caps = [int(c) for c in every]
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             send = x.to(dtype)[idx.reshape(-1)]  # [n*C, d]: rank j's experts form the j-th block
