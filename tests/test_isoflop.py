@@ -38,8 +38,11 @@ def test_parabola_recovers_a_known_minimum_and_says_when_it_is_outside():
     x = np.exp(np.linspace(0, 4, 5))
     o = I.parabola_optimum(x, 2 + 0.1 * (np.log(x) - 2.5) ** 2)
     assert o.active_params == pytest.approx(np.exp(2.5)) and o.loss == pytest.approx(2) and o.inside
-    edge = I.parabola_optimum(x, 2 + 0.1 * (np.log(x) - 6) ** 2)
-    assert edge.active_params == pytest.approx(np.exp(6)) and not edge.inside
+    edge = I.parabola_optimum(x, 2 + 0.1 * (np.log(x) - 6) ** 2)  # vertex at e^6, past the largest size
+    assert not edge.inside and edge.beyond == "above"
+    assert edge.active_params == pytest.approx(np.exp(4)) and edge.loss == pytest.approx(2 + 0.1 * 4)
+    low = I.parabola_optimum(x, 2 + 0.1 * (np.log(x) + 1) ** 2)
+    assert low.beyond == "below" and low.active_params == pytest.approx(1) and low.loss == pytest.approx(2.1)
     assert I.parabola_optimum(x[:2], [1, 2]) is None  # two sizes: no curve
     assert I.parabola_optimum(x, -((np.log(x) - 2) ** 2)) is None  # a maximum, not a minimum
 
@@ -53,6 +56,24 @@ def test_on_the_paper_law_the_best_g_grows_and_moe_beats_dense():
     assert res["grows"]["grows"] is True and res["grows"]["share_of_draws_growing"] > 0.5
     band = res["bootstrap"]["dense_flops_multiple"][1e13]
     assert band["p10"] <= band["p50"] <= band["p90"]
+
+
+def test_g_is_compared_within_each_size_and_its_trend_read_across_budgets():
+    # one size at two budgets: G=2 best at the small one, G=8 at the large one; dense best at both
+    F = np.array([1e11] * 4 + [1e12] * 4)
+    G = np.array([0, 2, 8, 16] * 2)
+    L = np.array([5.0, 5.1, 5.2, 5.3, 4.0, 4.3, 4.1, 4.2])
+    rows = I.at_fixed_size(I.IsoRuns(F, np.full(8, 1e5), G, L, np.arange(8)))
+    assert [r["best_granularity"] for r in rows] == [2, 8]
+    assert [r["best_moe_minus_dense"] for r in rows] == pytest.approx([0.1, 0.1])
+    (trend,) = I.fixed_size_trends(rows, min_granularities=3)
+    assert trend["best_granularity"] == [2, 8] and trend["grows"] and not trend["shrinks"]
+    assert I.fixed_size_trends(rows, min_granularities=4) == []  # a budget short of G: no trend
+
+
+def test_one_budget_cannot_say_whether_g_grows():
+    runs = synthetic(budgets=(1e13,))
+    assert I.analyse(runs, bootstrap=3)["grows"]["grows"] is None
 
 
 def test_the_bootstrap_draws_whole_groups(monkeypatch):
@@ -151,6 +172,8 @@ def test_report_draws_iso_flop_curves_and_answers_the_question(tmp_path):
     assert (
         "**Does the best G grow with compute?** Yes in these runs: G=8 at 1e+12 FLOPs, G=16 at 1e+14." in md
     )
+    assert "### G at a fixed size" in md and "best MoE − dense" in md
+    assert "No size has every G finished at two or more budgets yet." in md  # each budget has its own sizes
     assert (out / "isoflop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # its content: tests/test_plots.py
     assert main(["report", str(path), "--out", str(tmp_path / "nb"), "--bootstrap", "0"]) == 0
     assert "(no bootstrap: no interval)" in (tmp_path / "nb" / "report.md").read_text()

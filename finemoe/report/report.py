@@ -455,7 +455,8 @@ def _isoflop_section(done, out: Path, o: ReportOptions, E: int) -> str | None:
                 [
                     f"{F:.3g}",
                     "dense" if opt["granularity"] == 0 else opt["granularity"],
-                    count(opt["active_params"]) + ("" if opt["inside"] else " (outside the sizes run)"),
+                    count(opt["active_params"])
+                    + ("" if opt["inside"] else f" (edge: the vertex lies {opt['beyond']} the sizes run)"),
                     f"{count(ci['p10'])}–{count(ci['p90'])}" if ci else "–",
                     _num(opt["loss"]),
                     f"{band['n_draws']}/{boot['n']}",
@@ -466,7 +467,8 @@ def _isoflop_section(done, out: Path, o: ReportOptions, E: int) -> str | None:
         f"{o.loss.replace('_', ' ')}; its minimum is the compute-optimal size and loss. Intervals: p10–p90 "
         "over "
         f"{boot['n']} bootstrap resamples of whole run groups (a stable run with its cooldown branches); a "
-        "resample that leaves a curve fewer than 3 sizes has no minimum for it ('draws').",
+        "resample that leaves a curve fewer than 3 sizes has no minimum for it ('draws'). A vertex outside "
+        "the sizes run is not extrapolated: the minimum is then the curve at the nearest edge.",
         "",
         "![iso-FLOP curves](isoflop.png)",
         "",
@@ -508,7 +510,10 @@ def _isoflop_section(done, out: Path, o: ReportOptions, E: int) -> str | None:
     ]
     gr = res["grows"]
     if gr["grows"] is None:
-        text.append("**Does the best G grow with compute?** Not answerable: a budget lacks an MoE optimum.")
+        text.append(
+            "**Does the best G grow with compute?** Not answerable from the iso-FLOP optima: fewer than two "
+            "budgets have an MoE optimum."
+        )
     else:
         verdict = (
             "yes"
@@ -531,6 +536,51 @@ def _isoflop_section(done, out: Path, o: ReportOptions, E: int) -> str | None:
         "at that budget (dense optima linear in ln FLOPs across the budgets), over the budget: above 1× the "
         "MoE wins."
     )
+    text += ["", _fixed_size_text(res, o.loss)]
+    return "\n".join(text)
+
+
+def _fixed_size_text(res: dict, loss: str) -> str:
+    """G compared within each (size, budget): the runs' own losses, no parabola."""
+    rows_in = res["at_fixed_size"]
+    gs = sorted({g for r in rows_in for g in r["loss"] if g > 0})
+    dense = any(0 in r["loss"] for r in rows_in)
+    rows = []
+    for r in rows_in:
+        best = r["best_granularity"]
+        rows.append(
+            [count(r["active_params"]), f"{r['budget']:.3g}"]
+            + (["–" if 0 not in r["loss"] else _num(r["loss"][0])] if dense else [])
+            + [
+                "–"
+                if g not in r["loss"]
+                else (f"**{_num(r['loss'][g])}**" if g == best else _num(r["loss"][g]))
+                for g in gs
+            ]
+            + [best or "–", "–" if r["best_moe_minus_dense"] is None else f"{r['best_moe_minus_dense']:+.3f}"]
+        )
+    text = [
+        "### G at a fixed size",
+        "",
+        f"Each row is one size at one budget: the {loss.replace('_', ' ')} of every FFN, the best MoE in "
+        "bold. Every FFN of a size has the same embedding and attention, so this compares G whatever the "
+        "compute-optimal size is.",
+        "",
+        _table(
+            ["N_act", "budget"]
+            + (["dense"] if dense else [])
+            + [f"G={g}" for g in gs]
+            + ["best G", "best MoE − dense"],
+            rows,
+        ),
+        "",
+    ]
+    for t in res["fixed_size_trends"]:
+        path = ", ".join(f"G={g} at {F:.3g}" for g, F in zip(t["best_granularity"], t["budgets"]))
+        verdict = "grows" if t["grows"] else "shrinks" if t["shrinks"] else "stays"
+        text.append(f"- N_act {count(t['active_params'])}: the best G {verdict} ({path}).")
+    if not res["fixed_size_trends"]:
+        text.append("No size has every G finished at two or more budgets yet.")
     return "\n".join(text)
 
 

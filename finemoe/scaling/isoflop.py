@@ -41,13 +41,16 @@ class IsoRuns:
 
 @dataclass(frozen=True)
 class Optimum:
-    """The parabola's minimum for one (budget, FFN). `inside`: the minimum lies within the sizes run;
-    outside it, the optimum is an extrapolation and the grid should move."""
+    """The parabola's minimum over the sizes run, for one (budget, FFN). When its vertex lies outside them
+    (`beyond` says on which side), the minimum is the curve at that edge, not the extrapolated vertex: the
+    compute-optimal size is past the grid, which should move, and comparing G at the edge compares what
+    the runs support rather than a guess."""
 
     active_params: float
     loss: float
     inside: bool
     n_sizes: int
+    beyond: str = ""  # "below" or "above" the sizes run when not inside
 
 
 def parabola(active_params: Sequence[float], loss: Sequence[float]) -> tuple[float, float, float] | None:
@@ -60,7 +63,7 @@ def parabola(active_params: Sequence[float], loss: Sequence[float]) -> tuple[flo
 
 
 def parabola_optimum(active_params: Sequence[float], loss: Sequence[float]) -> Optimum | None:
-    """The minimum of `parabola`; None unless it has one (3+ sizes and a > 0)."""
+    """The minimum of `parabola` within the sizes run; None unless it has a vertex (3+ sizes, a > 0)."""
     coef = parabola(active_params, loss)
     if coef is None:
         return None
@@ -69,11 +72,14 @@ def parabola_optimum(active_params: Sequence[float], loss: Sequence[float]) -> O
     if not a > 0:
         return None
     x0 = -b / (2 * a)
+    beyond = "below" if x0 < x.min() else "above" if x0 > x.max() else ""
+    x0 = float(np.clip(x0, x.min(), x.max()))
     return Optimum(
         float(math.exp(x0)),
-        float(c - b * b / (4 * a)),
-        bool(x.min() <= x0 <= x.max()),
+        float(a * x0 * x0 + b * x0 + c),
+        not beyond,
         int(len(np.unique(x))),
+        beyond,
     )
 
 
@@ -123,6 +129,7 @@ def summarize(opt: dict[tuple[float, int], Optimum]) -> dict[str, Any]:
                 "active_params": o.active_params,
                 "loss": o.loss,
                 "inside": o.inside,
+                "beyond": o.beyond,
                 "n_sizes": o.n_sizes,
             }
             for (F, G), o in sorted(opt.items())
@@ -148,7 +155,64 @@ def analyse(runs: IsoRuns, bootstrap: int = 200, seed: int = 0) -> dict[str, Any
         draws.append(summarize(optima(runs.take(idx))))
     point["bootstrap"] = _bands(point, draws)
     point["grows"] = _grows(point, draws)
+    point["at_fixed_size"] = at_fixed_size(runs)
+    point["fixed_size_trends"] = fixed_size_trends(point["at_fixed_size"])
     return point
+
+
+def at_fixed_size(runs: IsoRuns) -> list[dict[str, Any]]:
+    """Per (size, budget), every FFN's loss and the best MoE G among them.
+
+    All FFNs of one size share its embedding and attention, which the paper's FLOPs leave out, so this
+    comparison of G holds whatever the compute-optimal size is; it needs no parabola.
+    """
+    rows = []
+    for n in np.unique(runs.active_params):
+        for F in np.unique(runs.budget[runs.active_params == n]):
+            sel = (runs.active_params == n) & (runs.budget == F)
+            losses = {int(g): float(v) for g, v in zip(runs.granularity[sel], runs.loss[sel])}
+            moe = {g: v for g, v in losses.items() if g != DENSE}
+            best = min(moe, key=moe.get) if moe else None
+            rows.append(
+                {
+                    "active_params": float(n),
+                    "budget": float(F),
+                    "loss": losses,
+                    "best_granularity": best,
+                    "best_moe_minus_dense": (
+                        moe[best] - losses[DENSE] if best is not None and DENSE in losses else None
+                    ),
+                }
+            )
+    return rows
+
+
+def fixed_size_trends(rows: list[dict[str, Any]], min_granularities: int = 5) -> list[dict[str, Any]]:
+    """For each size with two or more budgets at which `min_granularities` MoE runs finished, the best G
+    per budget in order of compute, and whether it grows from the smallest budget to the largest."""
+    out = []
+    for n in sorted({r["active_params"] for r in rows}):
+        mine = sorted(
+            (
+                r
+                for r in rows
+                if r["active_params"] == n and len(r["loss"]) - (DENSE in r["loss"]) >= min_granularities
+            ),
+            key=lambda r: r["budget"],
+        )
+        if len(mine) < 2:
+            continue
+        best = [r["best_granularity"] for r in mine]
+        out.append(
+            {
+                "active_params": n,
+                "budgets": [r["budget"] for r in mine],
+                "best_granularity": best,
+                "grows": best[-1] > best[0],
+                "shrinks": best[-1] < best[0],
+            }
+        )
+    return out
 
 
 def _bands(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]:
@@ -191,7 +255,7 @@ def _grows(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]
         "largest_budget": hi,
         "best_at_smallest": g_lo,
         "best_at_largest": g_hi,
-        "grows": None if g_lo is None or g_hi is None else g_hi > g_lo,
+        "grows": None if g_lo is None or g_hi is None or lo == hi else g_hi > g_lo,
         "share_of_draws_growing": sum(b > a for a, b in pairs) / len(pairs) if pairs else None,
         "share_of_draws_shrinking": sum(b < a for a, b in pairs) / len(pairs) if pairs else None,
     }
