@@ -51,6 +51,20 @@ def test_kernels_build_where_a_compiler_is():
     assert cpu_kernels.available()
 
 
+def test_a_builder_killed_mid_build_does_not_hang_later_processes(kernels, tmp_path):
+    """torch's build lock is a plain file; a builder killed while holding it left every later process
+    waiting on it forever."""
+    import subprocess
+    import sys
+
+    stale = cpu_kernels.build_folder() / "lock"
+    stale.touch()
+    probe = "from finemoe.kernels import cpu_fused; print(cpu_fused.available())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
+    assert not stale.exists()
+
+
 def _count_fused(monkeypatch) -> list[int]:
     calls = [0]
     apply = cpu_kernels.FusedExpertChoice.apply

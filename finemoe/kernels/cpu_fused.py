@@ -16,6 +16,7 @@ path, with one warning saying why when a build was tried and failed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -28,33 +29,59 @@ ENV = "FINEMOE_CPU_KERNELS"
 SOURCE = Path(__file__).with_name("csrc") / "expert_kernels.cpp"
 
 
-def _build() -> None:
-    """Build in a folder named by the source's hash, from a copy of the source kept there, so that every
-    checkout of the same kernels shares one build and checkouts of different ones never rebuild each other."""
+def build_folder() -> Path:
+    """Named by the source's hash and the ABI it builds for, so that every checkout of the same kernels
+    shares one build and checkouts of different ones never rebuild each other."""
     import hashlib
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    key = SOURCE.read_bytes() + f"{torch.__version__} {sys.version_info[:2]}".encode()
+    return Path(get_default_build_root()) / f"finemoe_cpu_kernels_{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def _build() -> None:
+    """Build in `build_folder()`, from a copy of the source kept there."""
     import shutil
 
-    from torch.utils.cpp_extension import get_default_build_root, load
+    from torch.utils.cpp_extension import load
 
-    key = (
-        SOURCE.read_bytes() + f"{torch.__version__} {sys.version_info[:2]}".encode()
-    )  # the ABI it builds for
-    name = f"finemoe_cpu_kernels_{hashlib.sha256(key).hexdigest()[:12]}"
-    folder = Path(get_default_build_root()) / name
+    folder = build_folder()
+    name = folder.name
     folder.mkdir(parents=True, exist_ok=True)
     source = folder / SOURCE.name
     if not source.is_file():
         tmp = folder / f".{SOURCE.name}.{os.getpid()}.tmp"
         shutil.copyfile(SOURCE, tmp)
         os.replace(tmp, source)  # another process building at the same time never reads half a file
-    load(
-        name,
-        [str(source)],
-        extra_cflags=["-O3", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(folder),
-        is_python_module=False,
-    )
+    with _build_lock(folder):
+        load(
+            name,
+            [str(source)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+        )
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """One builder at a time, under a lock the kernel drops when its holder dies.
+
+    torch's own build lock is a file that a killed builder leaves behind, and every later process then
+    waits on it forever. Under this lock no other finemoe process is building here, so a torch lock
+    file found in the folder is such a leftover and is removed.
+    """
+    import fcntl
+
+    with open(folder / ".finemoe-build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            (folder / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @functools.cache
