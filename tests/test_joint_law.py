@@ -240,6 +240,19 @@ def test_cli_eq9_search_json(capsys):
         assert k in out
 
 
+def test_eq9_e_search_from_the_library_picks_the_lowest_feasible_loss():
+    from finemoe.scaling import eq9_e_search as S
+
+    caps = J.Caps(memory=80e9, kv_tokens=16384)
+    chosen, s, rows = S.search(load_coefficients("paper"), P.Settings(expansion_rate=64), 1e22, caps)
+    assert [r["expansion_rate"] for r in rows] == [16, 64] and all(r["feasible"] for r in rows)
+    best = min(rows, key=lambda r: r["loss"])
+    assert s.expansion_rate == best["expansion_rate"] and chosen.name == best["coefficients"]
+    assert s.max_total_params == J.eq9_total_cap(s.expansion_rate, caps, s.aspect)
+    with pytest.raises(ConfigError, match="not at \\[8\\]"):
+        S.search(load_coefficients("paper"), P.Settings(expansion_rate=64), 1e22, caps, rates=(8, 64))
+
+
 def test_cli_output_unchanged_without_the_new_flags(capsys):
     out = run_json(capsys, "plan", "--flops", "1e20")
     assert not {"expansion_rate", "e_search", "memory", "law"} & set(out)

@@ -492,7 +492,6 @@ def _human_table(o: dict) -> str:
 
 # --- choosing E: --search-e, --law joint, --memory, --joint-table (docs/choosing-e.md) --------------
 
-EQ9_SETS = {64: "paper", 16: "paper-e16"}  # Eq. 9 is fitted at one E: the paper's sets at E=64 and E=16
 DEFAULT_GRANULARITIES = "1,2,4,8,16,32,64,128,256"
 
 
@@ -652,54 +651,13 @@ def _memory_cap_dict(args: argparse.Namespace, max_total_params: float | None) -
 
 
 def eq9_choose_e(args: argparse.Namespace, coeffs, s):
-    """Under Eq. 9: turn --memory into each E's cap on total params and, with --search-e, pick the E
-    whose own coefficient set predicts the lowest capped loss. Returns the chosen set, its Settings
-    and the per-E rows (None without a search)."""
-    from dataclasses import replace
-
-    from finemoe.errors import ConfigError
-    from finemoe.scaling import joint as J
-    from finemoe.scaling import plan as P
-    from finemoe.scaling.laws import load_coefficients
+    """Under Eq. 9: apply --memory and, with --search-e, pick E (finemoe.scaling.eq9_e_search)."""
+    from finemoe.scaling import eq9_e_search
 
     caps = _caps(args)
     if not _searching(args):
-        if args.memory is not None:
-            s = replace(s, max_total_params=J.eq9_total_cap(s.expansion_rate, caps, s.aspect))
-        return coeffs, s, None
-    rates = _rates(args) or tuple(sorted(EQ9_SETS))
-    sets = {**{E: name for E, name in EQ9_SETS.items()}, coeffs.expansion_rate: coeffs}
-    missing = [E for E in rates if E not in sets]
-    if missing:
-        raise ConfigError(
-            f"--law eq9 has a coefficient set only at E in {sorted(sets)} (paper-e16 at 16, paper at 64, "
-            f"--coefficients at its own E), not at {missing}; search other E with --law joint"
-        )
-    cands = []
-    for E in rates:
-        c = sets[E] if not isinstance(sets[E], str) else load_coefficients(sets[E])
-        cands.append((c, replace(s, expansion_rate=E, max_total_params=J.eq9_total_cap(E, caps, s.aspect))))
-    best, results = P.optimum_over_e(cands, args.flops)
-    rows = []
-    for (c, sE), r in zip(cands, results):
-        row = {"expansion_rate": sE.expansion_rate, "coefficients": c.name, "feasible": isinstance(r, P.Plan)}
-        if isinstance(r, P.Plan):
-            mem = J.memory_bytes(
-                r.d_model, r.total_params, caps.kv_tokens, caps.bytes_per_param, J.Shape(J.VOCAB, sE.aspect)
-            )
-            row |= {
-                "granularity": r.granularity,
-                "active_params": r.active_params,
-                "total_params": r.total_params,
-                "tokens": r.tokens,
-                "loss": r.loss,
-                "at_cap": r.at_cap,
-                "memory_bytes": mem,
-            }
-        else:
-            row["reason"] = r
-        rows.append(row)
-    return cands[best][0], cands[best][1], rows
+        return coeffs, eq9_e_search.capped(s, caps), None
+    return eq9_e_search.search(coeffs, s, args.flops, caps, _rates(args))
 
 
 def _e_search_lines(rows: list[dict], chosen: float) -> list[str]:
