@@ -13,12 +13,17 @@ from finemoe.train.config import TrainConfig
 pytestmark = needs_distributed
 
 
-@pytest.mark.parametrize("model,procs,ep", [("tc", 2, 2), ("ec", 4, 4), ("tc", 4, 2)], ids=lambda x: str(x))
-def test_expert_parallel_matches_one_process(tmp_path, model, procs, ep):
+@pytest.mark.parametrize(
+    "model,procs,ep,fsdp",
+    [("tc", 2, 2, False), ("ec", 4, 4, False), ("tc", 4, 2, False), ("tc", 4, 2, True), ("ec", 4, 2, True)],
+    ids=lambda x: str(x),
+)
+def test_expert_parallel_matches_one_process(tmp_path, model, procs, ep, fsdp):
     """(tc, 4, 2) is 2 data-parallel replicas of 2 expert-parallel ranks: an expert's gradient is also
     summed over its replicas."""
     one = train_here(parallel_config(tmp_path, "one", model))
-    cfg = write_config(tmp_path / "ep.yaml", parallel_config(tmp_path, "ep", model, parallel={"ep": ep}))
+    par = {"ep": ep, "fsdp": fsdp}  # with fsdp, FSDP2 shards the rest over all ranks, the experts over dp
+    cfg = write_config(tmp_path / "ep.yaml", parallel_config(tmp_path, "ep", model, parallel=par))
     rec = torchrun_train(procs, cfg)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "ep")
     assert len(a) == len(b) == STEPS
@@ -26,8 +31,11 @@ def test_expert_parallel_matches_one_process(tmp_path, model, procs, ep):
     assert a[0] - a[-1] > 0.3  # the curve moves, so matching it means something
     assert rec["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     for key in ("expert_param_bytes_per_rank", "expert_optimizer_bytes_per_rank"):
-        print(f"{model} ep={ep} on {procs} processes, {key}: {rec[key]} (1 process: {one[key]})")
-        assert rec[key] == pytest.approx(one[key] / ep, rel=0.01)  # AdamW's step counters aside
+        print(f"{model} ep={ep} fsdp={fsdp} on {procs} processes, {key}: {rec[key]} (1 process: {one[key]})")
+        share = procs if fsdp else ep
+        assert rec[key] == pytest.approx(one[key] / share, rel=0.01)  # AdamW's step counters aside
+    if fsdp:  # and every other weight is sharded too
+        assert rec["param_bytes_per_rank"] == pytest.approx(one["param_bytes_per_rank"] / procs, rel=0.01)
     # the export is the whole model
     from safetensors.torch import load_file
 
@@ -37,11 +45,14 @@ def test_expert_parallel_matches_one_process(tmp_path, model, procs, ep):
 
 
 def test_expert_parallel_checkpoint_resumes_at_another_ep(tmp_path):
-    """ep=4 on 4 processes stops at step 7, ep=2 on 2 goes on to 14, one process finishes."""
+    """FSDP x EP (2 x 2) on 4 processes stops at step 5, ep=4 on 4 goes on to 10, ep=2 on 2 to 15, one
+    process finishes."""
     one = train_here(parallel_config(tmp_path, "one", "ec"))
-    cfg = write_config(tmp_path / "cut.yaml", parallel_config(tmp_path, "cut", "ec", parallel={"ep": 4}))
-    assert torchrun_train(4, cfg, "stop_at_step=7")["status"] == "stopped"
-    torchrun_train(2, cfg, "--resume", "stop_at_step=14", "parallel.ep=2")
+    par = {"ep": 2, "fsdp": True}
+    cfg = write_config(tmp_path / "cut.yaml", parallel_config(tmp_path, "cut", "ec", parallel=par))
+    assert torchrun_train(4, cfg, "stop_at_step=5")["status"] == "stopped"
+    torchrun_train(4, cfg, "--resume", "stop_at_step=10", "parallel.ep=4", "parallel.fsdp=false")
+    torchrun_train(2, cfg, "--resume", "stop_at_step=15", "parallel.ep=2", "parallel.fsdp=false")
     last = train_here(parallel_config(tmp_path, "cut", "ec"), resume=True)
     assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     assert last["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
@@ -50,8 +61,6 @@ def test_expert_parallel_checkpoint_resumes_at_another_ep(tmp_path):
 def test_expert_parallel_refuses_what_it_cannot_split(tmp_path):
     with pytest.raises(ConfigError, match="must divide the 4 experts"):
         TrainConfig.from_dict(parallel_config(tmp_path, "x", "ec", parallel={"ep": 3}))
-    with pytest.raises(ConfigError, match="not supported yet"):
-        TrainConfig.from_dict(parallel_config(tmp_path, "x", "ec", parallel={"ep": 2, "fsdp": True}))
     dense = {**parallel_config(tmp_path, "x", "ec", parallel={"ep": 2}), "model": {"ffn": "dense"}}
     with pytest.raises(ConfigError, match="of an MoE model"):
         TrainConfig.from_dict(dense)

@@ -4,7 +4,9 @@ to their expert's rank and back with all_to_all_single.
 Routing stays local: every rank routes its own tokens over all experts (Expert Choice in its own
 groups), then sends each slot's token to the rank that holds the expert. The experts' weights are
 DTensors sharded along the expert axis of a (dp, ep) DeviceMesh, so a checkpoint (DCP) reshards them
-to another ep and an export gathers them whole. Non-expert weights stay replicated under DDP.
+to another ep and an export gathers them whole. Non-expert weights stay replicated under DDP; with
+`fsdp` too, FSDP2 shards them over all ranks and each expert's slice over its dp ranks
+(finemoe.parallel.wrap.shard), as torchtitan composes the two.
 
 Gradients: an expert's weights see the slots of every rank in its ep group through the all_to_all's
 backward, and the replicas along dp are summed; dividing by the world size then gives the gradient
@@ -63,18 +65,20 @@ def mesh_for(world_size: int, ep: int, device: torch.device):
     return init_device_mesh(device.type, (world_size // ep, ep), mesh_dim_names=("dp", "ep"))
 
 
-def shard_experts(model: nn.Module, mesh) -> list[str]:
+def shard_experts(model: nn.Module, mesh, fsdp: bool = False) -> list[str]:
     """Keep this rank's slice of every Experts' weights, as DTensors on the mesh; returns their names
     (DDP must leave them alone). The model was initialised alike on every rank, so the slices together
-    are the one-process model."""
+    are the one-process model. With `fsdp` they live on the ep dimension alone, where FSDP2 then shards
+    them further over dp (as it composes with tensor parallelism)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
+    on, placements = (mesh["ep"], [Shard(0)]) if fsdp else (mesh, [Replicate(), Shard(0)])
     names = []
     for name, module in model.named_modules():
         if isinstance(module, Experts):
             for p in ("w1", "w2"):
                 full = getattr(module, p).detach()
-                shard = distribute_tensor(full, mesh, [Replicate(), Shard(0)])
+                shard = distribute_tensor(full, on, placements)
                 setattr(module, p, nn.Parameter(shard))
                 names.append(f"{name}.{p}")
             module.kernel = ExpertParallel(mesh)
@@ -89,8 +93,9 @@ def expert_params(model: nn.Module) -> list[nn.Parameter]:
     ]
 
 
-def finish_expert_grads(model: nn.Module, mesh, world_size: int) -> None:
-    """Sum each expert's gradient over its dp replicas and divide by the world size (see above)."""
+def finish_expert_grads(model: nn.Module, mesh, world_size: int, fsdp: bool = False) -> None:
+    """Sum each expert's gradient over its dp replicas and divide by the world size (see above). Under
+    FSDP2, which has averaged them over dp already, only the division by ep is left."""
     import torch.distributed as dist
 
     dp = mesh["dp"]
@@ -98,6 +103,9 @@ def finish_expert_grads(model: nn.Module, mesh, world_size: int) -> None:
         if p.grad is None:
             continue
         g = p.grad.to_local()
+        if fsdp:
+            g.div_(mesh["ep"].size())
+            continue
         if dp.size() > 1:
             dist.all_reduce(g, group=dp.get_group())
         g.div_(world_size)

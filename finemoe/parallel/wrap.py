@@ -14,15 +14,53 @@ import torch
 from torch import nn
 
 
-def shard(model: nn.Module, world_size: int, device: torch.device) -> None:
-    """FSDP2 in place: each block is one unit of gathering, the rest (embeddings, head) the root's."""
+def shard(model: nn.Module, world_size: int, device: torch.device, ep_mesh=None) -> None:
+    """FSDP2 in place: each block is one unit of gathering, the rest (embeddings, head) the root's.
+
+    Under expert parallelism (`ep_mesh`, experts already split over its ep dimension) the experts are
+    their own unit, sharded over the dp dimension only. FSDP2 then averages their gradients over dp;
+    each already sums its ep group's tokens, so the trainer divides them by ep
+    (expert_parallel.finish_expert_grads; a custom divide factor needs PREMUL_SUM, which gloo lacks).
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
 
-    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp_shard",))
+    from finemoe.nn.experts import Experts
+
+    if ep_mesh is None:
+        mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp_shard",))
+    else:
+        mesh = ep_mesh["dp", "ep"]._flatten("dp_ep")
     for block in model.blocks:
+        if ep_mesh is not None:
+            for experts in [m for m in block.modules() if isinstance(m, Experts)]:
+                # dim 1: dim 0 (the experts) is ep's
+                fully_shard(experts, mesh=ep_mesh["dp"], shard_placement_fn=lambda p: Shard(1))
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over gradients held on different meshes (FSDP2 with expert parallelism), which
+    torch's own cannot combine: one norm per mesh, made whole, then one global norm."""
+    import math
+
+    from torch.distributed.tensor import DTensor
+
+    by_mesh: dict = {}
+    for p in params:
+        if p.grad is not None:
+            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            by_mesh.setdefault(key, []).append(p.grad)
+    if not by_mesh:
+        return torch.zeros(())
+    squares = [local_value(torch.nn.utils.get_total_norm(g)).square() for g in by_mesh.values()]
+    total = torch.stack(squares).sum().sqrt()
+    if math.isfinite(max_norm):
+        grads = [g for gs in by_mesh.values() for g in gs]
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0).item())
+    return total
 
 
 def replicate(model: nn.Module, device: torch.device, ignore: list[str] = ()) -> nn.Module:

@@ -32,7 +32,8 @@ class ParallelConfig:
     """How a run launched by torchrun spreads over its ranks (docs/distributed.md). Every rank holds a
     replica under plain data parallelism (DDP); `fsdp` shards parameters, gradients and optimizer
     states over the ranks instead (FSDP2's fully_shard on a DeviceMesh); `ep` splits every MoE layer's
-    experts over groups of that many ranks (expert parallelism), the rest staying DDP replicas."""
+    experts over groups of that many ranks (expert parallelism), the rest staying DDP replicas, or
+    FSDP shards with `fsdp` too."""
 
     fsdp: bool = False
     ep: int = 1
@@ -40,10 +41,6 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         schema.check(self, "parallel")
         require(self.ep >= 1, f"parallel.ep must be >= 1, got {self.ep}")
-        require(
-            not (self.fsdp and self.ep > 1),
-            "parallel.fsdp with parallel.ep > 1 is not supported yet; shard with one or the other",
-        )
 
     @property
     def sharded_checkpoints(self) -> bool:

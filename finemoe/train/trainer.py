@@ -187,11 +187,11 @@ class _Run:
         self.model = Transformer(cfg.model).to(self.device)
         self.sharded = self.dist.enabled and cfg.parallel.fsdp
         self.ep_mesh, ep_names = None, []
-        if self.sharded:
-            parallel.shard(self.model, self.dist.world_size, self.device)
-        elif self.dist.enabled and cfg.parallel.ep > 1:
+        if self.dist.enabled and cfg.parallel.ep > 1:
             self.ep_mesh = expert_parallel.mesh_for(self.dist.world_size, cfg.parallel.ep, self.device)
-            ep_names = expert_parallel.shard_experts(self.model, self.ep_mesh)
+            ep_names = expert_parallel.shard_experts(self.model, self.ep_mesh, fsdp=self.sharded)
+        if self.sharded:
+            parallel.shard(self.model, self.dist.world_size, self.device, self.ep_mesh)
         self.fwd = torch.compile(self.model) if cfg.compile else self.model
         self.step_model = self.fwd
         if self.dist.enabled and not self.sharded:
@@ -440,7 +440,10 @@ class _Run:
                 aux[key] = aux.get(key, 0.0) + value.detach() / n
             del out, total  # the logits and any unused aux graph go before the next forward
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-        if self.ep_mesh is not None:
+        if self.ep_mesh is not None and self.sharded:  # FSDP2 reduced every gradient, on two meshes
+            expert_parallel.finish_expert_grads(self.model, self.ep_mesh, self.dist.world_size, fsdp=True)
+            grad_norm = parallel.clip_grad_norm(self.model.parameters(), max_norm)
+        elif self.ep_mesh is not None:
             expert_parallel.finish_expert_grads(self.model, self.ep_mesh, self.dist.world_size)
             grad_norm = expert_parallel.clip_grad_norm(self.model, max_norm, self.ep_mesh)
         else:
