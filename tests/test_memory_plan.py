@@ -183,9 +183,18 @@ def test_expert_parallel_splits_only_the_experts(ep):
     assert M.Layout(8, ep=ep).parallel == {"ep": ep} and M.Layout(8, ep=ep).dp == 8 // ep
 
 
+def test_fsdp_with_expert_parallelism_gathers_only_its_share_of_the_experts():
+    both, fsdp = M.Layout(8, fsdp=True, ep=4), M.Layout(8, fsdp=True)
+    assert both.parallel == {"fsdp": True, "ep": 4} and both.dp == 2 and both.name == "FSDP x8 with EP 4"
+    a, b = M.memory_per_device(BIG, both), M.memory_per_device(BIG, fsdp)
+    for k in ("weights", "gradients", "optimizer"):  # the same 1/devices of the state
+        assert a[k] == b[k]
+    c = M.param_counts(BIG)
+    assert b["buffers"] - a["buffers"] == 4 * 3 * (c.block_experts - c.block_experts // 4)
+    assert "parallel.fsdp=true parallel.ep=4" in M.torchrun_command(both, 1)
+
+
 def test_bad_layouts_refused():
-    with pytest.raises(ValueError, match="not supported"):
-        M.Layout(8, fsdp=True, ep=2)
     with pytest.raises(ValueError, match="divisor"):
         M.Layout(8, ep=3)
     with pytest.raises(ValueError, match="divide"):
@@ -209,7 +218,16 @@ def test_ddp_when_a_replica_fits():
 
 def test_sharding_proposed_when_only_sharding_fits():
     tried = {t["name"]: t["bytes_per_device"]["total"] for t in M.best_layout(BIG, 8, 1e15)["tried"]}
-    assert list(tried) == ["DDP x8", "EP 2 x DP 4", "EP 4 x DP 2", "EP 8 x DP 1", "FSDP x8"]
+    assert list(tried) == [
+        "DDP x8",
+        "EP 2 x DP 4",
+        "EP 4 x DP 2",
+        "EP 8 x DP 1",
+        "FSDP x8",
+        "FSDP x8 with EP 2",
+        "FSDP x8 with EP 4",
+        "FSDP x8 with EP 8",
+    ]
     budget = (tried["EP 4 x DP 2"] + tried["EP 2 x DP 4"]) / 2 / 0.9  # EP 4 fits, EP 2 and DDP do not
     lay = M.best_layout(BIG, 8, budget)
     assert lay["fits"] and lay["ep"] == 4 and lay["parallel"] == {"ep": 4} and lay["dp"] == 2
@@ -258,7 +276,7 @@ def test_cli_json_layout(capsys):
     assert keys <= set(lay)
     assert set(lay["bytes_per_device"]) == {*M.PART_KEYS, "total"}
     assert lay["fits"] and lay["devices"] == 8 and lay["device_memory"] == 80e9 and lay["micro_batch"] == 1
-    assert lay["ep"] * lay["dp"] == 8 and not (lay["fsdp"] and lay["ep"] > 1)
+    assert lay["ep"] * lay["dp"] == 8
     assert main(argv[:-5] + ["--json"]) == 0  # without --devices: the plan as before, no layout
     plain = json.loads(capsys.readouterr().out)
     assert "layout" not in plain and set(out) - set(plain) == {"layout"}

@@ -49,7 +49,8 @@ PART_KEYS = ("weights", "gradients", "optimizer", "activations", "buffers")
 @dataclass(frozen=True)
 class Layout:
     """How a run spreads over `devices` ranks: DDP replicas (the default), FSDP2 shards of everything,
-    or expert parallelism over groups of `ep` ranks (the rest DDP); fsdp with ep > 1 does not run."""
+    expert parallelism over groups of `ep` ranks (the rest DDP), or both: the experts split over ep
+    and then sharded over dp, the rest sharded over every rank."""
 
     devices: int
     fsdp: bool = False
@@ -60,25 +61,21 @@ class Layout:
             raise ConfigError(f"devices must be a whole number >= 1, got {self.devices!r}")
         if not (isinstance(self.ep, int) and self.ep >= 1 and self.devices % self.ep == 0):
             raise ConfigError(f"ep must be a divisor of devices={self.devices}, got {self.ep!r}")
-        if self.fsdp and self.ep > 1:
-            raise ConfigError("fsdp with ep > 1 is not supported by the trainer; shard with one or the other")
 
     @property
     def dp(self) -> int:
-        """Data-parallel replicas: every rank under DDP and FSDP, devices / ep under EP."""
+        """The data-parallel dimension: every rank under DDP and FSDP, devices / ep with EP."""
         return self.devices // self.ep
 
     @property
     def parallel(self) -> dict[str, Any]:
         """The `parallel:` mapping of a training config for this layout."""
-        if self.fsdp:
-            return {"fsdp": True}
-        return {"ep": self.ep} if self.ep > 1 else {}
+        return ({"fsdp": True} if self.fsdp else {}) | ({"ep": self.ep} if self.ep > 1 else {})
 
     @property
     def name(self) -> str:
         if self.fsdp:
-            return f"FSDP x{self.devices}"
+            return f"FSDP x{self.devices}" + (f" with EP {self.ep}" if self.ep > 1 else "")
         if self.ep > 1:
             return f"EP {self.ep} x DP {self.dp}"
         return f"DDP x{self.devices}" if self.devices > 1 else "1 device"
@@ -93,6 +90,7 @@ class ParamCounts:
     cast: int  # non-expert matmul weights: autocast keeps a bf16 copy of each for backward
     root: int  # FSDP's root unit: embeddings, final norm, head
     block: int  # the largest block: one FSDP unit
+    block_experts: int  # the expert weights in that block: what EP splits of it
     tensors: int  # parameter tensors: AdamW keeps one step counter for each
     buffer_bytes: int  # module buffers (RoPE tables, Expert Choice thresholds)
 
@@ -132,16 +130,18 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     d, V, T = cfg.d_model, cfg.vocab_size, cfg.seq_len
     learned = cfg.pos_emb == "learned"
     root = V * d * 2 + (T * d if learned else 0) + (2 * d if cfg.final_norm else 0)
-    total, experts, cast, block = root, 0, V * d, 0
+    total, experts, cast, block, block_experts = root, 0, V * d, 0, 0
     tensors = 2 + (1 if learned else 0) + (2 if cfg.final_norm else 0)
     buffer_bytes = 0 if learned else 2 * T * ((cfg.d_model // cfg.heads + 1) // 2) * F32
     for i in range(cfg.n_blocks):
         moe = cfg.is_moe_block(i)
         p, e, c, t = _block_params(cfg, moe)
-        total, experts, cast, tensors, block = total + p, experts + e, cast + c, tensors + t, max(block, p)
+        total, experts, cast, tensors = total + p, experts + e, cast + c, tensors + t
+        if p > block:
+            block, block_experts = p, e
         if moe and cfg.routing == "ec":
             buffer_bytes += cfg.n_experts * F32 + INDEX  # thresholds and their batch count
-    return ParamCounts(total, experts, cast, root, block, tensors, buffer_bytes)
+    return ParamCounts(total, experts, cast, root, block, block_experts, tensors, buffer_bytes)
 
 
 def ec_tokens_per_expert(group: int, expansion_rate: int, capacity_factor: float) -> int | None:
@@ -297,8 +297,9 @@ def _buffers(cfg: ModelConfig, c: ParamCounts, layout: Layout, micro_batch: int)
     logits_grad = 2 * F32 * micro_batch * cfg.seq_len * cfg.vocab_size
     if layout.devices == 1:
         return logits_grad
-    if layout.fsdp:
-        return logits_grad + F32 * (2 * c.root + 3 * c.block)
+    if layout.fsdp:  # with EP, a gathered block holds only its ep share of the experts
+        block = c.block - c.block_experts + c.block_experts // layout.ep
+        return logits_grad + F32 * (2 * c.root + 3 * block)
     return logits_grad + F32 * (c.total - (c.experts if layout.ep > 1 else 0))
 
 
@@ -311,12 +312,14 @@ def candidate_layouts(cfg: ModelConfig, devices: int) -> list[Layout]:
     """The layouts `best_layout` tries, least communication first: DDP (one gradient all-reduce per
     step), then expert parallelism over ascending ep (all_to_all of routed tokens in every MoE layer;
     larger groups hold fewer experts), then FSDP (all-gathers of every block's weights in forward and
-    backward and a reduce-scatter of its gradients: the most traffic, and it shards everything)."""
+    backward and a reduce-scatter of its gradients: the most traffic, and it shards everything), then
+    FSDP with EP (the same sharded state, smaller gathered blocks, and the all_to_all on top)."""
     out = [Layout(devices)]
-    if cfg.ffn == "moe":
-        out += [Layout(devices, ep=k) for k in _divisors(math.gcd(devices, cfg.n_experts)) if k > 1]
+    eps = [k for k in _divisors(math.gcd(devices, cfg.n_experts)) if k > 1] if cfg.ffn == "moe" else []
+    out += [Layout(devices, ep=k) for k in eps]
     if devices > 1:
         out.append(Layout(devices, fsdp=True))
+    out += [Layout(devices, fsdp=True, ep=k) for k in eps]
     return out
 
 
