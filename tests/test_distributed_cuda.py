@@ -33,3 +33,15 @@ def test_two_gpus_under_bf16_follow_one_gpu(tmp_path, parallel):
     a, b = ([r["loss"] for r in read_metrics(tmp_path / n)] for n in ("one", "two"))
     assert b == pytest.approx(a, rel=2e-2)  # bf16 rounding differs with the reduction order
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=2e-2)
+
+
+def test_grouped_gemm_experts_under_expert_parallelism_on_two_gpus():
+    """Token Choice's dropless EP path on grouped GEMMs in bf16 with NCCL, against the whole layer."""
+    import json
+
+    from _distributed import torchrun
+    from _train_fixtures import ROOT
+
+    r = torchrun(2, str(ROOT / "tests" / "ep_grouped_worker.py"), "cuda", "bfloat16")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["grouped"] and max(out["y"], out["dx"], out["dw1"]) < 3e-2, out  # bf16 rounding

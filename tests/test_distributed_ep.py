@@ -3,9 +3,19 @@ all_to_all_single. Training follows one process's loss curve for Token Choice an
 fixed groups; each rank holds 1/ep of the experts and their AdamW states; a sharded checkpoint resumes
 at another ep and world size."""
 
+import json
+
 import pytest
-from _distributed import STEPS, losses, needs_distributed, parallel_config, torchrun_train, train_here
-from _train_fixtures import write_config
+from _distributed import (
+    STEPS,
+    losses,
+    needs_distributed,
+    parallel_config,
+    torchrun,
+    torchrun_train,
+    train_here,
+)
+from _train_fixtures import ROOT, write_config
 
 from finemoe.errors import ConfigError
 from finemoe.train.config import TrainConfig
@@ -42,6 +52,15 @@ def test_expert_parallel_matches_one_process(tmp_path, model, procs, ep, fsdp):
     w1, w2 = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("one", "ep"))
     assert w1.keys() == w2.keys() and all(w1[k].shape == w2[k].shape for k in w1)
     assert float((w2["blocks.0.ffn.experts.w1"] - w1["blocks.0.ffn.experts.w1"]).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("procs", [2, 4])
+def test_token_choice_on_grouped_gemms_matches_the_whole_layer(procs):
+    """The dropless path (exactly each expert's slots sent, grouped GEMMs; GPUs take it by default):
+    output, input gradient and each rank's expert gradients as one process computes them."""
+    r = torchrun(procs, str(ROOT / "tests" / "ep_grouped_worker.py"), "cpu", "float32")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["grouped"] and max(out["y"], out["dx"], out["dw1"]) < 1e-5, out
 
 
 def test_expert_parallel_checkpoint_resumes_at_another_ep(tmp_path):

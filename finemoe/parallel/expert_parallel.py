@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from finemoe.kernels.expert_mm import compute_dtype
+from finemoe.kernels.paths import grouped_ok
 from finemoe.nn.experts import Experts, padded_slots
 from finemoe.nn.routing import Slots
 
@@ -36,6 +37,8 @@ class ExpertParallel:
         import torch.distributed as dist
         from torch.distributed._functional_collectives import all_to_all_single_autograd as a2a
 
+        if slots.counts is not None and grouped_ok(experts, x, compute_dtype(x)):
+            return self._grouped(experts, x, slots)
         w1, w2 = experts.w1.to_local(), experts.w2.to_local()
         local, d = w1.shape[0], x.shape[-1]
         idx, gates = padded_slots(slots, local * self.ep)  # [n, C]: expert-major, rank by rank
@@ -57,6 +60,37 @@ class ExpertParallel:
             y = a2a(back, [local * idx.shape[1]] * self.ep, out_rows, self.ep_group)
             y = y.view(idx.shape[0], idx.shape[1], d) * gates.to(dtype).unsqueeze(-1)
             return x.new_zeros(x.shape, dtype=dtype).index_add(0, idx.reshape(-1), y.reshape(-1, d))
+
+    def _grouped(self, experts: Experts, x: torch.Tensor, slots: Slots) -> torch.Tensor:
+        """Token Choice without padding: each rank receives exactly the slots of its experts, sorts
+        them by expert, and runs grouped GEMMs (GPUs with grouped_mm; finemoe.kernels.paths.grouped_ok)."""
+        import torch.distributed as dist
+        import torch.nn.functional as F
+        from torch.distributed._functional_collectives import all_to_all_single_autograd as a2a
+
+        w1, w2 = experts.w1.to_local(), experts.w2.to_local()
+        local = w1.shape[0]
+        counts = slots.counts.view(self.ep, local)  # slots for each rank's experts, in rank order
+        got_counts = torch.empty_like(counts)  # [source rank, my expert]
+        dist.all_to_all_single(got_counts, counts, group=self.ep_group)
+        send_rows, got_rows = counts.sum(1).tolist(), got_counts.sum(1).tolist()
+        # received: source by source, expert by expert within; grouped GEMMs want expert by expert
+        seg = got_counts.reshape(-1)
+        start = torch.cumsum(seg, 0) - seg
+        by_expert = got_counts.t().reshape(-1)
+        first = start.view(self.ep, local).t().reshape(-1)
+        order = torch.repeat_interleave(first - (torch.cumsum(by_expert, 0) - by_expert), by_expert)
+        order = order + torch.arange(order.numel(), device=order.device)
+        offs = torch.cumsum(got_counts.sum(0), 0).to(torch.int32)
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            send = x.to(dtype)[slots.idx]
+            got = a2a(send, got_rows, send_rows, self.ep_group)[order]
+            h = experts.act(F.grouped_mm(got, w1.to(dtype), offs=offs))
+            h = F.grouped_mm(h, w2.to(dtype), offs=offs)
+            back = h[torch.argsort(order)]
+            y = a2a(back, send_rows, got_rows, self.ep_group) * slots.gates.to(dtype).unsqueeze(-1)
+            return x.new_zeros(x.shape, dtype=dtype).index_add(0, slots.idx, y)
 
 
 def mesh_for(world_size: int, ep: int, device: torch.device):
