@@ -70,9 +70,19 @@ def mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def broadcast_buffers(model: torch.nn.Module, d: Dist) -> None:
-    """Every rank takes rank 0's buffers (what rank 0 saves)."""
-    if d.enabled:
-        for b in model.buffers():
+    """Every rank takes rank 0's buffers (what rank 0 saves), after pooling the Expert Choice thresholds.
+
+    Each rank's thresholds are running means over its own share of every batch. The update is linear
+    in each batch's statistic, a mean over equal shares, so the mean over ranks is what one process
+    training on the whole batches computes.
+    """
+    if not d.enabled:
+        return
+    for name, b in model.named_buffers():
+        if name.endswith("ec_threshold"):
+            torch.distributed.all_reduce(b)
+            b.div_(d.world_size)
+        else:
             torch.distributed.broadcast(b, src=0)
 
 

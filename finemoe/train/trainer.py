@@ -400,7 +400,7 @@ class _Run:
         )
         if status == "done" and any(isinstance(m, MoE) and m.calibrated for m in self.model.modules()):
             # the same validation batches, each sequence routed alone as inference routes it, with the
-            # thresholds the saved model carries (rank 0's)
+            # thresholds the saved model carries (pooled over the ranks)
             distributed.broadcast_buffers(self.model, self.dist)
             record["val_loss_independent"] = self.evaluate(batch_routing=False)
         weights = parallel.full_state(self.model) if status == "done" else None  # all ranks gather
