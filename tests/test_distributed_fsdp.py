@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 from _distributed import MODELS, STEPS, losses, needs_distributed, parallel_config, torchrun_train, train_here
-from _train_fixtures import ROOT, write_config
+from _train_fixtures import ROOT, TINY_MODEL, write_config
+
+from finemoe.train.config import TrainConfig
 
 pytestmark = needs_distributed
 
@@ -72,3 +74,27 @@ def test_sharded_checkpoint_refuses_a_different_config(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "lr differ" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_sharded_stable_run_snapshots_and_its_branches_load_at_any_world_size(tmp_path):
+    """A WSD stable run under FSDP writes its snapshot as a DCP folder; a branch from it, under FSDP or
+    in one process, computes what a dedicated one-process WSD run of its length computes."""
+    steps_per_token = 8 * TINY_MODEL["seq_len"]  # parallel_config's batch of 8 sequences
+    wsd = {"schedule": "wsd", "cooldown_fraction": 0.25, "warmup_tokens": 2 * steps_per_token}
+    short = {"tokens": 12 * steps_per_token, **wsd}
+    start = TrainConfig.from_dict(config(tmp_path, "x", "ec", **short)).decay_start
+    assert start == 9
+    stable = config(tmp_path, "stable", "ec", snapshot_steps=[start], **wsd)
+    torchrun_train(2, write_config(tmp_path / "stable.yaml", stable))
+    snap = tmp_path / "stable" / "snapshots" / f"step_{start}"
+    assert (snap / ".metadata").is_file() and not snap.with_suffix(".pt").exists()  # shards, one folder
+    init = {"init_from": str(snap.with_suffix(".pt")), **short}  # the path a sweep spec names
+    two = torchrun_train(2, write_config(tmp_path / "b2.yaml", config(tmp_path, "b2", "ec", **init)))
+    one = train_here(parallel_config(tmp_path, "b1", "ec", **init))
+    dedicated = train_here(parallel_config(tmp_path, "ded", "ec", **short))
+    assert two["branched_at"] == one["branched_at"] == start and dedicated["branched_at"] == 0
+    want = losses(tmp_path / "ded")[start:]
+    assert losses(tmp_path / "b2") == pytest.approx(want, rel=1e-5)
+    assert losses(tmp_path / "b1") == pytest.approx(want, rel=1e-5)
+    assert two["val_loss"] == pytest.approx(dedicated["val_loss"], rel=1e-5)
+    assert one["val_loss"] == pytest.approx(dedicated["val_loss"], rel=1e-5)

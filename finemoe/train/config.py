@@ -220,11 +220,6 @@ class TrainConfig:
             f"stop_at_step must be >= 1 or null, got {self.stop_at_step}",
         )
         require(
-            not (self.parallel.sharded_checkpoints and (self.snapshot_steps or self.init_from)),
-            "WSD snapshots and branches are written as one-file checkpoints, which a sharded (fsdp or ep) "
-            "run does not write; train stable runs and their branches without parallel.fsdp or ep",
-        )
-        require(
             not (self.compile and self.parallel.ep > 1),
             "compile with parallel.ep > 1 is not supported yet (DDP would take the expert shards); drop one",
         )

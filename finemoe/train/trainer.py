@@ -241,10 +241,12 @@ class _Run:
         before the snapshot. A missing snapshot (its run was never trained here) is not an error: the run
         then trains from step 0 and reaches the same result, only slower.
         """
-        if not path.is_file():
+        folder = None if path.is_file() else dcp.find(path.with_suffix(""))  # a sharded run's snapshot
+        if not path.is_file() and folder is None:
             return None
-        snap = checkpoint.load(path)
-        needed = ("step", "config", "model", "optimizer", "scheduler", "rng", "losses")
+        snap = checkpoint.load(path) if folder is None else dcp.load_meta(folder)
+        needed = ("step", "config", "scheduler", "rng", "losses")
+        needed += ("model", "optimizer") if folder is None else ()  # a DCP folder holds those as shards
         if not isinstance(snap, dict) or any(k not in snap for k in needed):
             raise ConfigError(
                 f"init_from {path} is not a finemoe snapshot; point at a stable run's snapshots/step_N.pt"
@@ -263,8 +265,16 @@ class _Run:
                 f"init_from {path} cannot start this run ({why}); branch only from a stable run of "
                 "the same config, at or before this run's decay start"
             )
-        self.model.load_state_dict(snap["model"])
-        self.opt.load_state_dict(snap["optimizer"])
+        if folder is not None:
+            dcp.load(folder, self.model, self.opt)  # resharded to this run's layout
+        elif parallel.sharded(self.model):
+            raise ConfigError(
+                f"init_from {path} is a one-file snapshot, which a sharded (fsdp or ep) run cannot load; "
+                "branch without parallel.fsdp and ep, or from a stable run trained with them"
+            )
+        else:
+            self.model.load_state_dict(snap["model"])
+            self.opt.load_state_dict(snap["optimizer"])
         self.sched.load_state_dict({**snap["scheduler"], "lr_lambdas": [None] * len(self.opt.param_groups)})
         for group, base in zip(self.opt.param_groups, self.sched.base_lrs):
             group["lr"] = base * ours(step)  # this run's own schedule from here on
@@ -510,9 +520,11 @@ class _Run:
             branched_at=self.branched_at,
             config=self.cfg.to_dict(),
         )
-        if self.cfg.parallel.sharded_checkpoints and path is None:  # every rank writes its shards
-            checkpoint.save_sharded(self.out / checkpoint.SHARDED_NAME, self.model, self.opt, **meta)
-            if self.dist.main:  # the checkpoint of an unsharded earlier leg, now behind
+        if self.cfg.parallel.sharded_checkpoints:  # every rank writes its shards
+            # a snapshot step_N.pt is then the DCP folder step_N (`_branch` reads either)
+            folder = self.out / checkpoint.SHARDED_NAME if path is None else path.with_suffix("")
+            checkpoint.save_sharded(folder, self.model, self.opt, **meta)
+            if self.dist.main and path is None:  # the checkpoint of an unsharded earlier leg, now behind
                 (self.out / checkpoint.CKPT_NAME).unlink(missing_ok=True)
             distributed.barrier(self.dist)
             return
