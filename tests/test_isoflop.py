@@ -73,7 +73,21 @@ def test_g_is_compared_within_each_size_and_its_trend_read_across_budgets():
 
 def test_one_budget_cannot_say_whether_g_grows():
     runs = synthetic(budgets=(1e13,))
-    assert I.analyse(runs, bootstrap=3)["grows"]["grows"] is None
+    grows = I.analyse(runs, bootstrap=3)["grows"]
+    assert grows["grows"] is None and grows["share_of_draws_growing"] is None
+
+
+def test_whether_g_grows_is_read_between_budgets_with_an_moe_optimum():
+    runs = synthetic()
+    dense_only_at_smallest = ~((runs.budget == 1e12) & (runs.granularity > 0))
+    grows = I.analyse(runs.take(np.flatnonzero(dense_only_at_smallest)), bootstrap=3)["grows"]
+    assert grows["smallest_budget"] == 1e13 and grows["largest_budget"] == 1e14 and grows["grows"] is True
+
+
+def test_seeds_of_one_run_are_averaged_at_a_fixed_size():
+    F, G = np.full(4, 1e11), np.array([4, 4, 8, 0])
+    rows = I.at_fixed_size(I.IsoRuns(F, np.full(4, 1e5), G, np.array([5.0, 5.2, 5.05, 5.0]), np.arange(4)))
+    assert rows[0]["loss"] == pytest.approx({4: 5.1, 8: 5.05, 0: 5.0}) and rows[0]["best_granularity"] == 8
 
 
 def test_the_bootstrap_draws_whole_groups(monkeypatch):

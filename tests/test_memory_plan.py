@@ -189,8 +189,16 @@ def test_fsdp_with_expert_parallelism_gathers_only_its_share_of_the_experts():
     a, b = M.memory_per_device(BIG, both), M.memory_per_device(BIG, fsdp)
     for k in ("weights", "gradients", "optimizer"):  # the same 1/devices of the state
         assert a[k] == b[k]
-    c = M.param_counts(BIG)
-    assert b["buffers"] - a["buffers"] == 4 * 3 * (c.block_experts - c.block_experts // 4)
+    d, n = BIG.d_model, BIG.n_experts  # one MoE block's experts: two [n, d, d_ff/G] matrices
+    experts = 2 * n * d * BIG.expert_width
+    assert b["buffers"] - a["buffers"] == 4 * 3 * (experts - experts // 4)  # 3 blocks' weights, fp32
+    # every other block dense: the largest gathered block may be a dense one
+    mixed = BIG.replace(moe_every=2, expansion_rate=1, granularity=8)
+    kinds = M.param_counts(mixed).block_kinds
+    assert len(kinds) == 2 and {e > 0 for _, e in kinds} == {True, False}
+    dense_block = max(p for p, e in kinds if e == 0)
+    gathered = M.memory_per_device(mixed, M.Layout(8, fsdp=True, ep=8))["buffers"]
+    assert gathered >= 4 * 3 * dense_block
     assert "parallel.fsdp=true parallel.ep=4" in M.torchrun_command(both, 1)
 
 

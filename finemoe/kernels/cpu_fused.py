@@ -71,10 +71,14 @@ def _build_lock(folder: Path):
 
     torch's own build lock is a file that a killed builder leaves behind, and every later process then
     waits on it forever. Under this lock no other finemoe process is building here, so a torch lock
-    file found in the folder is such a leftover and is removed.
+    file found in the folder is such a leftover and is removed (a builder of an older finemoe, which
+    takes no such lock, could still be holding it: then two builds race, as before this lock).
     """
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): torch's lock alone, leftovers and all
+        yield
+        return
     with open(folder / ".finemoe-build.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

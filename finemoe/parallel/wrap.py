@@ -73,6 +73,13 @@ def replicate(model: nn.Module, device: torch.device, ignore: list[str] = ()) ->
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def mesh_count(model: nn.Module) -> int:
+    """How many device meshes this model's sharded parameters live on (FSDP2 with EP: two)."""
+    from torch.distributed.tensor import DTensor
+
+    return len({id(p.device_mesh) for p in model.parameters() if isinstance(p, DTensor)})
+
+
 def sharded(model: nn.Module) -> bool:
     """Whether some of this model's parameters are held as shards (DTensors: FSDP2 or experts under EP)."""
     from torch.distributed.tensor import DTensor

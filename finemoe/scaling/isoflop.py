@@ -170,7 +170,8 @@ def at_fixed_size(runs: IsoRuns) -> list[dict[str, Any]]:
     for n in np.unique(runs.active_params):
         for F in np.unique(runs.budget[runs.active_params == n]):
             sel = (runs.active_params == n) & (runs.budget == F)
-            losses = {int(g): float(v) for g, v in zip(runs.granularity[sel], runs.loss[sel])}
+            gs, ls = runs.granularity[sel], runs.loss[sel]  # several seeds of one FFN: their mean
+            losses = {int(g): float(ls[gs == g].mean()) for g in np.unique(gs)}
             moe = {g: v for g, v in losses.items() if g != DENSE}
             best = min(moe, key=moe.get) if moe else None
             rows.append(
@@ -187,9 +188,14 @@ def at_fixed_size(runs: IsoRuns) -> list[dict[str, Any]]:
     return rows
 
 
-def fixed_size_trends(rows: list[dict[str, Any]], min_granularities: int = 5) -> list[dict[str, Any]]:
-    """For each size with two or more budgets at which `min_granularities` MoE runs finished, the best G
-    per budget in order of compute, and whether it grows from the smallest budget to the largest."""
+def fixed_size_trends(
+    rows: list[dict[str, Any]], min_granularities: int | None = None
+) -> list[dict[str, Any]]:
+    """For each size with two or more budgets at which `min_granularities` MoE G finished (default:
+    every G the runs have), the best G per budget in order of compute, and whether it grows from the
+    smallest budget to the largest."""
+    if min_granularities is None:
+        min_granularities = len({g for r in rows for g in r["loss"] if g != DENSE})
     out = []
     for n in sorted({r["active_params"] for r in rows}):
         mine = sorted(
@@ -246,8 +252,10 @@ def _bands(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]
 def _grows(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]:
     """Does the best G at the largest budget exceed the one at the smallest? In the point fit and in
     what share of the draws (ties count as not growing)."""
-    lo, hi = point["budgets"][0], point["budgets"][-1]
+    moe = [F for F in point["budgets"] if point["best_granularity"][F] is not None]
+    lo, hi = (moe[0], moe[-1]) if moe else (point["budgets"][0], point["budgets"][-1])
     pairs = [(d["best_granularity"].get(lo), d["best_granularity"].get(hi)) for d in draws]
+    pairs = pairs if lo != hi else []  # one budget: nothing to grow from
     pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
     g_lo, g_hi = point["best_granularity"][lo], point["best_granularity"][hi]
     return {

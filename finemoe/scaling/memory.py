@@ -90,7 +90,7 @@ class ParamCounts:
     cast: int  # non-expert matmul weights: autocast keeps a bf16 copy of each for backward
     root: int  # FSDP's root unit: embeddings, final norm, head
     block: int  # the largest block: one FSDP unit
-    block_experts: int  # the expert weights in that block: what EP splits of it
+    block_kinds: tuple[tuple[int, int], ...]  # (params, expert params) of each kind of block
     tensors: int  # parameter tensors: AdamW keeps one step counter for each
     buffer_bytes: int  # module buffers (RoPE tables, Expert Choice thresholds)
 
@@ -130,18 +130,17 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     d, V, T = cfg.d_model, cfg.vocab_size, cfg.seq_len
     learned = cfg.pos_emb == "learned"
     root = V * d * 2 + (T * d if learned else 0) + (2 * d if cfg.final_norm else 0)
-    total, experts, cast, block, block_experts = root, 0, V * d, 0, 0
+    total, experts, cast, block, kinds = root, 0, V * d, 0, set()
     tensors = 2 + (1 if learned else 0) + (2 if cfg.final_norm else 0)
     buffer_bytes = 0 if learned else 2 * T * ((cfg.d_model // cfg.heads + 1) // 2) * F32
     for i in range(cfg.n_blocks):
         moe = cfg.is_moe_block(i)
         p, e, c, t = _block_params(cfg, moe)
-        total, experts, cast, tensors = total + p, experts + e, cast + c, tensors + t
-        if p > block:
-            block, block_experts = p, e
+        total, experts, cast, tensors, block = total + p, experts + e, cast + c, tensors + t, max(block, p)
+        kinds.add((p, e))
         if moe and cfg.routing == "ec":
             buffer_bytes += cfg.n_experts * F32 + INDEX  # thresholds and their batch count
-    return ParamCounts(total, experts, cast, root, block, block_experts, tensors, buffer_bytes)
+    return ParamCounts(total, experts, cast, root, block, tuple(sorted(kinds)), tensors, buffer_bytes)
 
 
 def ec_tokens_per_expert(group: int, expansion_rate: int, capacity_factor: float) -> int | None:
@@ -298,7 +297,7 @@ def _buffers(cfg: ModelConfig, c: ParamCounts, layout: Layout, micro_batch: int)
     if layout.devices == 1:
         return logits_grad
     if layout.fsdp:  # with EP, a gathered block holds only its ep share of the experts
-        block = c.block - c.block_experts + c.block_experts // layout.ep
+        block = max(p - e + e // layout.ep for p, e in c.block_kinds)
         return logits_grad + F32 * (2 * c.root + 3 * block)
     return logits_grad + F32 * (c.total - (c.experts if layout.ep > 1 else 0))
 

@@ -56,7 +56,13 @@ def _import_group_defaults() -> None:
 
 
 def teardown(d: Dist) -> None:
+    """Destroy the process groups once nothing holds them: FSDP2's module states and DTensor meshes sit
+    in reference cycles that only the collector frees, and a group they keep alive keeps gloo's worker
+    threads running into interpreter shutdown (see `_import_group_defaults`)."""
     if d.enabled and dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -69,12 +75,14 @@ def mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t / d.world_size
 
 
-def broadcast_buffers(model: torch.nn.Module, d: Dist) -> None:
-    """Every rank takes rank 0's buffers (what rank 0 saves), after pooling the Expert Choice thresholds.
+def pool_thresholds(model: torch.nn.Module, d: Dist) -> None:
+    """Replace every rank's Expert Choice thresholds by their mean over the ranks.
 
     Each rank's thresholds are running means over its own share of every batch. The update is linear
-    in each batch's statistic, a mean over equal shares, so the mean over ranks is what one process
-    training on the whole batches computes.
+    in each batch's statistic, a mean over equal shares, so the mean over ranks follows what one process
+    training on the whole batches computes, and pooling at any step (each checkpoint, the end) leaves
+    that path unchanged. With micro-batches a rank folds in more, smaller batches per step than one
+    process does, so past the running mean's first 100 batches the two drift apart slightly.
     """
     if not d.enabled:
         return
@@ -82,7 +90,15 @@ def broadcast_buffers(model: torch.nn.Module, d: Dist) -> None:
         if name.endswith("ec_threshold"):
             torch.distributed.all_reduce(b)
             b.div_(d.world_size)
-        else:
+
+
+def broadcast_buffers(model: torch.nn.Module, d: Dist) -> None:
+    """Every rank takes rank 0's buffers (what rank 0 saves), the Expert Choice thresholds pooled."""
+    if not d.enabled:
+        return
+    pool_thresholds(model, d)
+    for name, b in model.named_buffers():
+        if not name.endswith("ec_threshold"):
             torch.distributed.broadcast(b, src=0)
 
 

@@ -196,13 +196,16 @@ class _Run:
         self.step_model = self.fwd
         if self.dist.enabled and not self.sharded:
             self.step_model = parallel.replicate(self.fwd, self.device, ep_names)
-        fused = self.device.type == "cuda"
+        # one multi-tensor kernel over all weights, unless they live on several meshes (expert
+        # parallelism), which the fused and foreach implementations do not promise to mix
+        mixed = parallel.mesh_count(self.model) > 1 or (self.ep_mesh is not None and not self.sharded)
         self.opt = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay),
             lr=cfg.lr,
             betas=cfg.betas,
             eps=cfg.eps,
-            fused=fused or None,
+            fused=(self.device.type == "cuda" and not mixed) or None,
+            foreach=False if mixed else None,
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cfg.lr_multiplier())
 
@@ -511,6 +514,7 @@ class _Run:
     def _save(
         self, step: int, losses: list[float], elapsed: float, train_time: float, path: Path | None = None
     ) -> None:
+        distributed.pool_thresholds(self.model, self.dist)  # what resumes and branches start from
         meta = dict(
             scheduler=self.sched.state_dict(),
             step=step,
