@@ -54,6 +54,9 @@ def test_on_the_paper_law_the_best_g_grows_and_moe_beats_dense():
     assert all(m > 1 for m in res["dense_flops_multiple"].values())
     assert all(o["inside"] for o in res["optima"])
     assert res["grows"]["grows"] is True and res["grows"]["share_of_draws_growing"] > 0.5
+    best = res["best_run"]  # the model-free reading agrees on the paper's law
+    assert best["bootstrap"]["grows"]["grows"] is True and best["bootstrap"]["n"] == 20
+    assert all(gap < 0 for gap in best["best_moe_minus_dense"].values())  # the MoE wins on that law
     band = res["bootstrap"]["dense_flops_multiple"][1e13]
     assert band["p10"] <= band["p50"] <= band["p90"]
 
@@ -84,6 +87,18 @@ def test_whether_g_grows_is_read_between_budgets_with_an_moe_optimum():
     assert grows["smallest_budget"] == 1e13 and grows["largest_budget"] == 1e14 and grows["grows"] is True
 
 
+def test_the_best_run_per_budget_needs_no_curve_and_resamples_whole_sizes():
+    # two budgets, two sizes each; loss falls towards the small size, so no parabola would help
+    F = np.repeat([1e11, 1e12], 6)
+    N = np.tile(np.repeat([1e4, 1e5], 3), 2)
+    G = np.tile([0, 1, 8], 4)
+    L = np.array([5.0, 5.1, 5.2, 5.5, 5.6, 5.55, 4.0, 4.2, 4.1, 4.5, 4.7, 4.6])
+    best = I.best_runs(I.IsoRuns(F, N, G, L, np.arange(12)))
+    assert best["best_granularity"] == {1e11: 1, 1e12: 8}
+    assert best["best_moe_minus_dense"] == pytest.approx({1e11: 0.1, 1e12: 0.1})
+    assert best["loss"][1e11] == {0: 5.0, 1: 5.1, 8: 5.2}
+
+
 def test_seeds_of_one_run_are_averaged_at_a_fixed_size():
     F, G = np.full(4, 1e11), np.array([4, 4, 8, 0])
     rows = I.at_fixed_size(I.IsoRuns(F, np.full(4, 1e5), G, np.array([5.0, 5.2, 5.05, 5.0]), np.arange(4)))
@@ -100,15 +115,19 @@ def test_the_bootstrap_draws_whole_groups(monkeypatch):
     take = I.IsoRuns.take
 
     def spy(self, idx):
-        drawn.append(self.group[idx])
+        drawn.append((self.group[idx], self.active_params[idx]))
         return take(self, idx)
 
     monkeypatch.setattr(I.IsoRuns, "take", spy)
     I.analyse(runs, bootstrap=4)
-    assert len(drawn) == 4
-    for groups in drawn:
+    assert len(drawn) == 8  # per draw: run groups for the curves, then whole sizes for the best runs
+    for groups, _ in drawn[::2]:
         labels, counts = np.unique(groups, return_counts=True)
         assert np.all(counts % 3 == 0) and len(groups) == len(runs.group)
+    per_size = len(runs.group) // len(np.unique(runs.active_params))
+    for _, sizes in drawn[1::2]:
+        labels, counts = np.unique(sizes, return_counts=True)
+        assert np.all(counts % per_size == 0)
 
 
 def test_noise_widens_the_bands():

@@ -536,7 +536,64 @@ def _isoflop_section(done, out: Path, o: ReportOptions, E: int) -> str | None:
         "at that budget (dense optima linear in ln FLOPs across the budgets), over the budget: above 1× the "
         "MoE wins."
     )
-    text += ["", _fixed_size_text(res, o.loss)]
+    text += ["", _best_run_text(res["best_run"], o.loss), "", _fixed_size_text(res, o.loss)]
+    return "\n".join(text)
+
+
+def _best_run_text(best: dict, loss: str) -> str:
+    """Per budget, each FFN's lowest loss over the sizes: no curve, so it answers where parabolas fail."""
+    boot = best.get("bootstrap") or {}
+    rows = []
+    for F in best["budgets"]:
+        low, G = best["loss"][F], best["best_granularity"][F]
+        gap = best["best_moe_minus_dense"][F]
+        band = (boot.get("best_moe_minus_dense") or {}).get(F)
+        share = ", ".join(f"G={g}: {v:.0%}" for g, v in ((boot.get("share") or {}).get(F) or {}).items())
+        rows.append(
+            [
+                f"{F:.3g}",
+                "–" if 0 not in low else _num(low[0]),
+                G or "–",
+                "–" if G is None else _num(low[G]),
+                "–" if gap is None else f"{gap:+.3f}",
+                f"{band['p10']:+.3f} to {band['p90']:+.3f}" if band else "–",
+                share or "–",
+            ]
+        )
+    text = [
+        "### The best run per budget",
+        "",
+        f"Each FFN's lowest {loss.replace('_', ' ')} over the sizes run at a budget, with no curve fitted: "
+        "it reads the grid where the parabolas above have no minimum, resolving the optimum only to the "
+        f"sizes run. Intervals: p10–p90 over {boot.get('n', 0)} resamples of whole sizes (every FFN and "
+        "budget of a size together, so MoE and dense stay paired).",
+        "",
+        _table(
+            ["budget", "dense", "best G", "its loss", "best MoE − dense", "p10–p90", "best G across draws"],
+            rows,
+        ),
+        "",
+    ]
+    gr = boot.get("grows") or {}
+    if gr.get("grows") is None:
+        text.append("**Does the best run's G grow with compute?** Not answerable: one budget has MoE runs.")
+    else:
+        verdict = (
+            "yes"
+            if gr["grows"]
+            else ("no, it shrinks" if gr["best_at_largest"] < gr["best_at_smallest"] else "no")
+        )
+        shares = (
+            f"It grows in {gr['share_of_draws_growing']:.0%} of the draws and shrinks in "
+            f"{gr['share_of_draws_shrinking']:.0%}."
+            if gr["share_of_draws_growing"] is not None
+            else "(no bootstrap: no interval)"
+        )
+        text.append(
+            f"**Does the best run's G grow with compute?** {verdict.capitalize()} in these runs: "
+            f"G={gr['best_at_smallest']} at {gr['smallest_budget']:.3g} FLOPs, G={gr['best_at_largest']} at "
+            f"{gr['largest_budget']:.3g}. {shares}"
+        )
     return "\n".join(text)
 
 

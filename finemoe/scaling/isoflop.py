@@ -146,14 +146,21 @@ def analyse(runs: IsoRuns, bootstrap: int = 200, seed: int = 0) -> dict[str, Any
     point = summarize(optima(runs))
     if not point["optima"]:
         raise DataError("no (budget, FFN) has runs at 3 or more sizes: an iso-FLOP curve needs them")
+    point["best_run"] = best_runs(runs)
     labels, members = np.unique(runs.group, return_inverse=True)
     by_group = [np.flatnonzero(members == i) for i in range(len(labels))]
     rng = np.random.default_rng(seed)
-    draws = []
+    sizes = np.unique(runs.active_params)
+    by_size = [np.flatnonzero(runs.active_params == n) for n in sizes]
+    draws, best_draws = [], []
     for _ in range(bootstrap):
         idx = np.concatenate([by_group[i] for i in rng.integers(0, len(labels), len(labels))])
         draws.append(summarize(optima(runs.take(idx))))
+        # the best runs resample whole sizes, every FFN with them, so MoE and dense stay paired
+        idx = np.concatenate([by_size[i] for i in rng.integers(0, len(sizes), len(sizes))])
+        best_draws.append(best_runs(runs.take(idx)))
     point["bootstrap"] = _bands(point, draws)
+    point["best_run"]["bootstrap"] = _best_run_bands(point["best_run"], best_draws)
     point["grows"] = _grows(point, draws)
     point["at_fixed_size"] = at_fixed_size(runs)
     point["fixed_size_trends"] = fixed_size_trends(point["at_fixed_size"])
@@ -218,6 +225,57 @@ def fixed_size_trends(
                 "shrinks": best[-1] < best[0],
             }
         )
+    return out
+
+
+def best_runs(runs: IsoRuns) -> dict[str, Any]:
+    """Per budget, each FFN's lowest loss over the sizes run, and the best MoE G by it.
+
+    The model-free reading of an iso-FLOP grid: it needs no curve shape, so it answers where a parabola
+    has no minimum (curves still falling at the grid's edge, or sizes of unlike shapes), at the price
+    of resolving the optimum only to the sizes run.
+    """
+    out: dict[str, Any] = {"budgets": [], "loss": {}, "best_granularity": {}, "best_moe_minus_dense": {}}
+    for F in np.unique(runs.budget):
+        at = runs.budget == F
+        low = {
+            int(g): float(runs.loss[at & (runs.granularity == g)].min())
+            for g in np.unique(runs.granularity[at])
+        }
+        moe = {g: v for g, v in low.items() if g != DENSE}
+        best = min(moe, key=moe.get) if moe else None
+        F = float(F)
+        out["budgets"].append(F)
+        out["loss"][F] = low
+        out["best_granularity"][F] = best
+        out["best_moe_minus_dense"][F] = moe[best] - low[DENSE] if best is not None and DENSE in low else None
+    return out
+
+
+def _best_run_bands(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]:
+    """Shares of the draws per best G, the gap's percentiles per budget, and how often the best G at
+    the largest budget with an MoE run exceeds the one at the smallest."""
+    moe = [F for F in point["budgets"] if point["best_granularity"][F] is not None]
+    out: dict[str, Any] = {"n": len(draws), "share": {}, "best_moe_minus_dense": {}}
+    for F in point["budgets"]:
+        picks = [g for d in draws if (g := d["best_granularity"].get(F)) is not None]
+        out["share"][F] = {int(g): picks.count(g) / len(picks) for g in sorted(set(picks))} if picks else {}
+        out["best_moe_minus_dense"][F] = percentiles([d["best_moe_minus_dense"].get(F) for d in draws])
+    lo, hi = (moe[0], moe[-1]) if moe else (None, None)
+    pairs = (
+        [(d["best_granularity"].get(lo), d["best_granularity"].get(hi)) for d in draws] if lo != hi else []
+    )
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    g_lo, g_hi = (point["best_granularity"][lo], point["best_granularity"][hi]) if moe else (None, None)
+    out["grows"] = {
+        "smallest_budget": lo,
+        "largest_budget": hi,
+        "best_at_smallest": g_lo,
+        "best_at_largest": g_hi,
+        "grows": None if lo == hi else g_hi > g_lo,
+        "share_of_draws_growing": sum(b > a for a, b in pairs) / len(pairs) if pairs else None,
+        "share_of_draws_shrinking": sum(b < a for a, b in pairs) / len(pairs) if pairs else None,
+    }
     return out
 
 
