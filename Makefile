@@ -63,6 +63,7 @@ replicate-isoflop: $(STAMP)
 	$(VENV)/bin/finemoe sweep run experiments/isoflop/lr_check.yaml
 	for f in experiments/isoflop/lr_grid_*.yaml; do $(VENV)/bin/finemoe sweep run $$f || exit 1; done
 	$(VENV)/bin/finemoe sweep run experiments/isoflop/spec.yaml
+	$(VENV)/bin/finemoe sweep run experiments/isoflop/seed_check.yaml
 	$(VENV)/bin/finemoe report experiments/isoflop/results.csv --out experiments/isoflop --name REPORT.md \
 	  --loss val_loss --title "Iso-FLOP replication on 2 CPU cores" --note "make replicate-isoflop on $(shell nproc) CPU cores" \
 	  $(if $(wildcard experiments/isoflop/discussion.md),--discussion experiments/isoflop/discussion.md)

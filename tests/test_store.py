@@ -154,6 +154,16 @@ def test_csv_round_trip_and_dataframe(tmp_path):
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
 
+def test_a_cut_spec_exports_its_runs_and_every_finished_one(tmp_path):
+    sp = _spec(tmp_path)
+    st = Store(tmp_path / "s.sqlite")
+    st.add(sp.runs, "t")
+    dropped_done, dropped_pending, *kept = (r.run_id for r in sp.runs)
+    st.finish(dropped_done, _record())
+    csv = st.export_csv(tmp_path / "runs.csv", kept)
+    assert set(load_runs(csv).run_id) == {dropped_done, *kept}  # the dropped, unfinished run is gone
+
+
 def test_bad_files_give_clear_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_runs(tmp_path / "missing.sqlite")

@@ -137,8 +137,11 @@ def export(args: argparse.Namespace) -> int:
     from finemoe.commands.common import check_outputs
 
     check_outputs(args.csv)
-    _, store = _spec_and_store(args, must_exist=True)
-    path = store.export_csv(args.csv)
-    n = len(store.rows())
+    spec, store = _spec_and_store(args, must_exist=True)
+    from finemoe.sweep.store import load_runs
+
+    ids = [r.run_id for r in spec.runs] if spec is not None else None
+    path = store.export_csv(args.csv, ids)
+    n = len(load_runs(path))
     emit(args, {"csv": str(path), "runs": n}, lambda o: f"wrote {o['runs']} runs to {o['csv']}")
     return 0

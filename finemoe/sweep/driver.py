@@ -99,11 +99,11 @@ def run_sweep(
             f"({row.get('wall_time_s') or 0:.0f} s; sweep {elapsed:.0f} s{eta})"
         )
         if spec.csv:
-            store.export_csv(spec.csv)
+            store.export_csv(spec.csv, ids)
 
     ex.run(store, pending, spec.trainer, on_done, parents={r.run_id: r.parent for r in spec.runs})
     if spec.csv:
-        store.export_csv(spec.csv)
+        store.export_csv(spec.csv, ids)
     counts = store.counts(ids)
     return {"sweep": spec.name, "store": spec.store, "to_run": len(todo(store, spec)), **counts}
 

@@ -18,7 +18,7 @@ import sqlite3
 import subprocess
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from finemoe.errors import DataError
 from finemoe.io import ensure_dir, finite_or_none
@@ -360,11 +360,15 @@ class Store:
     def dataframe(self):
         return load_runs(self.path)
 
-    def export_csv(self, path: str | os.PathLike) -> Path:
-        """Write the runs table to CSV atomically (the config and record JSON included)."""
+    def export_csv(self, path: str | os.PathLike, runs: Sequence[str] | None = None) -> Path:
+        """Write the runs table to CSV atomically (the config and record JSON included). With `runs`
+        (a spec's run ids), unfinished rows of runs the spec no longer lists are left out: a grid cut
+        short keeps its finished runs, not the ones it dropped."""
         from finemoe.io import atomic_path
 
         df = self.dataframe().drop(columns=["owner", "heartbeat_at"], errors="ignore")
+        if runs is not None:
+            df = df[df.run_id.isin(list(runs)) | df.status.isin(FINAL)]
         with atomic_path(path) as tmp:
             df.to_csv(tmp, index=False)
         return Path(path)
