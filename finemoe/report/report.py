@@ -508,29 +508,14 @@ def _isoflop_section(done, out: Path, o: ReportOptions, E: int) -> str | None:
         ),
         "",
     ]
-    gr = res["grows"]
-    if gr["grows"] is None:
-        text.append(
-            "**Does the best G grow with compute?** Not answerable from the iso-FLOP optima: fewer than two "
-            "budgets have an MoE optimum."
+    text.append(
+        _grows_sentence(
+            res["grows"],
+            "Does the best G grow with compute?",
+            "Not answerable from the iso-FLOP optima: fewer than two budgets have an MoE optimum.",
+            "the bootstrap draws",
         )
-    else:
-        verdict = (
-            "yes"
-            if gr["grows"]
-            else ("no, it shrinks" if gr["best_at_largest"] < gr["best_at_smallest"] else "no")
-        )
-        text.append(
-            f"**Does the best G grow with compute?** {verdict.capitalize()} in these runs: "
-            f"G={gr['best_at_smallest']} "
-            f"at {gr['smallest_budget']:.3g} FLOPs, G={gr['best_at_largest']} at {gr['largest_budget']:.3g}. "
-            + (
-                f"It grows in {gr['share_of_draws_growing']:.0%} of the bootstrap draws and shrinks in "
-                f"{gr['share_of_draws_shrinking']:.0%}."
-                if gr["share_of_draws_growing"] is not None
-                else "(no bootstrap: no interval)"
-            )
-        )
+    )
     text.append(
         "'dense FLOPs to match' is the compute the dense optimum needs to reach the best MoE's optimal loss "
         "at that budget (dense optima linear in ln FLOPs across the budgets), over the budget: above 1× the "
@@ -538,6 +523,25 @@ def _isoflop_section(done, out: Path, o: ReportOptions, E: int) -> str | None:
     )
     text += ["", _best_run_text(res["best_run"], o.loss), "", _fixed_size_text(res, o.loss)]
     return "\n".join(text)
+
+
+def _grows_sentence(gr: dict, question: str, unanswerable: str, draws: str) -> str:
+    """The answer to `question` from finemoe.scaling.isoflop's growth summary, with its bootstrap share."""
+    if gr.get("grows") is None:
+        return f"**{question}** {unanswerable}"
+    shrinks = gr["best_at_largest"] < gr["best_at_smallest"]
+    verdict = "yes" if gr["grows"] else ("no, it shrinks" if shrinks else "no")
+    shares = (
+        f"It grows in {gr['share_of_draws_growing']:.0%} of {draws} and shrinks in "
+        f"{gr['share_of_draws_shrinking']:.0%}."
+        if gr["share_of_draws_growing"] is not None
+        else "(no bootstrap: no interval)"
+    )
+    return (
+        f"**{question}** {verdict.capitalize()} in these runs: G={gr['best_at_smallest']} at "
+        f"{gr['smallest_budget']:.3g} FLOPs, G={gr['best_at_largest']} at {gr['largest_budget']:.3g}. "
+        + shares
+    )
 
 
 def _best_run_text(best: dict, loss: str) -> str:
@@ -574,26 +578,14 @@ def _best_run_text(best: dict, loss: str) -> str:
         ),
         "",
     ]
-    gr = boot.get("grows") or {}
-    if gr.get("grows") is None:
-        text.append("**Does the best run's G grow with compute?** Not answerable: one budget has MoE runs.")
-    else:
-        verdict = (
-            "yes"
-            if gr["grows"]
-            else ("no, it shrinks" if gr["best_at_largest"] < gr["best_at_smallest"] else "no")
+    text.append(
+        _grows_sentence(
+            boot.get("grows") or {},
+            "Does the best run's G grow with compute?",
+            "Not answerable: one budget has MoE runs.",
+            "the draws",
         )
-        shares = (
-            f"It grows in {gr['share_of_draws_growing']:.0%} of the draws and shrinks in "
-            f"{gr['share_of_draws_shrinking']:.0%}."
-            if gr["share_of_draws_growing"] is not None
-            else "(no bootstrap: no interval)"
-        )
-        text.append(
-            f"**Does the best run's G grow with compute?** {verdict.capitalize()} in these runs: "
-            f"G={gr['best_at_smallest']} at {gr['smallest_budget']:.3g} FLOPs, G={gr['best_at_largest']} at "
-            f"{gr['largest_budget']:.3g}. {shares}"
-        )
+    )
     return "\n".join(text)
 
 

@@ -255,28 +255,24 @@ def best_runs(runs: IsoRuns) -> dict[str, Any]:
 def _best_run_bands(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]:
     """Shares of the draws per best G, the gap's percentiles per budget, and how often the best G at
     the largest budget with an MoE run exceeds the one at the smallest."""
-    moe = [F for F in point["budgets"] if point["best_granularity"][F] is not None]
-    out: dict[str, Any] = {"n": len(draws), "share": {}, "best_moe_minus_dense": {}}
-    for F in point["budgets"]:
-        picks = [g for d in draws if (g := d["best_granularity"].get(F)) is not None]
-        out["share"][F] = {int(g): picks.count(g) / len(picks) for g in sorted(set(picks))} if picks else {}
-        out["best_moe_minus_dense"][F] = percentiles([d["best_moe_minus_dense"].get(F) for d in draws])
-    lo, hi = (moe[0], moe[-1]) if moe else (None, None)
-    pairs = (
-        [(d["best_granularity"].get(lo), d["best_granularity"].get(hi)) for d in draws] if lo != hi else []
-    )
-    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-    g_lo, g_hi = (point["best_granularity"][lo], point["best_granularity"][hi]) if moe else (None, None)
-    out["grows"] = {
-        "smallest_budget": lo,
-        "largest_budget": hi,
-        "best_at_smallest": g_lo,
-        "best_at_largest": g_hi,
-        "grows": None if lo == hi else g_hi > g_lo,
-        "share_of_draws_growing": sum(b > a for a, b in pairs) / len(pairs) if pairs else None,
-        "share_of_draws_shrinking": sum(b < a for a, b in pairs) / len(pairs) if pairs else None,
+    return {
+        "n": len(draws),
+        "share": {F: _shares(draws, F) for F in point["budgets"]},
+        "best_moe_minus_dense": {
+            F: percentiles([d["best_moe_minus_dense"].get(F) for d in draws]) for F in point["budgets"]
+        },
+        "grows": _grows(point, draws),
     }
-    return out
+
+
+def _picks(draws: list[dict[str, Any]], F: float) -> list[int]:
+    """The best G of each draw that has one at budget F."""
+    return [g for d in draws if (g := d["best_granularity"].get(F)) is not None]
+
+
+def _shares(draws: list[dict[str, Any]], F: float) -> dict[int, float]:
+    picks = _picks(draws, F)
+    return {int(g): picks.count(g) / len(picks) for g in sorted(set(picks))}
 
 
 def _bands(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]:
@@ -289,14 +285,10 @@ def _bands(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]
             "loss": percentiles([p["loss"] for p in mine]),
             "n_draws": len(mine),
         }
-    best = {}
-    for F in point["budgets"]:
-        picks = [d["best_granularity"].get(F) for d in draws]
-        picks = [g for g in picks if g is not None]
-        best[F] = {
-            "share": {int(g): picks.count(g) / len(picks) for g in sorted(set(picks))} if picks else {},
-            **(percentiles([math.log2(g) for g in picks]) or {}),
-        }
+    best = {
+        F: {"share": _shares(draws, F), **(percentiles([math.log2(g) for g in _picks(draws, F)]) or {})}
+        for F in point["budgets"]
+    }
     return {
         "n": len(draws),
         "curves": curves,
@@ -308,8 +300,9 @@ def _bands(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]
 
 
 def _grows(point: dict[str, Any], draws: list[dict[str, Any]]) -> dict[str, Any]:
-    """Does the best G at the largest budget exceed the one at the smallest? In the point fit and in
-    what share of the draws (ties count as not growing)."""
+    """Does the best G at the largest budget with an MoE pick exceed the one at the smallest? In the
+    point estimate and in what share of the draws (ties count as not growing). Serves both readings:
+    the parabolas' optima and the best runs."""
     moe = [F for F in point["budgets"] if point["best_granularity"][F] is not None]
     lo, hi = (moe[0], moe[-1]) if moe else (point["budgets"][0], point["budgets"][-1])
     pairs = [(d["best_granularity"].get(lo), d["best_granularity"].get(hi)) for d in draws]
