@@ -16,11 +16,8 @@ fine-grained paper, and this module keeps them:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
-from importlib import resources
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -28,7 +25,7 @@ from scipy.optimize import brentq
 
 from finemoe import accounting as acc
 from finemoe.errors import ConfigError
-from finemoe.scaling.laws import law_from_dict
+from finemoe.scaling.laws import law_from_dict, read_coefficients_json
 from finemoe.scaling.plan import MAX_BUDGET, _check_budget
 
 VOCAB = 50_257  # GPT-2, the paper's tokenizer
@@ -121,20 +118,7 @@ def joint_from_dict(data: Any, where: str = "coefficients") -> JointSet:
 
 def load_joint(spec: str = "joint") -> JointSet:
     """The paper's Table 3 (`joint`) or a JSON file of the same form (a 'joint' object)."""
-    if spec in PUBLISHED_JOINT:
-        text = resources.files("finemoe.scaling").joinpath("coefficients", f"{spec}.json").read_text()
-        return joint_from_dict(json.loads(text), spec)
-    path = Path(spec)
-    if not path.is_file():
-        raise ConfigError(
-            f"joint coefficients {spec!r}: not a published set {list(PUBLISHED_JOINT)} nor an existing "
-            "JSON file"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"joint coefficients file {spec}: cannot read JSON ({e})") from None
-    return joint_from_dict(data, str(path))
+    return joint_from_dict(*read_coefficients_json(spec, PUBLISHED_JOINT, "joint coefficients"))
 
 
 # --- the paper's model family and memory -----------------------------------------------------------

@@ -145,20 +145,26 @@ def prior_exponents(name: str, law: str) -> dict[str, float]:
     return {k: getattr(published, k) for k in ("gamma", "alpha", "beta") if hasattr(published, k)}
 
 
-def load_coefficients(spec: str) -> CoefficientSet:
-    """A published set by name (`paper`, `paper-precise`, ...) or a JSON file path."""
-    if spec in PUBLISHED:
+def read_coefficients_json(
+    spec: str, published: tuple[str, ...], what: str, fix: str = ""
+) -> tuple[Any, str]:
+    """(the JSON, its source name) of a set shipped in finemoe/scaling/coefficients/ by name, or of a
+    JSON file path; `what` names the kind in errors, `fix` ends the unreadable-file one."""
+    if spec in published:
         text = resources.files("finemoe.scaling").joinpath("coefficients", f"{spec}.json").read_text()
-        return coefficients_from_dict(json.loads(text), spec)
+        return json.loads(text), spec
     path = Path(spec)
     if not path.is_file():
-        raise ConfigError(
-            f"coefficients {spec!r}: not a published set {list(PUBLISHED)} nor an existing JSON file"
-        )
+        raise ConfigError(f"{what} {spec!r}: not a published set {list(published)} nor an existing JSON file")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text()), str(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(
-            f"coefficients file {spec}: cannot read JSON ({e}); write it with `finemoe fit --out`"
-        ) from None
-    return coefficients_from_dict(data, str(path))
+        raise ConfigError(f"{what} file {spec}: cannot read JSON ({e}){fix}") from None
+
+
+def load_coefficients(spec: str) -> CoefficientSet:
+    """A published set by name (`paper`, `paper-precise`, ...) or a JSON file path."""
+    data, source = read_coefficients_json(
+        spec, PUBLISHED, "coefficients", "; write it with `finemoe fit --out`"
+    )
+    return coefficients_from_dict(data, source)
