@@ -572,9 +572,8 @@ def check_e_args(args: argparse.Namespace) -> None:
     if args.joint_table:
         if args.law == "eq9":
             raise ConfigError("--joint-table recomputes the Joint MoE law's tables; drop --law eq9")
-        given = [
-            flag
-            for flag, v in (
+        given = _given(
+            (
                 ("--search-e", args.search_e),
                 ("--expansion-rates", args.expansion_rates),
                 ("--expansion-rate", args.expansion_rate),
@@ -587,8 +586,7 @@ def check_e_args(args: argparse.Namespace) -> None:
                 ("--write-config", args.write_config),
                 ("--plot", args.plot),
             )
-            if v
-        ]
+        )
         if given:
             raise ConfigError(
                 "--joint-table recomputes the paper's tables at the paper's own settings; drop "
@@ -605,9 +603,8 @@ def check_e_args(args: argparse.Namespace) -> None:
         raise ConfigError("--expansion-rate fixes E and --search-e searches it; give one of them")
     _rates(args)
     if law == "joint":
-        bad = [
-            flag
-            for flag, v in (
+        bad = _given(
+            (
                 ("--write-config", args.write_config),
                 ("--devices", args.devices),
                 ("--plot", args.plot),
@@ -617,13 +614,17 @@ def check_e_args(args: argparse.Namespace) -> None:
                 ("--c-r", args.c_r != 14.0),
                 ("--aspect", args.aspect != 64.0),
             )
-            if v
-        ]
+        )
         if bad:
             raise ConfigError(
                 f"--law joint is the paper's own model family (Switch top-1 experts of G=1, F = 6 N_act D, "
                 f"n_blocks = d_model/64); {', '.join(bad)} do not apply to it"
             )
+
+
+def _given(flags) -> list[str]:
+    """The flags of (flag, value) pairs whose value is set (a refusal lists them)."""
+    return [flag for flag, v in flags if v]
 
 
 def _caps(args: argparse.Namespace, total_params: bool = True):
@@ -831,9 +832,15 @@ def time_plan(args: argparse.Namespace) -> dict:
         raise ConfigError(
             "--calibration plans one --flops or --hours budget under Eq. 9; drop the other modes"
         )
-    ignored = [f for f, v in (("--write-config", args.write_config), ("--plot", args.plot)) if v]
-    ignored += [f"--{k.replace('_', '-')}" for k in ("memory", "micro_batch") if getattr(args, k, None)]
-    ignored += ["--search-e"] if getattr(args, "search_e", False) else []
+    ignored = _given(
+        (
+            ("--write-config", args.write_config),
+            ("--plot", args.plot),
+            ("--memory", getattr(args, "memory", None)),
+            ("--micro-batch", getattr(args, "micro_batch", None)),
+            ("--search-e", getattr(args, "search_e", False)),
+        )
+    )
     if ignored:
         raise ConfigError(f"{', '.join(ignored)}: not with --calibration (a wall-clock plan); drop them")
     cal = load_calibration(args.calibration)
