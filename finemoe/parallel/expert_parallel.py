@@ -15,8 +15,6 @@ of the mean loss over all ranks, as DDP gives for the rest.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -143,19 +141,3 @@ def finish_expert_grads(model: nn.Module, mesh, world_size: int, fsdp: bool = Fa
         if dp.size() > 1:
             dist.all_reduce(g, group=dp.get_group())
         g.div_(world_size)
-
-
-def clip_grad_norm(model: nn.Module, max_norm: float, mesh) -> torch.Tensor:
-    """The global gradient norm (replicated weights once, each expert once) and clipping to it."""
-    import torch.distributed as dist
-
-    experts = {id(p) for p in expert_params(model)}
-    grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in experts]
-    shards = [p.grad.to_local() for p in expert_params(model) if p.grad is not None]
-    replicated = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-    sq = torch.nn.utils.get_total_norm(shards).square() if shards else torch.zeros(())
-    dist.all_reduce(sq, group=mesh["ep"].get_group())
-    total = (replicated.square() + sq).sqrt()
-    if math.isfinite(max_norm):  # as clip_grad_norm_ scales, on the local tensors of the shards
-        torch._foreach_mul_(grads + shards, (max_norm / (total + 1e-6)).clamp(max=1.0))
-    return total

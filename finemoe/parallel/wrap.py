@@ -42,8 +42,9 @@ def shard(model: nn.Module, world_size: int, device: torch.device, ep_mesh=None)
 
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """clip_grad_norm_ over gradients held on different meshes (FSDP2 with expert parallelism), which
-    torch's own cannot combine: one norm per mesh, made whole, then one global norm."""
+    """clip_grad_norm_ over gradients held on different meshes, or as shards beside plain replicas
+    (expert parallelism, with or without FSDP2), which torch's own cannot combine: one norm per mesh,
+    made whole, then one global norm."""
     import math
 
     from torch.distributed.tensor import DTensor
@@ -58,8 +59,9 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     squares = [local_value(torch.nn.utils.get_total_norm(g)).square() for g in by_mesh.values()]
     total = torch.stack(squares).sum().sqrt()
     if math.isfinite(max_norm):
-        grads = [g for gs in by_mesh.values() for g in gs]
-        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0).item())
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0).item()
+        for grads in by_mesh.values():  # one mesh per call: foreach ops do not mix them
+            torch._foreach_mul_(grads, scale)
     return total
 
 

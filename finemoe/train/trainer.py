@@ -453,12 +453,9 @@ class _Run:
                 aux[key] = aux.get(key, 0.0) + value.detach() / n
             del out, total  # the logits and any unused aux graph go before the next forward
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-        if self.ep_mesh is not None and self.sharded:  # FSDP2 reduced every gradient, on two meshes
-            expert_parallel.finish_expert_grads(self.model, self.ep_mesh, self.dist.world_size, fsdp=True)
+        if self.ep_mesh is not None:  # weights on several meshes, or shards beside replicas
+            expert_parallel.finish_expert_grads(self.model, self.ep_mesh, self.dist.world_size, self.sharded)
             grad_norm = parallel.clip_grad_norm(self.model.parameters(), max_norm)
-        elif self.ep_mesh is not None:
-            expert_parallel.finish_expert_grads(self.model, self.ep_mesh, self.dist.world_size)
-            grad_norm = expert_parallel.clip_grad_norm(self.model, max_norm, self.ep_mesh)
         else:
             grad_norm = parallel.local_value(
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
